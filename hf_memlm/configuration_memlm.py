@@ -1,0 +1,165 @@
+"""Configuration of a memory-augmented causal LM: a base model's config plus the memory settings.
+
+This file is part of the Hub payload (copied next to the weights by `save_pretrained`), so it imports
+nothing but torch and transformers and uses single-dot relative imports only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+MEMORY_TYPES = ("slot", "kv")
+MEMORY_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class MemLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MemLMForCausalLM`]: any causal LM (`text_config`) with external memory blocks beside
+    some of its decoder layers.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`): config of the base causal LM (any type `AutoConfig` knows).
+        memory_type (`str`): `"kv"` (episodic store of past keys/values, top-k read) or `"slot"` (fixed
+            number of slots, content-addressed read, gated erase/add write).
+        memory_layers (`list[int]`): decoder-layer indices that get a memory block beside them (negative
+            indices count from the end; stored normalised). Default: the middle layer.
+        segment_length (`int`): tokens per segment, the window the base model attends over. Longer inputs
+            are processed segment by segment with memory carried between segments.
+        bptt_segments (`int` or `None`): memory state is detached after every `bptt_segments` segments
+            (truncated back-propagation through time). `None`: gradients flow through all segments of a call.
+        memory_heads (`int`): heads of the memory read.
+        memory_head_dim (`int` or `None`): width per head (default `hidden_size // memory_heads`).
+        num_slots (`int`): slots per sequence (`slot` memory).
+        memory_size (`int`): stored entries per sequence before FIFO eviction (`kv` memory).
+        memory_topk (`int` or `None`): read only the top-k entries per head when more are stored (`kv`);
+            `None` reads all with an exact softmax.
+        memory_value_shift (`int`): `kv` memory pairs the key of token `j` with the value of token
+            `j + memory_value_shift` (1 = "what followed this context", which trains much faster than 0).
+        memory_dtype (`str` or `None`): storage dtype of the `kv` entries (default: the model's dtype).
+        memory_init_std (`float` or `None`): std of the memory projections at init (default: the base
+            model's `initializer_range`). The output projection always starts at zero.
+    """
+
+    model_type = "memlm"
+    sub_configs_defaults: ClassVar = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    memory_type: str = "kv"
+    memory_layers: list[int] | None = None
+    segment_length: int = 512
+    bptt_segments: int | None = None
+    memory_heads: int = 4
+    memory_head_dim: int | None = None
+    num_slots: int = 64
+    memory_size: int = 65536
+    memory_topk: int | None = 32
+    memory_value_shift: int = 1
+    memory_dtype: str | None = None
+    memory_init_std: float | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        text = self.text_config
+        # Tied embeddings live in the base model's config; mirror it so tools reading the top level agree.
+        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+        num_layers = _base_num_layers(text)
+        hidden = getattr(text, "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise ValueError(
+                f"MemLMConfig: the base config ({text.model_type}) has no integer `hidden_size`; "
+                "use a causal-LM config such as LlamaConfig, GPT2Config or Qwen2Config."
+            )
+
+        if self.memory_type not in MEMORY_TYPES:
+            raise ValueError(f"MemLMConfig: memory_type={self.memory_type!r} is unknown; choose one of {MEMORY_TYPES}.")
+        _check_positive_int("segment_length", self.segment_length)
+        _check_positive_int("memory_heads", self.memory_heads)
+        _check_positive_int("num_slots", self.num_slots)
+        _check_positive_int("memory_size", self.memory_size)
+        for name in ("bptt_segments", "memory_head_dim", "memory_topk"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.memory_topk is not None and self.memory_topk > self.memory_size:
+            raise ValueError(
+                f"MemLMConfig: memory_topk={self.memory_topk} is larger than memory_size={self.memory_size}; "
+                "top-k cannot read more entries than the memory holds. Lower memory_topk or raise memory_size."
+            )
+        if self.memory_value_shift not in (0, 1) or isinstance(self.memory_value_shift, bool):
+            raise ValueError(
+                f"MemLMConfig: memory_value_shift={self.memory_value_shift!r} must be 0 (value of the same token) "
+                "or 1 (value of the next token)."
+            )
+        if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(
+                f"MemLMConfig: memory_dtype={self.memory_dtype!r} is not supported; choose one of {MEMORY_DTYPES} "
+                "or None (the model's dtype)."
+            )
+        if self.memory_init_std is not None and (
+            not isinstance(self.memory_init_std, (int, float)) or self.memory_init_std <= 0
+        ):
+            raise ValueError(f"MemLMConfig: memory_init_std={self.memory_init_std!r} must be a positive number.")
+        if self.memory_head_dim is None:
+            if hidden % self.memory_heads:
+                raise ValueError(
+                    f"MemLMConfig: hidden_size={hidden} of the base is not divisible by memory_heads="
+                    f"{self.memory_heads}; set memory_head_dim explicitly or pick another memory_heads."
+                )
+            self.memory_head_dim = hidden // self.memory_heads
+
+        max_positions = getattr(text, "max_position_embeddings", None)
+        if isinstance(max_positions, int) and self.segment_length > max_positions:
+            raise ValueError(
+                f"MemLMConfig: segment_length={self.segment_length} exceeds the base model's "
+                f"max_position_embeddings={max_positions}; each segment must fit in the base model's window."
+            )
+
+        if self.memory_layers is None:
+            self.memory_layers = [num_layers // 2]
+        if isinstance(self.memory_layers, int) and not isinstance(self.memory_layers, bool):
+            self.memory_layers = [self.memory_layers]
+        if not isinstance(self.memory_layers, (list, tuple)) or not self.memory_layers:
+            raise ValueError(
+                f"MemLMConfig: memory_layers={self.memory_layers!r} must be a non-empty list of decoder-layer indices."
+            )
+        normalised = []
+        for index in self.memory_layers:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise ValueError(f"MemLMConfig: memory_layers entries must be integers, got {index!r}.")
+            if not -num_layers <= index < num_layers:
+                raise ValueError(
+                    f"MemLMConfig: memory layer {index} is out of range for the base model "
+                    f"({text.model_type} with {num_layers} decoder layers: valid indices are 0..{num_layers - 1}, "
+                    f"or -{num_layers}..-1 from the end)."
+                )
+            normalised.append(index % num_layers)
+        if len(set(normalised)) != len(normalised):
+            raise ValueError(f"MemLMConfig: memory_layers={self.memory_layers!r} names a layer twice.")
+        self.memory_layers = sorted(normalised)
+
+    @property
+    def memory_width(self) -> int:
+        """Width of a memory read before the output projection (heads x head_dim)."""
+        return self.memory_heads * self.memory_head_dim
+
+
+def _base_num_layers(text_config: PreTrainedConfig) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(
+        f"MemLMConfig: cannot tell how many decoder layers the base config ({text_config.model_type}) has; "
+        "it should define `num_hidden_layers`."
+    )
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"MemLMConfig: {name}={value!r} must be a positive integer.")
+
+
+__all__ = ["MemLMConfig"]

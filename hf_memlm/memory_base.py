@@ -1,0 +1,77 @@
+"""The small interface every memory kind implements (`init_state`, `read`, `write`).
+
+A memory block sits beside one decoder layer. It reads the layer's output hidden states `h` and returns
+the residual update `W_o · read(h)` (with `W_o` zero-initialised, so a freshly wrapped model is the base
+model, LoRA-style); after a segment it writes that segment's `h` into the state.
+
+The model calls a block only through `block(...)` (`forward`), never through `block.read(...)`: wrappers
+such as PEFT's `ModulesToSaveWrapper` route `forward` to the trainable copy, not other methods.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MemoryBlock(nn.Module):
+    """Base class of memory kinds. Subclasses implement `init_state`, `read`, `write`, `check_state`."""
+
+    #: names and trailing shapes of the state tensors; filled by subclasses for error messages
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, config, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.hidden_size = config.text_config.hidden_size
+        self.num_heads = config.memory_heads
+        self.head_dim = config.memory_head_dim
+
+    def forward(self, hidden_states: torch.Tensor, state: dict[str, torch.Tensor], mode: str, mask=None):
+        if mode == "read":
+            return self.read(hidden_states, state)
+        if mode == "write":
+            return self.write(hidden_states, mask, state)
+        raise ValueError(f"mode must be 'read' or 'write', got {mode!r}")
+
+    def init_state(self, batch_size: int, device, dtype) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def read(self, hidden_states: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, tokens, hidden) -> residual update of the same shape."""
+        raise NotImplementedError
+
+    def write(self, hidden_states: torch.Tensor, mask: torch.Tensor, state: dict[str, torch.Tensor]):
+        """Write the tokens where `mask` is True; return the new state (old one untouched)."""
+        raise NotImplementedError
+
+    def check_state(self, state: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Raise ValueError naming what is wrong when `state` does not fit this block."""
+        missing = [name for name in self.state_names if name not in state]
+        if missing:
+            raise ValueError(
+                f"memory_state for layer {self.layer_index} lacks {missing}; it was not made by a "
+                f"{type(self).__name__} (expected tensors {list(self.state_names)})."
+            )
+        for name in self.state_names:
+            if state[name].shape[0] != batch_size:
+                raise ValueError(
+                    f"memory_state has batch size {state[name].shape[0]} but the input has {batch_size} rows; "
+                    "pass the state returned for this batch, or MemoryState.select(...) the matching rows."
+                )
+
+    def reset_parameters(self, std: float) -> None:
+        """Initialise weights (called from `_init_weights`, which skips weights loaded from a checkpoint)."""
+        raise NotImplementedError
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(batch, tokens, heads * dim) -> (batch, heads, tokens, dim)."""
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, tokens, dim) -> (batch, tokens, heads * dim)."""
+    batch, heads, tokens, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)

@@ -1,0 +1,183 @@
+"""`kv` memory: an episodic store of past tokens' keys and values, read by (top-k) attention.
+
+Each row keeps up to `memory_size` entries, oldest evicted first (FIFO). An entry pairs the key of token
+`j` with the value of token `j + memory_value_shift`: with shift 1 a query that matches a past context
+retrieves "what followed it" (kNN-LM style), which trains far faster than same-token values.
+Keys and queries are L2-normalised; a learned per-head temperature sharpens the softmax.
+Anchors: Memorizing Transformers (Wu et al. 2022), LongLLaMA / Focused Transformer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from .memory_base import MemoryBlock, merge_heads, split_heads
+
+# Cap on one chunk of the (batch, heads, queries, entries) score tensor, in elements.
+_SCORE_CHUNK_ELEMENTS = 1 << 25
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def retrieve(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    scale: torch.Tensor,
+    topk: int | None,
+) -> torch.Tensor:
+    """Attention of `queries` over stored entries.
+
+    queries (B, H, T, d), keys (B, H, S, d), values (B, H, S, dv), valid (B, S) bool, scale (H,).
+    Exact softmax over all valid entries when `topk` is None or >= S; otherwise an exact top-k per
+    query (chunked over queries so the score tensor stays bounded). Rows with no valid entry read 0.
+    """
+    batch, heads, tokens, _ = queries.shape
+    stored = keys.shape[2]
+    keys = keys.to(queries.dtype)
+    values = values.to(queries.dtype)
+    invalid = ~valid[:, None, None, :]  # (B, 1, 1, S)
+    chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, batch * heads * stored))
+    outputs = []
+    for start in range(0, tokens, chunk):
+        q = queries[:, :, start : start + chunk]
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * scale.view(1, heads, 1, 1)
+        scores = scores.masked_fill(invalid, torch.finfo(scores.dtype).min)
+        if topk is not None and topk < stored:
+            top_scores, top_index = scores.topk(topk, dim=-1)  # (B, H, t, k)
+            weights = torch.softmax(top_scores, dim=-1)
+            # Masked entries can enter the top-k of rows with fewer than k entries: give them no weight.
+            top_valid = valid[:, None, None, :].expand(-1, heads, q.shape[2], -1).gather(-1, top_index)
+            weights = weights * top_valid
+            gathered = values[:, :, None].expand(-1, -1, q.shape[2], -1, -1)
+            gathered = gathered.gather(3, top_index[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
+            out = (weights[..., None] * gathered).sum(-2)
+        else:
+            weights = torch.softmax(scores, dim=-1)
+            out = torch.matmul(weights, values)
+        outputs.append(out)
+    out = torch.cat(outputs, dim=2)
+    has_entries = valid.any(-1)[:, None, None, None]
+    return torch.where(has_entries, out, torch.zeros_like(out))
+
+
+def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FIFO eviction: for each row, the indices (oldest first) of its newest `capacity` valid entries.
+
+    valid (B, N) bool, entries ordered oldest -> newest. Returns (index (B, S), kept (B, S) bool) with
+    S = the largest number kept in any row; rows keeping fewer are padded with `kept == False`.
+    """
+    batch, total = valid.shape
+    newer_valid = valid.flip(-1).long().cumsum(-1).flip(-1)  # 1 = the newest valid entry
+    keep = valid & (newer_valid <= capacity)
+    counts = keep.sum(-1)
+    size = int(counts.max()) if batch else 0
+    positions = torch.arange(total, device=valid.device).expand(batch, total)
+    # kept entries sort first, in their original (age) order
+    order = torch.where(keep, positions, positions + total).argsort(dim=-1)[:, :size]
+    kept = torch.arange(size, device=valid.device)[None, :] < counts[:, None]
+    return order, kept
+
+
+class KVMemory(MemoryBlock):
+    state_names = ("keys", "values", "valid", "pending_key", "pending_valid")
+
+    def __init__(self, config, layer_index: int):
+        super().__init__(config, layer_index)
+        width = self.num_heads * self.head_dim
+        self.capacity = config.memory_size
+        self.topk = config.memory_topk
+        self.value_shift = config.memory_value_shift
+        self.storage_dtype = _DTYPES.get(config.memory_dtype) if config.memory_dtype else None
+        self.q_proj = nn.Linear(self.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(width, self.hidden_size, bias=False)
+        # log of the per-head softmax temperature applied to cosine similarities
+        self.log_scale = nn.Parameter(torch.empty(self.num_heads))
+
+    def reset_parameters(self, std: float) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            init.normal_(proj.weight, mean=0.0, std=std)
+        init.zeros_(self.o_proj.weight)
+        init.constant_(self.log_scale, math.log(math.sqrt(self.head_dim)))
+
+    def _store_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.storage_dtype or dtype
+
+    def init_state(self, batch_size: int, device, dtype) -> dict[str, torch.Tensor]:
+        store = self._store_dtype(dtype)
+        heads, dim = self.num_heads, self.head_dim
+        return {
+            "keys": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store),
+            "values": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store),
+            "valid": torch.zeros(batch_size, 0, device=device, dtype=torch.bool),
+            "pending_key": torch.zeros(batch_size, heads, dim, device=device, dtype=store),
+            "pending_valid": torch.zeros(batch_size, device=device, dtype=torch.bool),
+        }
+
+    def check_state(self, state, batch_size: int) -> None:
+        super().check_state(state, batch_size)
+        expected = (self.num_heads, self.head_dim)
+        for name in ("keys", "values"):
+            got = state[name].shape
+            if state[name].dim() != 4 or (got[1], got[3]) != expected:
+                raise ValueError(
+                    f"memory_state '{name}' for layer {self.layer_index} has shape {tuple(got)}; this model "
+                    f"stores (batch, {expected[0]} heads, entries, {expected[1]}). Was it made by another model?"
+                )
+        if state["valid"].shape[1] != state["keys"].shape[2]:
+            raise ValueError(f"memory_state for layer {self.layer_index}: 'valid' does not match 'keys'.")
+
+    def read(self, hidden_states, state):
+        if state["keys"].shape[2] == 0:
+            return torch.zeros_like(hidden_states)
+        queries = F.normalize(split_heads(self.q_proj(hidden_states), self.num_heads), dim=-1)
+        out = retrieve(queries, state["keys"], state["values"], state["valid"], self.log_scale.exp(), self.topk)
+        return self.o_proj(merge_heads(out))
+
+    def write(self, hidden_states, mask, state):
+        batch, tokens, _ = hidden_states.shape
+        store = self._store_dtype(hidden_states.dtype)
+        keys = F.normalize(split_heads(self.k_proj(hidden_states), self.num_heads), dim=-1).to(store)
+        values = split_heads(self.v_proj(hidden_states), self.num_heads).to(store)  # (B, H, T, d)
+        pending_key, pending_valid = state["pending_key"], state["pending_valid"]
+        if self.value_shift == 1:
+            # Entry at token e pairs the key of the previous *valid* token (or the pending key carried over
+            # from the last segment) with the value of token e.
+            positions = torch.arange(tokens, device=mask.device).expand(batch, tokens)
+            last_valid = torch.where(mask, positions, torch.full_like(positions, -1)).cummax(-1).values
+            previous = torch.cat([torch.full_like(last_valid[:, :1], -1), last_valid[:, :-1]], dim=1)  # (B, T)
+            with_pending = torch.cat([pending_key[:, :, None], keys], dim=2)  # index 0 = pending
+            gather_index = (previous + 1)[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
+            entry_keys = with_pending.gather(2, gather_index)
+            entry_valid = mask & torch.where(previous >= 0, torch.ones_like(mask), pending_valid[:, None])
+            # The last valid token's key waits for the value of the next segment's first token.
+            has_valid = mask.any(-1)
+            last_index = last_valid[:, -1].clamp(min=0)[:, None, None, None].expand(-1, self.num_heads, 1, self.head_dim)
+            last_key = keys.gather(2, last_index)[:, :, 0]
+            pending_key = torch.where(has_valid[:, None, None], last_key, pending_key)
+            pending_valid = pending_valid | has_valid
+        else:
+            entry_keys, entry_valid = keys, mask
+
+        all_keys = torch.cat([state["keys"], entry_keys], dim=2)
+        all_values = torch.cat([state["values"], values], dim=2)
+        all_valid = torch.cat([state["valid"], entry_valid], dim=1)
+        index, kept = keep_newest(all_valid, self.capacity)
+        gather_index = index[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
+        # Zero the padding entries: a padded token's hidden state may be garbage (even NaN) and 0 * NaN
+        # would leak into reads.
+        keep = kept[:, None, :, None]
+        return {
+            "keys": torch.where(keep, all_keys.gather(2, gather_index), 0.0),
+            "values": torch.where(keep, all_values.gather(2, gather_index), 0.0),
+            "valid": kept,
+            "pending_key": pending_key,
+            "pending_valid": pending_valid,
+        }
