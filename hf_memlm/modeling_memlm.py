@@ -17,6 +17,7 @@ Part of the Hub payload: flat sibling files, single-dot relative imports, torch 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -159,7 +160,17 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         self.memory_blocks = nn.ModuleDict({str(i): memory_class(config, i) for i in config.memory_layers})
         for index in config.memory_layers:
             layers[index].register_forward_hook(partial(_memory_read_hook, index))
+        self.memory_enabled = True
         self.post_init()
+
+    @contextmanager
+    def memory_disabled(self):
+        """Run the same weights with memory switched off (no reads, no writes): the no-memory baseline."""
+        previous, self.memory_enabled = self.memory_enabled, False
+        try:
+            yield self
+        finally:
+            self.memory_enabled = previous
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -245,6 +256,8 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return state
 
     def _write(self, state: MemoryState, captured: dict[int, torch.Tensor], mask: torch.Tensor) -> MemoryState:
+        if not self.memory_enabled:
+            return state
         layers = {
             i: self.memory_blocks[str(i)](captured[i], state.layers[i], mode="write", mask=mask)
             for i in self.config.memory_layers
@@ -258,7 +271,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         empty_rows = ~attention_mask.any(-1, keepdim=True)
         base_mask = (attention_mask | empty_rows).long()
         layers = self.decoder_layers
-        contexts = {i: _LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers}
+        contexts = {}
+        if self.memory_enabled:
+            contexts = {i: _LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers}
         for index, context in contexts.items():
             setattr(layers[index], _CONTEXT_ATTR, context)
         try:
@@ -416,8 +431,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return torch.cat(logits, dim=1), _stack_hidden(hidden), state
 
     def _flush_window(self, state: MemoryState, cache: MemLMCache) -> MemoryState:
-        captured = {i: state.window[f"hidden.{i}"] for i in self.config.memory_layers}
-        state = self._write(state, captured, state.window["mask"]).without_window()
+        state = self.commit_window(state)
         cache.clear()
         return state
 
@@ -426,8 +440,10 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         after `generate`. Returns a state without window."""
         if not memory_state.window:
             return memory_state
-        captured = {i: memory_state.window[f"hidden.{i}"] for i in self.config.memory_layers}
-        return self._write(memory_state, captured, memory_state.window["mask"]).without_window()
+        if self.memory_enabled:
+            captured = {i: memory_state.window[f"hidden.{i}"] for i in self.config.memory_layers}
+            memory_state = self._write(memory_state, captured, memory_state.window["mask"])
+        return memory_state.without_window()
 
     # -- generation --------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
