@@ -96,6 +96,10 @@ def _memory_read_hook(layer_index: int, module: nn.Module, args, output):
     return (updated, *output[1:]) if isinstance(output, tuple) else updated
 
 
+def _has_memory_hook(layer: nn.Module) -> bool:
+    return any(getattr(hook, "func", None) is _memory_read_hook for hook in layer._forward_hooks.values())
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The `nn.ModuleList` of decoder layers: items of a class named in `_no_split_modules`, else a list
     with `num_hidden_layers` items of one class."""
@@ -155,6 +159,11 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"memory_layers={config.memory_layers} but the {config.text_config.model_type} base has only "
                 f"{len(layers)} decoder layers."
+            )
+        if any(_has_memory_hook(layer) for layer in layers):
+            raise ValueError(
+                "This base model is already wrapped by a MemLMForCausalLM (its layers carry memory hooks); "
+                "wrap a fresh copy of the base, or use the existing memory model."
             )
         memory_class = MEMORY_KINDS[config.memory_type]
         self.memory_blocks = nn.ModuleDict({str(i): memory_class(config, i) for i in config.memory_layers})

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv with hf_memlm and its dependencies (idempotent; a second run installs nothing new).
+# torch is pinned first to the CPU build so that no dependency pulls a multi-GB CUDA build; on a GPU
+# machine, install the torch you want into .venv before running this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "hf_memlm is installed in .venv ($(.venv/bin/python -c 'import transformers, torch; print(f"transformers {transformers.__version__}, torch {torch.__version__}")'))"

@@ -1,0 +1,167 @@
+"""Behaviours every (base architecture x memory kind) must have."""
+
+from __future__ import annotations
+
+import torch
+from conftest import SEGMENT, VOCAB, build, randomize_memory
+
+import hf_memlm
+
+
+def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_identity_at_init(arch_kind):
+    """A freshly built memory model computes exactly what its base computes, on every segment."""
+    model = build(*arch_kind, randomized=False)
+    ids = _ids(2, 3 * SEGMENT)
+    with torch.no_grad():
+        logits = model(ids).logits
+        for start in range(0, ids.shape[1], SEGMENT):
+            base = model.language_model(ids[:, start : start + SEGMENT]).logits
+            torch.testing.assert_close(logits[:, start : start + SEGMENT], base, rtol=0, atol=1e-6)
+
+
+def test_from_base_is_identity_and_keeps_weights(arch_kind):
+    model_type, kind = arch_kind
+    reference = build(model_type, kind, randomized=False).language_model
+    base_state = {k: v.clone() for k, v in reference.state_dict().items()}
+    wrapped = hf_memlm.MemLMForCausalLM.from_base(reference, **_settings(kind))
+    for key, value in wrapped.language_model.state_dict().items():
+        assert torch.equal(value, base_state[key]), f"from_base changed base weight {key}"
+    ids = _ids(1, 2 * SEGMENT)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(ids).logits[:, SEGMENT:], reference(ids[:, SEGMENT:]).logits, rtol=0, atol=1e-6)
+
+
+def _settings(kind):
+    from conftest import memory_settings
+
+    return memory_settings(kind)
+
+
+def test_backward_reaches_memory(arch_kind):
+    """Several segments, forward + backward: the output projection gets gradient at the first step
+    (LoRA-style zero init), and after one optimizer step every memory parameter does."""
+    model = build(*arch_kind, randomized=False).train()
+    ids = _ids(2, 4 * SEGMENT)
+    model(ids, labels=ids).loss.backward()
+    for name, block in model.memory_blocks.items():
+        assert block.o_proj.weight.grad is not None and block.o_proj.weight.grad.abs().sum() > 0, name
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, param in model.memory_blocks.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches memory parameter {name}"
+
+
+def test_streaming_equivalence(arch_kind):
+    """One call on 2L tokens equals two calls of L tokens with the MemoryState passed on."""
+    model = build(*arch_kind)
+    ids = _ids(2, 4 * SEGMENT)
+    half = 2 * SEGMENT
+    with torch.no_grad():
+        whole = model(ids)
+        first = model(ids[:, :half])
+        second = model(ids[:, half:], memory_state=first.memory_state)
+    torch.testing.assert_close(second.logits, whole.logits[:, half:], rtol=1e-5, atol=1e-5)
+    for layer, tensors in whole.memory_state.layers.items():
+        for name, tensor in tensors.items():
+            torch.testing.assert_close(second.memory_state.layers[layer][name], tensor, rtol=1e-5, atol=1e-5)
+    # and the memory matters: without the state the second half reads an empty memory
+    with torch.no_grad():
+        fresh = model(ids[:, half:])
+    assert (fresh.logits - whole.logits[:, half:]).abs().max() > 1e-4
+
+
+def test_batch_isolation_with_padding(arch_kind):
+    """A row's outputs are the same alone or batched (right-padded) with other rows."""
+    model = build(*arch_kind)
+    lengths = [3 * SEGMENT + 3, 1 * SEGMENT + 5, 4 * SEGMENT]
+    rows = [_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), 1, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        assert torch.isfinite(batched.logits).all(), "padding produced non-finite logits"
+        for i, row in enumerate(rows):
+            alone = model(row[None]).logits[0]
+            torch.testing.assert_close(batched.logits[i, : len(row)], alone, rtol=1e-4, atol=1e-4)
+        # rows do not mix: changing another row leaves row 0 untouched
+        other = ids.clone()
+        other[1:, :] = _ids(len(rows) - 1, width, seed=99)
+        changed = model(other, attention_mask=mask)
+        torch.testing.assert_close(changed.logits[0], batched.logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_tokens_are_never_written(arch_kind):
+    """What stands in padded positions does not reach the memory."""
+    model = build(*arch_kind)
+    ids = _ids(1, 2 * SEGMENT + 4)
+    mask = torch.ones_like(ids)
+    mask[:, -6:] = 0
+    garbage = ids.clone()
+    garbage[:, -6:] = _ids(1, 6, seed=5)
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask).memory_state
+        b = model(garbage, attention_mask=mask).memory_state
+    for layer, tensors in a.layers.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, b.layers[layer][name]), f"padding leaked into memory ({name})"
+
+
+def test_generate_matches_forward(arch_kind):
+    """Greedy generation past the window (prompt of several segments, new tokens crossing boundaries)
+    picks the tokens a plain forward over the whole sequence predicts: same segments, same memory."""
+    model = build(*arch_kind)
+    model.generation_config.eos_token_id = None  # run the full length, whatever the random model predicts
+    prompt = _ids(2, 2 * SEGMENT + 3)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=SEGMENT + 4,
+                         do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        predicted = model(out).logits.argmax(-1)
+    new = out.shape[1] - prompt.shape[1]
+    assert new == SEGMENT + 4
+    torch.testing.assert_close(predicted[:, prompt.shape[1] - 1 : -1], out[:, prompt.shape[1] :])
+
+
+def test_memory_disabled_is_the_base(arch_kind):
+    model = build(*arch_kind)
+    ids = _ids(1, 3 * SEGMENT)
+    with torch.no_grad():
+        with model.memory_disabled():
+            off = model(ids)
+        on = model(ids)
+        base_last = model.language_model(ids[:, -SEGMENT:]).logits
+    torch.testing.assert_close(off.logits[:, -SEGMENT:], base_last, rtol=0, atol=1e-6)
+    assert (on.logits[:, -SEGMENT:] - base_last).abs().max() > 1e-4
+    assert model.memory_enabled
+
+
+def test_slot_state_size_is_constant():
+    model = build("llama", "slot")
+    with torch.no_grad():
+        state = model(_ids(1, SEGMENT)).memory_state
+        shapes = {name: t.shape for name, t in state.layers[0].items()}
+        for step in range(6):
+            state = model(_ids(1, 5 * SEGMENT, seed=step), memory_state=state).memory_state
+            assert {name: t.shape for name, t in state.layers[0].items()} == shapes
+
+
+def test_randomized_memory_changes_outputs():
+    # guards the fixtures: a test of "memory matters" must not pass with zero weights
+    model = build("llama", "kv", randomized=False)
+    ids = _ids(1, 2 * SEGMENT)
+    with torch.no_grad():
+        before = model(ids).logits
+        randomize_memory(model)
+        after = model(ids).logits
+    assert (before[:, SEGMENT:] - after[:, SEGMENT:]).abs().max() > 1e-4
+    torch.testing.assert_close(before[:, :SEGMENT], after[:, :SEGMENT])
