@@ -455,10 +455,25 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return memory_state.without_window()
 
     # -- generation --------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        next_sequence_length=None,
+        cache=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
         kwargs.pop("position_ids", None)  # positions are ours (local to the window)
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import SEGMENT, VOCAB, build, randomize_memory
 
@@ -165,3 +166,36 @@ def test_randomized_memory_changes_outputs():
         after = model(ids).logits
     assert (before[:, SEGMENT:] - after[:, SEGMENT:]).abs().max() > 1e-4
     torch.testing.assert_close(before[:, :SEGMENT], after[:, :SEGMENT])
+
+
+def test_generate_reads_a_remembered_document():
+    """Reading a document into a MemoryState, then generating from a short prompt with it, equals
+    generating from document + prompt (the document is whole segments, so the segmentation matches)."""
+    model = build("llama", "kv")
+    model.generation_config.eos_token_id = None
+    document, prompt = _ids(1, 5 * SEGMENT, seed=7), _ids(1, 5, seed=8)
+    with torch.no_grad():
+        state = model(document).memory_state
+    with_state = model.generate(prompt, memory_state=state, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    together = model.generate(torch.cat([document, prompt], 1), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(with_state[:, 5:], together[:, 5 * SEGMENT + 5 :])
+    embeds = model.generate(inputs_embeds=model.get_input_embeddings()(prompt), memory_state=state,
+                            max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(embeds, with_state[:, 5:])
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_beam_search_reorders_memory(kind):
+    """Beam scores equal the log-probability a forward assigns to the returned sequences, also when
+    the new tokens cross a segment boundary (the window is written to memory per beam)."""
+    model = build("llama", kind)
+    model.generation_config.eos_token_id = None
+    prompt = _ids(1, SEGMENT + 5, seed=4)
+    out = model.generate(prompt, num_beams=3, num_return_sequences=3, max_new_tokens=8, do_sample=False,
+                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    with torch.no_grad():
+        logprobs = model(out.sequences).logits.log_softmax(-1)
+    start = prompt.shape[1]
+    new = out.sequences[:, start:]
+    forward_scores = logprobs[:, start - 1 : -1].gather(-1, new[..., None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, forward_scores, rtol=1e-4, atol=1e-4)
