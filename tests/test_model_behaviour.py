@@ -199,3 +199,24 @@ def test_beam_search_reorders_memory(kind):
     new = out.sequences[:, start:]
     forward_scores = logprobs[:, start - 1 : -1].gather(-1, new[..., None]).squeeze(-1).sum(-1)
     torch.testing.assert_close(out.sequences_scores, forward_scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("base", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_gradient_checkpointing_gives_the_same_gradients(base, kind):
+    """Checkpointing replays a layer on backward; the memory read/write must not run twice."""
+    ids = _ids(2, 3 * SEGMENT)
+    grads = []
+    for checkpointing in (False, True):
+        model = build(base, kind).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.decoder_layers)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
