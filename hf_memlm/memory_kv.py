@@ -54,9 +54,11 @@ def retrieve(
             # Masked entries can enter the top-k of rows with fewer than k entries: give them no weight.
             top_valid = valid[:, None, None, :].expand(-1, heads, q.shape[2], -1).gather(-1, top_index)
             weights = weights * top_valid
-            gathered = values[:, :, None].expand(-1, -1, q.shape[2], -1, -1)
-            gathered = gathered.gather(3, top_index[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
-            out = (weights[..., None] * gathered).sum(-2)
+            # gather from the (B, H, S, dv) store with flat indices: its backward is a scatter into the
+            # store, not into a (B, H, t, S, dv) expansion
+            flat_index = top_index.reshape(batch, heads, -1, 1).expand(-1, -1, -1, values.shape[-1])
+            gathered = values.gather(2, flat_index).view(batch, heads, q.shape[2], topk, values.shape[-1])
+            out = torch.matmul(weights.unsqueeze(-2), gathered).squeeze(-2)
         else:
             weights = torch.softmax(scores, dim=-1)
             out = torch.matmul(weights, values)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SEGMENT, VOCAB, build, randomize_memory
+from conftest import SEGMENT, VOCAB, base_config, build, memory_settings, randomize_memory
+from transformers import AutoModelForCausalLM
 
 import hf_memlm
 
@@ -26,20 +27,15 @@ def test_identity_at_init(arch_kind):
 
 def test_from_base_is_identity_and_keeps_weights(arch_kind):
     model_type, kind = arch_kind
-    reference = build(model_type, kind, randomized=False).language_model
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(base_config(model_type)).eval()
     base_state = {k: v.clone() for k, v in reference.state_dict().items()}
-    wrapped = hf_memlm.MemLMForCausalLM.from_base(reference, **_settings(kind))
+    wrapped = hf_memlm.MemLMForCausalLM.from_base(reference, **memory_settings(kind))
     for key, value in wrapped.language_model.state_dict().items():
         assert torch.equal(value, base_state[key]), f"from_base changed base weight {key}"
     ids = _ids(1, 2 * SEGMENT)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(ids).logits[:, SEGMENT:], reference(ids[:, SEGMENT:]).logits, rtol=0, atol=1e-6)
-
-
-def _settings(kind):
-    from conftest import memory_settings
-
-    return memory_settings(kind)
 
 
 def test_backward_reaches_memory(arch_kind):
