@@ -41,6 +41,15 @@ def retrieve(
     stored = keys.shape[2]
     keys = keys.to(queries.dtype)
     values = values.to(queries.dtype)
+    has_entries = valid.any(-1)
+    if topk is None or topk >= stored:
+        # Exact softmax over every entry through the fused kernel (no (B, H, T, S) score tensor kept).
+        # A row with no entry may attend to its (zeroed) first slot so the kernel sees no empty row;
+        # its read is replaced by 0 below.
+        attend = (valid | ~has_entries[:, None])[:, None, None, :]
+        scaled = queries * scale.view(1, heads, 1, 1).to(queries.dtype)
+        out = F.scaled_dot_product_attention(scaled, keys, values, attn_mask=attend, scale=1.0)
+        return torch.where(has_entries[:, None, None, None], out, torch.zeros_like(out))
     invalid = ~valid[:, None, None, :]  # (B, 1, 1, S)
     chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, batch * heads * stored))
     outputs = []
@@ -48,24 +57,19 @@ def retrieve(
         q = queries[:, :, start : start + chunk]
         scores = torch.matmul(q, keys.transpose(-1, -2)) * scale.view(1, heads, 1, 1)
         scores = scores.masked_fill(invalid, torch.finfo(scores.dtype).min)
-        if topk is not None and topk < stored:
-            top_scores, top_index = scores.topk(topk, dim=-1)  # (B, H, t, k)
-            weights = torch.softmax(top_scores, dim=-1)
-            # Masked entries can enter the top-k of rows with fewer than k entries: give them no weight.
-            top_valid = valid[:, None, None, :].expand(-1, heads, q.shape[2], -1).gather(-1, top_index)
-            weights = weights * top_valid
-            # gather from the (B, H, S, dv) store with flat indices: its backward is a scatter into the
-            # store, not into a (B, H, t, S, dv) expansion
-            flat_index = top_index.reshape(batch, heads, -1, 1).expand(-1, -1, -1, values.shape[-1])
-            gathered = values.gather(2, flat_index).view(batch, heads, q.shape[2], topk, values.shape[-1])
-            out = torch.matmul(weights.unsqueeze(-2), gathered).squeeze(-2)
-        else:
-            weights = torch.softmax(scores, dim=-1)
-            out = torch.matmul(weights, values)
+        top_scores, top_index = scores.topk(topk, dim=-1)  # (B, H, t, k)
+        weights = torch.softmax(top_scores, dim=-1)
+        # Masked entries can enter the top-k of rows with fewer than k entries: give them no weight.
+        top_valid = valid[:, None, None, :].expand(-1, heads, q.shape[2], -1).gather(-1, top_index)
+        weights = weights * top_valid
+        # gather from the (B, H, S, dv) store with flat indices: its backward is a scatter into the
+        # store, not into a (B, H, t, S, dv) expansion
+        flat_index = top_index.reshape(batch, heads, -1, 1).expand(-1, -1, -1, values.shape[-1])
+        gathered = values.gather(2, flat_index).view(batch, heads, q.shape[2], topk, values.shape[-1])
+        out = torch.matmul(weights.unsqueeze(-2), gathered).squeeze(-2)
         outputs.append(out)
     out = torch.cat(outputs, dim=2)
-    has_entries = valid.any(-1)[:, None, None, None]
-    return torch.where(has_entries, out, torch.zeros_like(out))
+    return torch.where(has_entries[:, None, None, None], out, torch.zeros_like(out))
 
 
 def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
