@@ -1,0 +1,33 @@
+"""Data for training and measuring memory LMs, all offline: tokenizers, long documents, synthetic tasks.
+
+    from hf_memlm.data import build_tokenizer, load_text_corpus, pack_documents, make_passkey_dataset
+
+    tokenizer = build_tokenizer("byte")                       # 260 ids: bytes 0..255, <pad> <bos> <eos> <unk>
+    books = load_text_corpus("/path/to/books")                # column "text", one row per document
+    train = pack_documents(books, tokenizer, segment_length=128, num_segments=8)
+    passkey = make_passkey_dataset(tokenizer, 1000, segment_length=128, num_segments=8)
+
+The column conventions of the synthetic tasks are documented in `hf_memlm.data.tasks`.
+"""
+
+from .corpus import load_text_corpus, pack_documents
+from .layout import FILLER_KINDS, IGNORE_INDEX, SYNTHETIC_FILLER
+from .tasks import TASK_BUILDERS, make_copy_dataset, make_passkey_dataset, make_recall_dataset
+from .tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_tokenizer, check_tokenizer_fits, tokenizer_size
+
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "FILLER_KINDS",
+    "IGNORE_INDEX",
+    "SPECIAL_TOKENS",
+    "SYNTHETIC_FILLER",
+    "TASK_BUILDERS",
+    "build_tokenizer",
+    "check_tokenizer_fits",
+    "load_text_corpus",
+    "make_copy_dataset",
+    "make_passkey_dataset",
+    "make_recall_dataset",
+    "pack_documents",
+    "tokenizer_size",
+]

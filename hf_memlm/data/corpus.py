@@ -1,0 +1,181 @@
+"""Long-document language-modelling data: load documents, then cut each into examples of whole segments.
+
+Memory only helps when a later segment continues an earlier one of the same document, so `pack_documents` never
+mixes documents inside an example and keeps the windows of a document in order (`document_index`, `window_index`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .layout import check_positive_int
+
+# extension -> `datasets` packaged builder
+CORPUS_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TEXT_COLUMN = "text"
+
+
+def load_text_corpus(source, text_column: str = TEXT_COLUMN, split: str = "train"):
+    """Load documents into a `datasets.Dataset` with a single column `"text"` (one row per document).
+
+    Args:
+        source: a file (`.txt`: the whole file is one document; `.json`/`.jsonl`/`.parquet`: one document per
+            record), a folder (every such file below it, in sorted path order), a list of files/folders, an already
+            loaded `datasets.Dataset`, or a Hub dataset id (loaded with `datasets.load_dataset(source, split=split)`).
+        text_column: the column holding the text in json/parquet files or Hub datasets (renamed to `"text"`).
+        split: the split to load from a Hub dataset.
+
+    Empty documents are dropped; a corpus with no text left is an error.
+    """
+    from datasets import Dataset, DatasetDict
+
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            raise ValueError(f"load_text_corpus: the DatasetDict has no split {split!r}; it has {list(source)}.")
+        source = source[split]
+    if isinstance(source, Dataset):
+        origin = "the given Dataset"
+        dataset = _keep_text_column(source, text_column, origin)
+    elif isinstance(source, (list, tuple)) or _is_local_path(source):
+        paths = list(source) if isinstance(source, (list, tuple)) else [source]
+        origin = ", ".join(str(path) for path in paths)
+        dataset = _load_local_files(_expand_paths(paths), text_column, split)
+    else:
+        origin = f"Hub dataset {source!r}"
+        dataset = _keep_text_column(_load_hub_dataset(str(source), split), text_column, origin)
+    dataset = dataset.filter(lambda texts: [bool(text) for text in texts], batched=True, input_columns=TEXT_COLUMN)
+    if len(dataset) == 0:
+        raise ValueError(f"load_text_corpus: the corpus from {origin} is empty: it holds no non-empty text.")
+    return dataset
+
+
+def _is_local_path(source) -> bool:
+    """A path-like argument, an existing path, or something that names a supported file, is treated as local."""
+    if isinstance(source, os.PathLike) or os.path.exists(source):
+        return True
+    text = str(source)
+    return Path(text).suffix.lower() in CORPUS_BUILDERS or text.startswith((".", "/", "~"))
+
+
+def _expand_paths(sources) -> list[Path]:
+    """Files named directly, plus the supported files inside named folders (sorted, so the order is stable)."""
+    files = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CORPUS_BUILDERS)
+            if not found:
+                raise ValueError(
+                    f"load_text_corpus: the corpus folder {path} has no {'/'.join(CORPUS_BUILDERS)} files in it."
+                )
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in CORPUS_BUILDERS:
+                raise ValueError(
+                    f"load_text_corpus: cannot read {path}: unsupported extension {path.suffix!r}; "
+                    f"use one of {', '.join(CORPUS_BUILDERS)}."
+                )
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"load_text_corpus: the corpus file {path} does not exist.")
+    if not files:
+        raise ValueError("load_text_corpus: the list of corpus files is empty; name at least one file or folder.")
+    return files
+
+
+def _load_local_files(files: list[Path], text_column: str, split: str):
+    """Load runs of files of the same kind with one builder each; keep the file order across kinds."""
+    from datasets import concatenate_datasets, load_dataset
+
+    parts, run = [], []
+    for path in files + [None]:
+        builder = CORPUS_BUILDERS[path.suffix.lower()] if path is not None else None
+        if run and (path is None or builder != CORPUS_BUILDERS[run[0].suffix.lower()]):
+            run_builder = CORPUS_BUILDERS[run[0].suffix.lower()]
+            options = {"sample_by": "document"} if run_builder == "text" else {}  # a .txt file is one document
+            loaded = load_dataset(run_builder, data_files={split: [str(p) for p in run]}, split=split, **options)
+            column = TEXT_COLUMN if run_builder == "text" else text_column
+            parts.append(_keep_text_column(loaded, column, ", ".join(str(p) for p in run)))
+            run = []
+        if path is not None:
+            run.append(path)
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _load_hub_dataset(name: str, split: str):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(name, split=split)
+    except Exception as error:  # the datasets library raises many kinds; say what was tried
+        raise ValueError(
+            f"load_text_corpus: {name!r} is not a local file or folder, and loading it as a Hub dataset "
+            f"(split={split!r}) failed: {error}"
+        ) from error
+
+
+def _keep_text_column(dataset, text_column: str, origin: str):
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"load_text_corpus: {origin} has no column {text_column!r}; its columns are {dataset.column_names}. "
+            "Pass text_column= to name the one holding the text."
+        )
+    dataset = dataset.select_columns([text_column])
+    return dataset.rename_column(text_column, TEXT_COLUMN) if text_column != TEXT_COLUMN else dataset
+
+
+def pack_documents(dataset, tokenizer, segment_length: int, num_segments: int, text_column: str = TEXT_COLUMN):
+    """Tokenize documents and cut each into consecutive windows of `num_segments * segment_length` tokens.
+
+    Each example holds tokens of one document only, windows follow the document's order, and the document's last
+    partial window is dropped (examples are never padded). Documents shorter than one window give no example.
+
+    Returns a `datasets.Dataset` with columns `input_ids`, `labels` (a copy of `input_ids`; the model shifts),
+    `document_index` (row of the document in `dataset`) and `window_index` (0, 1, ... within the document; window
+    `w` starts at token `w * num_segments * segment_length` of the document).
+    """
+    check_positive_int("segment_length", segment_length)
+    check_positive_int("num_segments", num_segments)
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"pack_documents: the dataset has no column {text_column!r}; its columns are {dataset.column_names}."
+        )
+    if len(dataset) == 0:
+        raise ValueError("pack_documents: the dataset is empty; load some documents first (load_text_corpus).")
+    window = segment_length * num_segments
+
+    def tokenize(texts):
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": ids, "num_tokens": [len(row) for row in ids]}
+
+    tokenized = dataset.map(
+        tokenize, batched=True, input_columns=text_column, remove_columns=dataset.column_names, desc="Tokenizing"
+    )
+    longest = max(tokenized["num_tokens"])
+    if longest < window:
+        raise ValueError(
+            f"pack_documents: all {len(tokenized)} documents are too short: the longest has {longest} tokens, but one "
+            f"example needs num_segments * segment_length = {num_segments} * {segment_length} = {window} tokens. "
+            "Use longer documents, fewer segments or a shorter segment_length."
+        )
+
+    def cut_into_windows(ids_batch, document_indices):
+        columns = {"input_ids": [], "labels": [], "document_index": [], "window_index": []}
+        for ids, document in zip(ids_batch, document_indices):
+            for window_number in range(len(ids) // window):
+                tokens = ids[window_number * window : (window_number + 1) * window]
+                columns["input_ids"].append(tokens)
+                columns["labels"].append(list(tokens))
+                columns["document_index"].append(document)
+                columns["window_index"].append(window_number)
+        return columns
+
+    return tokenized.map(
+        cut_into_windows,
+        batched=True,
+        with_indices=True,
+        input_columns="input_ids",
+        remove_columns=tokenized.column_names,
+        desc="Packing",
+    )

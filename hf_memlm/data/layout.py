@@ -1,0 +1,125 @@
+"""Building blocks of the synthetic tasks: filler text, pieces placed inside one segment, labels on answers.
+
+Every task example starts as `num_segments * segment_length` filler tokens; the task then writes its pieces (a
+needle, key-value pairs, a string to copy, the question) over the filler at chosen positions and marks the answer
+tokens in `labels`. Pieces are tokenized separately, so the ids of an answer are identical where it is written and
+where it is asked for, whatever the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100  # label value the loss skips
+FILLER_KINDS = ("natural", "synthetic")
+# The classic passkey filler (Landmark Attention, Mohtashami & Jaggi 2023).
+SYNTHETIC_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+    """Token ids of `text` with no special tokens added."""
+    return np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
+
+
+class FillerStream:
+    """Tokens of a filler text, read from a random offset and wrapped around so any length can be drawn.
+
+    `kind="natural"`: `text` (default: the bundled book excerpt `hf_memlm.defaults.default_text()`);
+    `kind="synthetic"`: the repeated sentences of `SYNTHETIC_FILLER`.
+    """
+
+    def __init__(self, tokenizer, kind: str = "natural", text: str | None = None):
+        if kind == "natural":
+            if text is None:
+                from ..defaults import default_text
+
+                text = default_text()
+        elif kind == "synthetic":
+            text = SYNTHETIC_FILLER
+        else:
+            raise ValueError(f"filler={kind!r} is unknown; choose one of {FILLER_KINDS}.")
+        self.tokens = encode(tokenizer, text)
+        if len(self.tokens) == 0:
+            raise ValueError("the filler text is empty: pass a non-empty text= (or filler='synthetic').")
+
+    def draw(self, rng: np.random.Generator, length: int) -> np.ndarray:
+        start = int(rng.integers(len(self.tokens)))
+        return self.tokens[(start + np.arange(length)) % len(self.tokens)]
+
+
+class ExampleLayout:
+    """One example under construction: filler tokens, labels all ignored, and a record of what was written where."""
+
+    def __init__(self, filler_tokens: np.ndarray, segment_length: int):
+        self.tokens = np.array(filler_tokens, dtype=np.int64)
+        self.labels = np.full(len(self.tokens), IGNORE_INDEX, dtype=np.int64)
+        self.segment_length = segment_length
+        self._taken = np.zeros(len(self.tokens), dtype=bool)
+
+    def write(self, start: int, ids: np.ndarray) -> int:
+        """Put `ids` at `start` (over the filler); returns the position just after them."""
+        end = start + len(ids)
+        if start < 0 or end > len(self.tokens) or self._taken[start:end].any():
+            raise AssertionError(f"task layout bug: piece [{start}, {end}) overlaps another piece or the example end")
+        self.tokens[start:end] = ids
+        self._taken[start:end] = True
+        return end
+
+    def write_answer(self, start: int, ids: np.ndarray) -> int:
+        """Like `write`, and the loss is taken on these tokens."""
+        end = self.write(start, ids)
+        self.labels[start:end] = ids
+        return end
+
+    def segment_of(self, position: int) -> int:
+        return position // self.segment_length
+
+
+def random_start_in_segment(rng, segment: int, segment_length: int, length: int, end_limit: int | None = None) -> int:
+    """A random start so that `length` tokens lie inside `segment` (and end by `end_limit`): never split by a boundary."""
+    first = segment * segment_length
+    last_end = first + segment_length if end_limit is None else min(first + segment_length, end_limit)
+    if last_end - length < first:
+        raise AssertionError(f"task layout bug: {length} tokens do not fit in segment {segment}")
+    return int(rng.integers(first, last_end - length + 1))
+
+
+def resolve_segments(requested, num_segments: int, name: str) -> list[int] | None:
+    """Validate a segment choice: an int, a sequence of ints to draw from, or None (the caller's default)."""
+    if requested is None:
+        return None
+    choices = [requested] if isinstance(requested, (int, np.integer)) else list(requested)
+    if not choices:
+        raise ValueError(f"{name} is an empty list; give a segment index, a list of them, or None for random.")
+    for choice in choices:
+        if isinstance(choice, bool) or not isinstance(choice, (int, np.integer)) or not 0 <= choice < num_segments:
+            raise ValueError(
+                f"{name}={choice!r} is out of range: with num_segments={num_segments} it must be an integer from "
+                f"0 to {num_segments - 1} (or None for a random earlier segment)."
+            )
+    return [int(choice) for choice in choices]
+
+
+def draw_segment(rng, choices: Sequence[int] | None, num_segments: int) -> int:
+    """One segment from `choices`; by default a random segment before the last (the last one asks the question)."""
+    if choices is None:
+        return int(rng.integers(max(num_segments - 1, 1)))
+    return choices[int(rng.integers(len(choices)))]
+
+
+def random_string(rng, alphabet: str, length: int) -> str:
+    return "".join(alphabet[i] for i in rng.integers(len(alphabet), size=length))
+
+
+def to_dataset(columns: dict):
+    """`datasets.Dataset` from per-example columns (token arrays become lists of ints)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns)

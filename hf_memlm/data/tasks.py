@@ -1,0 +1,345 @@
+"""Synthetic long-context tasks, generated offline from a seed: passkey retrieval, associative recall, copy.
+
+Every example is exactly `num_segments * segment_length` tokens (no padding), `labels` are -100 except on the
+answer tokens, and the question with its answer always lies in the last segment. Whatever is asked for is written
+earlier inside one segment, never split by a segment boundary.
+
+Columns shared by all tasks:
+    input_ids, labels        token ids; labels == input_ids on answer tokens, -100 elsewhere (the model shifts)
+    answer                   the expected text; decode(input_ids[answer_start : answer_start + answer_length])
+                             gives it (for passkey with a BPE tokenizer, with a leading space: `.strip()` it)
+    answer_start             position of the first answer token (generate from input_ids[:answer_start])
+    answer_length            number of answer tokens
+    written_start            position where the same tokens were written earlier (the needle's key, the pair's
+                             value, the source string): input_ids there equal the answer tokens
+    distance_tokens          answer_start - written_start
+    distance_segments        answer_start // segment_length - written_start // segment_length
+                             (0: the answer is inside the model's window; memory is needed when it is >= 1)
+For `make_recall_dataset` (several answers per example) these six columns hold one list entry per query, in the
+order the queries appear.
+"""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+from .layout import (
+    ExampleLayout,
+    FillerStream,
+    check_positive_int,
+    draw_segment,
+    encode,
+    random_start_in_segment,
+    random_string,
+    resolve_segments,
+    to_dataset,
+)
+
+PASSKEY_NEEDLE_PREFIX = " The pass key is"  # + " 48213"
+PASSKEY_NEEDLE_SUFFIX = ". Remember it. "
+PASSKEY_QUESTION = " What is the pass key? The pass key is"  # + " 48213" (the labelled answer)
+RECALL_KEY_END = ":"  # a pair is " <key>:<value>", a query the same with the loss on <value>
+COPY_OPEN, COPY_CLOSE = " [", "] "  # the source string, written early
+COPY_QUESTION = " Copy: ["  # + the string again (the labelled answer)
+
+SHARED_COLUMNS = ("answer", "answer_start", "answer_length", "written_start", "distance_tokens", "distance_segments")
+
+
+def _check_sizes(num_examples, segment_length, num_segments) -> None:
+    check_positive_int("num_examples", num_examples)
+    check_positive_int("segment_length", segment_length)
+    check_positive_int("num_segments", num_segments)
+
+
+def _answer_columns(answer: str, answer_start: int, answer_length: int, written_start: int, segment_length: int):
+    return {
+        "answer": answer,
+        "answer_start": answer_start,
+        "answer_length": answer_length,
+        "written_start": written_start,
+        "distance_tokens": answer_start - written_start,
+        "distance_segments": answer_start // segment_length - written_start // segment_length,
+    }
+
+
+def make_passkey_dataset(
+    tokenizer,
+    num_examples: int,
+    segment_length: int,
+    num_segments: int,
+    needle_segment=None,
+    filler: str = "natural",
+    seed: int = 0,
+    text: str | None = None,
+    key_digits: int = 5,
+):
+    """Passkey retrieval: "The pass key is 48213. Remember it." hidden in filler, asked for at the very end.
+
+    Args:
+        needle_segment: segment holding the needle: an int (0 = first), a list of ints to draw from per example,
+            or None for a random segment before the last. The last segment (`num_segments - 1`) is allowed when
+            the needle and the question both fit in it (an in-window control).
+        filler: `"natural"` (consecutive text of `text`, default the bundled book excerpt, from a random offset)
+            or `"synthetic"` (repeated "The grass is green. ..." sentences).
+        key_digits: digits of the random key (no leading zero).
+
+    The example ends with "... What is the pass key? The pass key is 48213"; the labels are on the key tokens only.
+    A tokenizer that merges the space into the number (BPE: "Ġ48213") gets the space labelled with it; a tokenizer
+    that keeps it apart (byte) does not. Extra columns: `needle_start` (first needle token), `needle_segment`.
+    """
+    _check_sizes(num_examples, segment_length, num_segments)
+    if isinstance(key_digits, bool) or not isinstance(key_digits, int) or not 1 <= key_digits <= 18:
+        raise ValueError(f"key_digits must be an integer from 1 to 18, got {key_digits!r}.")
+    segment_choices = resolve_segments(needle_segment, num_segments, "needle_segment")
+    filler_stream = FillerStream(tokenizer, filler, text)
+    prefix, suffix = encode(tokenizer, PASSKEY_NEEDLE_PREFIX), encode(tokenizer, PASSKEY_NEEDLE_SUFFIX)
+    question = encode(tokenizer, PASSKEY_QUESTION)
+    total = segment_length * num_segments
+    rng = np.random.default_rng(seed)
+
+    rows = []
+    for _ in range(num_examples):
+        key = str(int(rng.integers(10 ** (key_digits - 1), 10**key_digits)))
+        space, key_ids = _split_leading_space(tokenizer, key)
+        needle = np.concatenate([prefix, space, key_ids, suffix])
+        asked = np.concatenate([question, space])
+        question_and_answer = len(asked) + len(key_ids)
+        if question_and_answer > segment_length:
+            raise ValueError(
+                f"make_passkey_dataset: the question and answer take {question_and_answer} tokens but "
+                f"segment_length={segment_length}; they must fit in the last segment. Use a longer segment_length."
+            )
+        if len(needle) > segment_length:
+            raise ValueError(
+                f"make_passkey_dataset: the needle takes {len(needle)} tokens but segment_length={segment_length}; "
+                "it must fit inside one segment. Use a longer segment_length."
+            )
+        segment = draw_segment(rng, segment_choices, num_segments)
+        end_limit = None
+        if segment == num_segments - 1:
+            if len(needle) + question_and_answer > segment_length:
+                raise ValueError(
+                    f"make_passkey_dataset: needle_segment={segment} is the last segment, which also holds the "
+                    f"question: needle ({len(needle)} tokens) + question and answer ({question_and_answer}) do not "
+                    f"fit in segment_length={segment_length}. Choose a needle_segment from 0 to {num_segments - 2}."
+                )
+            end_limit = total - question_and_answer
+
+        layout = ExampleLayout(filler_stream.draw(rng, total), segment_length)
+        needle_start = random_start_in_segment(rng, segment, segment_length, len(needle), end_limit)
+        layout.write(needle_start, needle)
+        answer_start = layout.write(total - question_and_answer, asked)
+        layout.write_answer(answer_start, key_ids)
+        row = {"input_ids": layout.tokens, "labels": layout.labels}
+        key_start = needle_start + len(prefix) + len(space)
+        row.update(_answer_columns(key, answer_start, len(key_ids), key_start, segment_length))
+        row.update(needle_start=needle_start, needle_segment=segment)
+        rows.append(row)
+    return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
+
+
+def _split_leading_space(tokenizer, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(space ids, key ids) of " <key>": the space stays outside the answer when the tokenizer keeps it apart
+    (byte tokenizer), so only the key is labelled; a BPE that merges it into the key ("Ġ48213") keeps it inside."""
+    spaced, space, bare = encode(tokenizer, " " + key), encode(tokenizer, " "), encode(tokenizer, key)
+    if len(space) and spaced.tolist() == space.tolist() + bare.tolist():
+        return space, bare
+    return space[:0], spaced
+
+
+def make_recall_dataset(
+    tokenizer,
+    num_examples: int,
+    segment_length: int,
+    num_segments: int,
+    num_pairs: int = 8,
+    num_queries: int | None = None,
+    write_segments: int = 1,
+    key_length: int = 2,
+    value_length: int = 2,
+    key_alphabet: str = string.ascii_lowercase,
+    value_alphabet: str = string.digits,
+    filler: str = "natural",
+    seed: int = 0,
+    text: str | None = None,
+):
+    """Multi-query associative recall stretched over segments (Zoology's MQAR with filler in between).
+
+    `num_pairs` pairs " <key>:<value>" (distinct random keys of `key_length` characters from `key_alphabet`,
+    random values of `value_length` characters from `value_alphabet`) are written in the first `write_segments`
+    segments, spread evenly and shuffled; each segment's pairs form one block at a random offset. The last segment
+    ends with `num_queries` queries (default: all pairs) for a random subset of the keys in random order, each
+    " <key>:<value>" with the loss on `<value>`. With `num_segments=1` pairs and queries share the one segment.
+
+    The shared columns (see the module docstring) are lists, one entry per query; `answer` holds the values.
+    Extra columns: `query_keys` (list of the queried keys) and `num_pairs`.
+    """
+    _check_sizes(num_examples, segment_length, num_segments)
+    check_positive_int("num_pairs", num_pairs)
+    check_positive_int("key_length", key_length)
+    check_positive_int("value_length", value_length)
+    check_positive_int("write_segments", write_segments)
+    num_queries = num_pairs if num_queries is None else num_queries
+    check_positive_int("num_queries", num_queries)
+    if num_queries > num_pairs:
+        raise ValueError(f"make_recall_dataset: num_queries={num_queries} is more than num_pairs={num_pairs}.")
+    max_write_segments = max(num_segments - 1, 1)
+    if write_segments > max_write_segments:
+        raise ValueError(
+            f"make_recall_dataset: write_segments={write_segments} leaves no later segment for the queries; with "
+            f"num_segments={num_segments} it must be at most {max_write_segments}."
+        )
+    if len(set(key_alphabet)) < len(key_alphabet) or len(set(value_alphabet)) < len(value_alphabet):
+        raise ValueError("make_recall_dataset: key_alphabet and value_alphabet must not repeat characters.")
+    if not key_alphabet or not value_alphabet:
+        raise ValueError("make_recall_dataset: key_alphabet and value_alphabet must not be empty.")
+    if len(key_alphabet) ** key_length < num_pairs:
+        raise ValueError(
+            f"make_recall_dataset: num_pairs={num_pairs} distinct keys are needed but only "
+            f"{len(key_alphabet)}**{key_length} = {len(key_alphabet) ** key_length} keys of key_length={key_length} "
+            "exist; use a longer key_length or fewer pairs."
+        )
+    filler_stream = FillerStream(tokenizer, filler, text)
+    total = segment_length * num_segments
+    rng = np.random.default_rng(seed)
+
+    rows = []
+    for _ in range(num_examples):
+        keys = _distinct_keys(rng, key_alphabet, key_length, num_pairs)
+        values = [random_string(rng, value_alphabet, value_length) for _ in range(num_pairs)]
+        key_ids = [encode(tokenizer, " " + key + RECALL_KEY_END) for key in keys]
+        value_ids = [encode(tokenizer, value) for value in values]
+        pair_lengths = [len(k) + len(v) for k, v in zip(key_ids, value_ids)]
+
+        queried = rng.choice(num_pairs, size=num_queries, replace=False)
+        query_block = sum(pair_lengths[i] for i in queried)
+        if query_block > segment_length:
+            raise ValueError(
+                f"make_recall_dataset: num_queries={num_queries} queries take {query_block} tokens but the last "
+                f"segment holds segment_length={segment_length}; use fewer queries or a longer segment_length."
+            )
+        queries_start = total - query_block
+        layout = ExampleLayout(filler_stream.draw(rng, total), segment_length)
+
+        value_positions = {}
+        for segment, group in enumerate(np.array_split(rng.permutation(num_pairs), write_segments)):
+            block = sum(pair_lengths[i] for i in group)
+            shares_last = segment == num_segments - 1  # only when num_segments == 1
+            room = (queries_start - segment * segment_length) if shares_last else segment_length
+            if block > room:
+                per_pair = max(pair_lengths)
+                raise ValueError(
+                    f"make_recall_dataset: too many recall pairs for the space: num_pairs={num_pairs} pairs of up to "
+                    f"{per_pair} tokens need {block} tokens in segment {segment}, which has room for {room}; at most "
+                    f"{write_segments * (room // per_pair)} pairs fit in write_segments={write_segments} segment(s) "
+                    f"of segment_length={segment_length}. Use fewer pairs, more write_segments or longer segments."
+                )
+            end_limit = queries_start if shares_last else None
+            position = random_start_in_segment(rng, segment, segment_length, block, end_limit)
+            for pair in group:
+                value_positions[pair] = layout.write(position, key_ids[pair])
+                position = layout.write(value_positions[pair], value_ids[pair])
+
+        answers = {name: [] for name in ("query_keys",) + SHARED_COLUMNS}
+        position = queries_start
+        for pair in queried:
+            answer_start = layout.write(position, key_ids[pair])
+            position = layout.write_answer(answer_start, value_ids[pair])
+            columns = _answer_columns(
+                values[pair], answer_start, len(value_ids[pair]), value_positions[pair], segment_length
+            )
+            for name, value in columns.items():
+                answers[name].append(value)
+            answers["query_keys"].append(keys[pair])
+        rows.append({"input_ids": layout.tokens, "labels": layout.labels, **answers, "num_pairs": num_pairs})
+    return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
+
+
+def _distinct_keys(rng, alphabet: str, length: int, count: int) -> list[str]:
+    space = len(alphabet) ** length
+    if space <= 1_000_000:  # small key space: draw indices without replacement, then spell them
+        indices = rng.choice(space, size=count, replace=False)
+        return [
+            "".join(alphabet[(int(i) // len(alphabet) ** p) % len(alphabet)] for p in range(length)) for i in indices
+        ]
+    keys: list[str] = []
+    seen: set[str] = set()
+    while len(keys) < count:  # large space: collisions are rare
+        key = random_string(rng, alphabet, length)
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    return keys
+
+
+def make_copy_dataset(
+    tokenizer,
+    num_examples: int,
+    segment_length: int,
+    num_segments: int,
+    copy_length: int = 16,
+    source_segment=0,
+    alphabet: str = string.ascii_lowercase + string.digits,
+    filler: str = "natural",
+    seed: int = 0,
+    text: str | None = None,
+):
+    """Copy: a random string written early as " [<string>] ", reproduced at the end after " Copy: [".
+
+    Args:
+        copy_length: characters of the random string (drawn from `alphabet`); with the byte tokenizer also its
+            number of tokens. The copy and its delimiter must fit in one segment.
+        source_segment: segment holding the source string: an int, a list to draw from, or None for a random
+            segment before the last.
+
+    Labels are on the reproduced string, which ends the example. Extra columns: `source_segment`, `copy_length`.
+    """
+    _check_sizes(num_examples, segment_length, num_segments)
+    check_positive_int("copy_length", copy_length)
+    if not alphabet:
+        raise ValueError("make_copy_dataset: alphabet must not be empty.")
+    segment_choices = resolve_segments(source_segment, num_segments, "source_segment")
+    filler_stream = FillerStream(tokenizer, filler, text)
+    opening, closing = encode(tokenizer, COPY_OPEN), encode(tokenizer, COPY_CLOSE)
+    question = encode(tokenizer, COPY_QUESTION)
+    total = segment_length * num_segments
+    rng = np.random.default_rng(seed)
+
+    rows = []
+    for _ in range(num_examples):
+        copied = random_string(rng, alphabet, copy_length)
+        copied_ids = encode(tokenizer, copied)
+        source = np.concatenate([opening, copied_ids, closing])
+        question_and_answer = len(question) + len(copied_ids)
+        if max(question_and_answer, len(source)) > segment_length:
+            raise ValueError(
+                f"make_copy_dataset: copy_length={copy_length} is too long: the string with its delimiters takes "
+                f"{max(question_and_answer, len(source))} tokens but segment_length={segment_length}; the source "
+                "and the copy must each fit inside one segment. Use a shorter copy_length or longer segments."
+            )
+        segment = draw_segment(rng, segment_choices, num_segments)
+        end_limit = None
+        if segment == num_segments - 1:
+            if len(source) + question_and_answer > segment_length:
+                raise ValueError(
+                    f"make_copy_dataset: source_segment={segment} is the last segment, which also holds the copy: "
+                    f"source ({len(source)} tokens) + copy ({question_and_answer}) do not fit in "
+                    f"segment_length={segment_length}. Choose a source_segment from 0 to {num_segments - 2}."
+                )
+            end_limit = total - question_and_answer
+
+        layout = ExampleLayout(filler_stream.draw(rng, total), segment_length)
+        source_start = random_start_in_segment(rng, segment, segment_length, len(source), end_limit)
+        layout.write(source_start, source)
+        answer_start = layout.write(total - question_and_answer, question)
+        layout.write_answer(answer_start, copied_ids)
+        row = {"input_ids": layout.tokens, "labels": layout.labels}
+        row.update(_answer_columns(copied, answer_start, len(copied_ids), source_start + len(opening), segment_length))
+        row.update(source_segment=segment, copy_length=copy_length)
+        rows.append(row)
+    return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
+
+
+TASK_BUILDERS = {"passkey": make_passkey_dataset, "recall": make_recall_dataset, "copy": make_copy_dataset}
