@@ -1,0 +1,274 @@
+"""Reports of evaluation results: JSON (everything), a Markdown table, and a PNG plot.
+
+Retrieval: rows are distance buckets in segments (with the token distances they hold), columns the
+conditions (with memory / memory disabled / base model), plus counts and the chance level.
+Perplexity: rows are segment positions, columns perplexity with memory / memory disabled and the gap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_report(results: dict, output_dir, name: str | None = None) -> dict[str, Path]:
+    """Write `<name>.json`, `<name>.md` and `<name>.png` (name: the task) into `output_dir`; return the paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = name or results.get("task") or results["kind"]
+    paths = {
+        "json": output_dir / f"{name}.json",
+        "markdown": output_dir / f"{name}.md",
+        "plot": output_dir / f"{name}.png",
+    }
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    paths["markdown"].write_text(format_markdown(results), encoding="utf-8")
+    plot_results(results, paths["plot"])
+    return paths
+
+
+def format_markdown(results: dict) -> str:
+    """The results as Markdown: a heading, the table(s), and what each condition saw."""
+    if results["kind"] == "retrieval":
+        body = _retrieval_markdown(results)
+    elif results["kind"] == "perplexity":
+        body = _perplexity_markdown(results)
+    else:
+        raise ValueError(f"unknown results kind {results['kind']!r}; expected 'retrieval' or 'perplexity'.")
+    model = results.get("model", {})
+    lines = [
+        (
+            f"# {results['task']}: {model.get('memory_type', '?')} memory on a "
+            f"{model.get('base_model_type', '?')} base, "
+            f"segment length {results['segment_length']}"
+        ),
+        "",
+        body,
+        "",
+        "Conditions:",
+        *[f"- **{results['condition_labels'][c]}**: {d}" for c, d in results["condition_descriptions"].items()],
+        "",
+        f"Method: {results['method']}.",
+    ]
+    check = results.get("generate_check")
+    if check:
+        lines.append(
+            f"Greedy generation check: {check['agree']} of {check['checked']} answers agree with the "
+            "teacher-forced exact match."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _retrieval_markdown(results: dict) -> str:
+    conditions = results["conditions"]
+    labels = [results["condition_labels"][c] for c in conditions]
+    chance = results["chance"]
+    parts = []
+    for metric, title, chance_value in (
+        ("exact_match", "Exact match of the answer", chance.get("exact_match")),
+        ("token_accuracy", "Accuracy per answer token", chance.get("token_accuracy")),
+    ):
+        rows = [
+            f"**{title}** by distance ({results['num_answers']} answers in {results['num_examples']} examples)",
+            "",
+            "| distance (segments) | distance (tokens) | answers | tokens | " + " | ".join(labels) + " |",
+            "| ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in labels) + " |",
+        ]
+        for bucket in results["by_distance_segments"]:
+            tokens = (
+                f"{bucket['tokens_min']}–{bucket['tokens_max']}"
+                if bucket["tokens_min"] != bucket["tokens_max"]
+                else str(bucket["tokens_min"])
+            )
+            rows.append(
+                f"| {bucket['distance_segments']} | {tokens} | {bucket['answers']} | {bucket['tokens']} | "
+                + " | ".join(_fmt(bucket["metrics"][c][metric]) for c in conditions)
+                + " |"
+            )
+        overall = results["overall"]
+        rows.append(
+            f"| **all** | | {overall['answers']} | {overall['tokens']} | "
+            + " | ".join(f"**{_fmt(overall['metrics'][c][metric])}**" for c in conditions)
+            + " |"
+        )
+        if chance_value is not None:
+            rows.append("| chance | | | | " + " | ".join(_fmt(chance_value) for _ in conditions) + " |")
+        parts.append("\n".join(rows))
+    parts.append(f"Chance: {chance.get('note', '')}.")
+    return "\n\n".join(parts)
+
+
+def _perplexity_markdown(results: dict) -> str:
+    conditions = results["conditions"]
+    labels = [results["condition_labels"][c] for c in conditions]
+    with_gap = "memory_disabled" in conditions
+    header = (
+        "| segment | positions predicted | tokens scored | " + " | ".join(labels) + (" | gap |" if with_gap else " |")
+    )
+    rows = [
+        (
+            f"**Perplexity by segment position** ({results['num_examples']} examples of "
+            f"{results['num_segments']} segments)"
+        ),
+        "",
+        header,
+        "| ---: | ---: | ---: | " + " | ".join("---:" for _ in labels) + (" | ---: |" if with_gap else " |"),
+    ]
+    for entry in results["by_segment"] + [dict(results["overall"], segment="**all**", tokens_from=None)]:
+        span = f"{entry['tokens_from']}–{entry['tokens_to']}" if entry.get("tokens_from") is not None else ""
+        cells = [_fmt(entry["perplexity"][c], 3) for c in conditions]
+        gap = f" | {_fmt(entry['gap'], 3, signed=True)} |" if with_gap else " |"
+        rows.append(f"| {entry['segment']} | {span} | {entry['tokens']} | " + " | ".join(cells) + gap)
+    rows.append("")
+    rows.append("Gap = perplexity with memory disabled minus with memory (positive: memory helps).")
+    by_position = [b for b in results.get("by_position_in_segment", []) if b["tokens"]]
+    if by_position:
+        rows += [
+            "",
+            "**By position inside the segment** (segments >= 1, where there is memory to read)",
+            "",
+            "| positions | tokens scored | " + " | ".join(labels) + (" | gap |" if with_gap else " |"),
+            "| ---: | ---: | " + " | ".join("---:" for _ in labels) + (" | ---: |" if with_gap else " |"),
+        ]
+        for entry in by_position:
+            cells = [_fmt(entry["perplexity"][c], 3) for c in conditions]
+            gap = f" | {_fmt(entry['gap'], 3, signed=True)} |" if with_gap else " |"
+            span = f"{entry['positions_from']}–{entry['positions_to']}"
+            rows.append(f"| {span} | {entry['tokens']} | " + " | ".join(cells) + gap)
+    return "\n".join(rows)
+
+
+def _fmt(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    if value != 0 and abs(value) < 10**-digits:
+        return f"{value:.1e}"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+# -- plots ----------------------------------------------------------------------------------------------
+_STYLE = {
+    "memory": {"color": "#1f77b4", "marker": "o"},
+    "memory_disabled": {"color": "#ff7f0e", "marker": "s"},
+    "base_model": {"color": "#2ca02c", "marker": "^"},
+}
+
+
+def plot_results(results: dict, path) -> Path:
+    """Retrieval: accuracy vs distance (one line per condition, chance dashed); perplexity: by segment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    path = Path(path)
+    if results["kind"] == "retrieval":
+        figure = _plot_retrieval(plt, results)
+    elif results["kind"] == "perplexity":
+        figure = _plot_perplexity(plt, results)
+    else:
+        raise ValueError(f"unknown results kind {results['kind']!r}; expected 'retrieval' or 'perplexity'.")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _plot_retrieval(plt, results: dict):
+    buckets = results["by_distance_segments"]
+    x = [b["distance_segments"] for b in buckets]
+    ticks = [f"{b['distance_segments']}\n({_token_range(b)})\nn={b['answers']}" for b in buckets]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for axis, metric, title in (
+        (axes[0], "exact_match", "exact match of the answer"),
+        (axes[1], "token_accuracy", "accuracy per answer token"),
+    ):
+        for number, condition in enumerate(results["conditions"]):
+            y = [b["metrics"][condition][metric] for b in buckets]
+            # a small sideways shift keeps equal curves (common at chance) visible
+            shifted = [value + _dodge(number, len(results["conditions"])) for value in x]
+            axis.plot(
+                shifted,
+                y,
+                label=results["condition_labels"][condition],
+                linewidth=2,
+                markersize=6,
+                alpha=0.9,
+                **_STYLE[condition],
+            )
+        chance = results["chance"].get(metric)
+        if chance is not None:
+            axis.axhline(chance, color="grey", linestyle="--", linewidth=1.2, label=f"chance ({_fmt(chance)})")
+        axis.set_ylim(-0.03, 1.03)
+        axis.set_title(title)
+        axis.set_xlabel("distance in segments (tokens), answers")
+        shown = _thin(list(range(len(x))))
+        axis.set_xticks([x[i] for i in shown])
+        axis.set_xticklabels([ticks[i] for i in shown], fontsize=8)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="best", fontsize=8)
+    model = results.get("model", {})
+    figure.suptitle(
+        f"{results['task']}: {model.get('memory_type', '?')} memory, segment length {results['segment_length']}, "
+        f"{results['num_answers']} answers",
+        fontsize=11,
+    )
+    return figure
+
+
+def _plot_perplexity(plt, results: dict):
+    entries = [e for e in results["by_segment"] if e["tokens"]]
+    x = [e["segment"] for e in entries]
+    with_gap = "memory_disabled" in results["conditions"]
+    figure, axes = plt.subplots(1, 2 if with_gap else 1, figsize=(11 if with_gap else 6, 4.2), squeeze=False)
+    axis = axes[0][0]
+    for condition in results["conditions"]:
+        axis.plot(
+            x,
+            [e["perplexity"][condition] for e in entries],
+            label=results["condition_labels"][condition],
+            linewidth=2,
+            markersize=5,
+            **_STYLE[condition],
+        )
+    axis.set_title("perplexity by segment position")
+    axis.set_xlabel(f"segment index (segments of {results['segment_length']} tokens)")
+    axis.set_ylabel("perplexity")
+    axis.set_xticks(_thin(x))
+    axis.grid(alpha=0.3)
+    axis.legend(loc="best", fontsize=8)
+    if with_gap:
+        gap_axis = axes[0][1]
+        gaps = [e["gap"] for e in entries]
+        gap_axis.bar(x, gaps, color=["#1f77b4" if g >= 0 else "#d62728" for g in gaps])
+        gap_axis.axhline(0, color="black", linewidth=0.8)
+        gap_axis.set_title("gap = disabled − with memory (> 0: memory helps)")
+        gap_axis.set_xlabel("segment index")
+        gap_axis.set_ylabel("perplexity difference")
+        gap_axis.set_xticks(_thin(x))
+        gap_axis.grid(alpha=0.3, axis="y")
+    model = results.get("model", {})
+    figure.suptitle(
+        f"perplexity: {model.get('memory_type', '?')} memory, {results['num_examples']} examples of "
+        f"{results['num_segments']} segments",
+        fontsize=11,
+    )
+    return figure
+
+
+def _token_range(bucket: dict) -> str:
+    low, high = bucket["tokens_min"], bucket["tokens_max"]
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def _dodge(number: int, count: int, width: float = 0.08) -> float:
+    return (number - (count - 1) / 2) * width
+
+
+def _thin(values: list, most: int = 12) -> list:
+    """At most `most` tick positions, evenly spaced, always keeping the first and last."""
+    if len(values) <= most:
+        return values
+    indices = sorted({round(i * (len(values) - 1) / (most - 1)) for i in range(most)})
+    return [values[i] for i in indices]
