@@ -204,7 +204,15 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         unknown = set(memory_settings) - set(MemLMConfig.__dataclass_fields__)
         if unknown:
             raise TypeError(f"from_base got unknown memory settings {sorted(unknown)}; see MemLMConfig's fields.")
-        config = MemLMConfig(text_config=language_model.config, **memory_settings)
+        # A composite config resets its sub-configs' attention implementation; keep the one the base runs with
+        # (without it the base would build no causal mask).
+        base_config = language_model.config
+        config = MemLMConfig(
+            text_config=base_config,
+            attn_implementation=base_config._attn_implementation,
+            experts_implementation=getattr(base_config, "_experts_implementation", None),
+            **memory_settings,
+        )
         # Keep the loaded weights: mark them initialised so `post_init` only initialises the memory blocks.
         for module in language_model.modules():
             module._is_hf_initialized = True

@@ -216,3 +216,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(base, kind):
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("wrapped", ["from_config", "from_base"])
+def test_causal(arch_kind, wrapped):
+    """Changing later tokens never changes earlier logits (within a segment and across segments)."""
+    model_type, kind = arch_kind
+    if wrapped == "from_config":
+        model = build(model_type, kind)
+    else:
+        base = AutoModelForCausalLM.from_config(base_config(model_type)).eval()
+        model = hf_memlm.MemLMForCausalLM.from_base(base, **memory_settings(kind))
+        assert base.config._attn_implementation is not None
+        randomize_memory(model)
+    ids = _ids(1, 2 * SEGMENT + 4)
+    cut = SEGMENT + 3
+    changed = ids.clone()
+    changed[:, cut:] = _ids(1, ids.shape[1] - cut, seed=77)
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :cut], b[:, :cut], rtol=0, atol=1e-6)
+    assert (a[:, cut:] - b[:, cut:]).abs().max() > 1e-4
