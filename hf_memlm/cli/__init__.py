@@ -12,6 +12,9 @@ import sys
 # name -> module; each module defines add_parser(subparsers) and run(args) -> int
 COMMANDS = {
     "demo": "hf_memlm.cli.demo",
+    "train": "hf_memlm.cli.train",
+    "generate": "hf_memlm.cli.generate",
+    "eval": "hf_memlm.cli.eval",
 }
 
 

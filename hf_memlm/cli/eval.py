@@ -1,0 +1,288 @@
+"""`hf-memlm eval MODEL_DIR --task passkey|recall|copy|perplexity --output-dir DIR`: measure a saved memory LM.
+
+Loads the model with `AutoModelForCausalLM` (and the tokenizer saved beside it), generates the task data
+with `hf_memlm.data` (seeded), evaluates with memory, with memory disabled and (retrieval tasks) the base
+model alone reading its own window, prints the table and writes <task>.json, <task>.md and <task>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RETRIEVAL_TASKS = ("passkey", "recall", "copy")
+TASKS = (*RETRIEVAL_TASKS, "perplexity")
+
+
+class EvalInputError(ValueError):
+    """Bad input to `hf-memlm eval` (reported as one line, exit status 2)."""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="retrieval accuracy by distance or perplexity by segment, vs memory disabled and the base model",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained (memlm model + tokenizer)"
+    )
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--output-dir", required=True, help="where <task>.json, <task>.md and <task>.png go")
+    parser.add_argument("--num-examples", type=int, default=64, help="generated examples per length (retrieval tasks)")
+    parser.add_argument(
+        "--num-segments",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="segments per example (length = this x segment_length); retrieval tasks take several (a grid)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra argument for the data generator, e.g. filler=synthetic or num_pairs=8 (repeatable; YAML values)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="perplexity: text files or folders (default: the package's embedded book excerpt)",
+    )
+    parser.add_argument(
+        "--max-examples", type=int, default=None, help="perplexity: use at most this many packed examples"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder (default: MODEL_DIR), or 'byte' for the byte-level tokenizer of hf_memlm.data",
+    )
+    parser.add_argument("--no-baselines", action="store_true", help="score only the memory model")
+    parser.add_argument(
+        "--check-generate",
+        type=int,
+        default=2,
+        help="retrieval: greedy-generate this many answers to confirm the teacher-forced exact match",
+    )
+    parser.add_argument(
+        "--distance-bin-tokens",
+        type=int,
+        default=None,
+        help="width of token-distance buckets (default: segment length)",
+    )
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except EvalInputError as error:
+        print(f"hf-memlm eval: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.task not in TASKS:
+        raise EvalInputError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}.")
+    for name in ("num_examples", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise EvalInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    if any(n <= 0 for n in args.num_segments):
+        raise EvalInputError(f"--num-segments must be positive, got {args.num_segments}.")
+    if args.task == "perplexity" and len(args.num_segments) != 1:
+        raise EvalInputError(f"--task perplexity takes one --num-segments value, got {args.num_segments}.")
+    model_dir = check_model_dir(args.model_dir)
+    task_options = parse_task_options(args.task_option)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_memlm  # noqa: F401  (registers the memlm auto classes)
+    from hf_memlm.evaluation import evaluate_perplexity, evaluate_retrieval, format_markdown, write_report
+
+    if args.no_progress:
+        import datasets
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
+    tokenizer = load_tokenizer(args.tokenizer, model_dir, model)
+    segment_length = model.config.segment_length
+    progress = not args.no_progress
+    print(
+        f"model: {model_dir} ({model.config.memory_type} memory on {model.config.get_text_config().model_type}, "
+        f"segment length {segment_length}); task {args.task}, {'/'.join(map(str, args.num_segments))} segments "
+        f"per example, device {device}"
+    )
+
+    if args.task == "perplexity":
+        dataset = perplexity_dataset(args, tokenizer, segment_length)
+        print(f"data: {len(dataset)} examples of {args.num_segments[0] * segment_length} tokens")
+        results = evaluate_perplexity(
+            model, dataset, batch_size=args.batch_size, baselines=not args.no_baselines, progress=progress
+        )
+    else:
+        dataset = retrieval_dataset(
+            args.task, tokenizer, args.num_examples, segment_length, args.num_segments, args.seed, task_options
+        )
+        results = evaluate_retrieval(
+            model,
+            dataset,
+            batch_size=args.batch_size,
+            baselines=not args.no_baselines,
+            task=args.task,
+            distance_bin_tokens=args.distance_bin_tokens,
+            check_generate=args.check_generate,
+            progress=progress,
+            answer_alphabet=answer_alphabet(args.task, task_options),
+        )
+    results["data"] = {
+        "seed": args.seed,
+        "num_segments": args.num_segments,
+        "task_options": task_options,
+        "num_examples": len(dataset),
+        "sources": args.data,
+    }
+    paths = write_report(results, args.output_dir)
+    print()
+    print(format_markdown(results))
+    print("wrote: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def check_model_dir(path) -> Path:
+    """The folder exists and holds a saved memlm model (config.json with model_type 'memlm')."""
+    folder = Path(path)
+    if not folder.exists():
+        raise EvalInputError(f"model folder {folder} does not exist; pass a folder written by model.save_pretrained().")
+    if not folder.is_dir():
+        raise EvalInputError(
+            f"{folder} is a file, not a model folder; pass the folder written by model.save_pretrained()."
+        )
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise EvalInputError(
+            f"{folder} has no config.json, so it holds no saved model; pass a folder written by "
+            "model.save_pretrained()."
+        )
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise EvalInputError(f"{config_path} is not a valid JSON config: {error}") from error
+    if model_type != "memlm":
+        raise EvalInputError(
+            f"{folder} holds a {model_type!r} model, not a memlm model; wrap it first with "
+            "MemLMForCausalLM.from_base(...) (and train it), then save_pretrained()."
+        )
+    return folder
+
+
+def parse_task_options(items: list[str]) -> dict:
+    """KEY=VALUE strings -> dict, values read as YAML (8 -> int, true -> bool, synthetic -> str)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EvalInputError(f"--task-option {item!r} is not KEY=VALUE (e.g. --task-option filler=synthetic).")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def load_tokenizer(name, model_dir: Path, model):
+    """The tokenizer saved with the model, another folder, or 'byte'; checked against the model's vocabulary."""
+    if name == "byte":
+        from hf_memlm.data import build_tokenizer
+
+        tokenizer = build_tokenizer("byte")
+    else:
+        from transformers import AutoTokenizer
+
+        folder = Path(name) if name else model_dir
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as error:
+            raise EvalInputError(
+                f"no tokenizer could be loaded from {folder} ({type(error).__name__}); save the training tokenizer "
+                "there with tokenizer.save_pretrained(), pass --tokenizer FOLDER, or --tokenizer byte."
+            ) from error
+    from hf_memlm.data import check_tokenizer_fits
+
+    try:
+        check_tokenizer_fits(tokenizer, model.config)
+    except ValueError as error:
+        raise EvalInputError(f"{error} Use the tokenizer the model was trained with.") from error
+    return tokenizer
+
+
+def retrieval_dataset(task, tokenizer, num_examples, segment_length, num_segments: list[int], seed, options):
+    """`num_examples` examples per length in `num_segments` (seed + i for the i-th length), concatenated."""
+    from datasets import concatenate_datasets
+
+    from hf_memlm import data
+
+    make = data.TASK_BUILDERS[task]
+    parts = []
+    for number, segments in enumerate(num_segments):
+        try:
+            parts.append(
+                make(
+                    tokenizer,
+                    num_examples=num_examples,
+                    segment_length=segment_length,
+                    num_segments=segments,
+                    seed=seed + number,
+                    **options,
+                )
+            )
+        except (TypeError, ValueError) as error:
+            raise EvalInputError(
+                f"cannot generate the {task} data ({segments} segments of {segment_length}) "
+                f"with options {options}: {error}"
+            ) from error
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def answer_alphabet(task, options) -> str | None:
+    """Characters the answers are drawn from (the generator's option or its default), for the chance level."""
+    import inspect
+
+    from hf_memlm import data
+
+    name = {"recall": "value_alphabet", "copy": "alphabet"}.get(task)
+    if name is None:
+        return None
+    default = inspect.signature(data.TASK_BUILDERS[task]).parameters[name].default
+    return str(options.get(name, default))
+
+
+def perplexity_dataset(args, tokenizer, segment_length):
+    from datasets import Dataset
+
+    from hf_memlm.data import load_text_corpus, pack_documents
+    from hf_memlm.defaults import default_text
+
+    try:
+        corpus = load_text_corpus(args.data) if args.data else Dataset.from_dict({"text": [default_text()]})
+    except (OSError, ValueError) as error:
+        raise EvalInputError(f"cannot read the perplexity documents {args.data}: {error}") from error
+    dataset = pack_documents(corpus, tokenizer, segment_length, args.num_segments[0])
+    if len(dataset) == 0:
+        raise EvalInputError(
+            f"no document is long enough for one example of {args.num_segments[0]} x {segment_length} tokens; "
+            "lower --num-segments or pass longer documents with --data."
+        )
+    if args.max_examples is not None:
+        dataset = dataset.select(range(min(args.max_examples, len(dataset))))
+    return dataset

@@ -1,0 +1,39 @@
+"""Training memory LMs with `transformers.Trainer` (+ Accelerate, + PEFT): model setup, freezing modes,
+LoRA, optimizer parameter groups with a memory learning rate.
+
+Library-only code (not part of the Hub payload): it may import hf_memlm, peft and accelerate.
+"""
+
+from .model_setup import (
+    ADAPTER_FOLDER,
+    TRAINABLE_MODES,
+    build_model,
+    configure_trainable,
+    ensure_attention_implementation,
+    is_peft_model,
+    lora_target_modules,
+    memory_block_names,
+    memory_weights,
+    parameter_counts,
+    save_trained_model,
+)
+from .optim import describe_groups, parameter_groups
+from .trainer import MemLMTrainer, MemLMTrainingArguments
+
+__all__ = [
+    "ADAPTER_FOLDER",
+    "TRAINABLE_MODES",
+    "MemLMTrainer",
+    "MemLMTrainingArguments",
+    "build_model",
+    "configure_trainable",
+    "describe_groups",
+    "ensure_attention_implementation",
+    "is_peft_model",
+    "lora_target_modules",
+    "memory_block_names",
+    "memory_weights",
+    "parameter_counts",
+    "parameter_groups",
+    "save_trained_model",
+]

@@ -1,0 +1,410 @@
+"""The training recipe behind `hf-memlm train`: a config (see `train_schema`) in, a trained model out.
+
+`prepare_run(config)` checks everything that can be checked before training (config values, output
+folder, corpus, tokenizer, data, tokenizer-vs-model fit, training arguments) and builds the pieces
+without writing anything, so a bad input leaves no half-written output folder behind.
+`run_training(prepared)` trains with `MemLMTrainer`, saves the model (`save_pretrained`, reloadable with
+`AutoModelForCausalLM`) with its tokenizer, and returns a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hf_memlm.cli.config import DataclassSection, FreeSection, Option, Section, dump_yaml
+
+TASKS = ("text", "passkey", "recall", "copy")
+TOKENIZER_KINDS = ("auto", "byte", "bpe", "pretrained")
+MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
+SUMMARY_FILE = "train_summary.json"
+CONFIG_FILE = "train_config.yaml"
+_NONE = type(None)
+
+
+def train_schema() -> Section:
+    """Every key `hf-memlm train` accepts, with defaults. Dataclass sections take their keys from the class."""
+    from hf_memlm.training.model_setup import TRAINABLE_MODES
+
+    return Section(
+        {
+            "output_dir": Option("outputs/train", (str,), "folder for the trained model, tokenizer and checkpoints"),
+            "overwrite_output_dir": Option(False, (bool,), "allow training into a folder that already holds files"),
+            "seed": Option(0, (int,), "seed of model init, data generation and data order"),
+            "model": Section(
+                {
+                    "base": Option(
+                        None, (str, _NONE), "pretrained causal LM (Hub id or folder) to wrap; null: from scratch"
+                    ),
+                    "base_kwargs": FreeSection("from_pretrained arguments for model.base (dtype, revision, ...)"),
+                    "text_config": FreeSection("base architecture from scratch: model_type and its config fields"),
+                    "memory": DataclassSection(
+                        "hf_memlm.configuration_memlm:MemLMConfig",
+                        own_fields_only=True,
+                        exclude={
+                            "text_config": "the base architecture goes in model.text_config (or model.base).",
+                            "tie_word_embeddings": "it follows the base model's config.",
+                        },
+                        help="memory settings: MemLMConfig fields (memory_type, memory_layers, segment_length, ...)",
+                    ),
+                    "trainable": Option(
+                        "full", (str,), "what trains: full, memory_only (base frozen) or lora", TRAINABLE_MODES
+                    ),
+                }
+            ),
+            "lora": DataclassSection(
+                "peft:LoraConfig",
+                exclude={
+                    "task_type": "hf_memlm trains a causal LM.",
+                    "modules_to_save": "hf_memlm adds the memory blocks itself.",
+                    "peft_type": "this section is LoRA.",
+                },
+                help="PEFT LoraConfig fields (r, lora_alpha, lora_dropout, target_modules) when model.trainable=lora",
+            ),
+            "tokenizer": Section(
+                {
+                    "kind": Option(
+                        "auto",
+                        (str,),
+                        "auto (pretrained with model.base, else byte), byte, bpe or pretrained",
+                        TOKENIZER_KINDS,
+                    ),
+                    "path": Option(
+                        None, (str, _NONE), "kind=pretrained: tokenizer folder or Hub id (default: model.base)"
+                    ),
+                    "vocab_size": Option(None, (int, _NONE), "kind=bpe: vocabulary size to train (default 1024)"),
+                }
+            ),
+            "data": Section(
+                {
+                    "task": Option(
+                        "text", (str,), "text (documents packed into examples), passkey, recall or copy", TASKS
+                    ),
+                    "source": Option(
+                        None,
+                        (str, _NONE),
+                        "text: a .txt/.json/.jsonl/.parquet file, a folder, or a Hub "
+                        "dataset id; null: the bundled book excerpt",
+                    ),
+                    "text_column": Option("text", (str,), "column holding the text in json/parquet/Hub data"),
+                    "num_segments": Option(4, (int,), "segments per example (num_segments * segment_length tokens)"),
+                    "num_examples": Option(256, (int,), "synthetic tasks: examples to generate"),
+                    "eval_fraction": Option(0.0, (float,), "share of the examples held out for evaluation"),
+                    "options": FreeSection("extra arguments of the task generator (e.g. filler: synthetic)"),
+                }
+            ),
+            "training": DataclassSection(
+                "hf_memlm.training.trainer:MemLMTrainingArguments",
+                defaults={"report_to": "none", "prediction_loss_only": True, "logging_steps": 10},
+                exclude={"output_dir": "set the top-level output_dir.", "seed": "set the top-level seed."},
+                help="transformers TrainingArguments fields, plus memory_learning_rate and memory_weight_decay",
+            ),
+        }
+    )
+
+
+@dataclass
+class PreparedRun:
+    """Everything `run_training` needs, built and checked, nothing written yet."""
+
+    config: dict
+    output_dir: Path
+    tokenizer: object
+    model: object
+    train_dataset: object
+    eval_dataset: object | None
+    training_args: object
+    resume_from: str | None = None
+
+
+# -- preparation (no writes) ---------------------------------------------------------------------------
+def prepare_run(config: dict) -> PreparedRun:
+    """Check and build everything for training; raises ValueError/FileNotFoundError with a clear message.
+
+    `config` is a resolved config (`resolve(raw, train_schema())`). Nothing is written to disk.
+    """
+    import torch
+
+    from hf_memlm.data import check_tokenizer_fits
+    from hf_memlm.training.model_setup import build_model, configure_trainable
+
+    output_dir = Path(config["output_dir"])
+    resume_from = _check_output_dir(output_dir, config)
+    model_cfg, data_cfg = config["model"], config["data"]
+
+    documents = _load_documents(data_cfg) if data_cfg["task"] == "text" else None
+    tokenizer = _build_tokenizer(config["tokenizer"], model_cfg, documents)
+
+    text_config = model_cfg["text_config"] or None  # next to a model.base, build_model rejects it
+    if model_cfg["base"] is None:
+        text_config = _text_config_for(model_cfg["text_config"], tokenizer)
+        check_tokenizer_fits(tokenizer, text_config)  # before building: a too-small embedding fails obscurely
+    torch.manual_seed(config["seed"])
+    try:
+        model = build_model(
+            dict(model_cfg["memory"]),
+            base=model_cfg["base"],
+            base_kwargs=model_cfg["base_kwargs"],
+            text_config=text_config,
+            vocab_size=_tokenizer_size(tokenizer),
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model: {error}") from error
+    check_tokenizer_fits(tokenizer, model.config.text_config)
+
+    train_dataset, eval_dataset = _build_examples(
+        data_cfg, tokenizer, model.config.segment_length, documents, config["seed"]
+    )
+    lora = config["lora"] if model_cfg["trainable"] == "lora" else None
+    if config["lora"] and model_cfg["trainable"] != "lora":
+        raise ValueError(f"lora settings are given but model.trainable={model_cfg['trainable']!r}; set it to lora.")
+    model = configure_trainable(model, model_cfg["trainable"], lora)
+
+    training_args = _training_arguments(config, output_dir)
+    if training_args.eval_strategy != "no" and eval_dataset is None:
+        raise ValueError(
+            f"training.eval_strategy={training_args.eval_strategy.value!r} needs evaluation data: "
+            "set data.eval_fraction (e.g. 0.1)."
+        )
+    return PreparedRun(config, output_dir, tokenizer, model, train_dataset, eval_dataset, training_args, resume_from)
+
+
+def _text_config_for(settings: dict, tokenizer):
+    """The from-scratch base config: sized to the tokenizer unless vocab_size is given, and speaking the
+    tokenizer's special tokens (so generation stops at its eos)."""
+    from hf_memlm.training.model_setup import build_text_config
+
+    settings = dict(settings)
+    vocab_size = settings.get("vocab_size") or _tokenizer_size(tokenizer)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if name not in settings and (token_id is None or token_id < vocab_size):
+            settings[name] = token_id
+    return build_text_config(settings, vocab_size)
+
+
+def _check_output_dir(output_dir: Path, config: dict) -> str | None:
+    """Refuse to mix a new run into a folder with files; find the checkpoint to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = config["training"].get("resume_from_checkpoint")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} is a file; choose a folder.")
+    if resume in ("last", "latest"):
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise ValueError(
+                f"training.resume_from_checkpoint={resume!r} but {str(output_dir)!r} holds no checkpoint-* folder."
+            )
+        return last
+    if resume:
+        if not Path(resume).is_dir():
+            raise ValueError(f"training.resume_from_checkpoint: checkpoint folder {resume!r} does not exist.")
+        return str(resume)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not config["overwrite_output_dir"]:
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} already holds files; choose a new folder, continue the run with "
+            "--training.resume_from_checkpoint last, or pass --overwrite_output_dir true to write into it anyway."
+        )
+    return None
+
+
+def _load_documents(data_cfg: dict):
+    from datasets import Dataset
+
+    from hf_memlm.data import load_text_corpus
+    from hf_memlm.defaults import default_text
+
+    if data_cfg["source"] is None:
+        return Dataset.from_dict({"text": [default_text()]})
+    try:
+        return load_text_corpus(data_cfg["source"], text_column=data_cfg["text_column"])
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"data.source: {error}") from error
+
+
+def _build_tokenizer(tok_cfg: dict, model_cfg: dict, documents):
+    from hf_memlm.data import build_tokenizer
+
+    kind = tok_cfg["kind"]
+    if kind == "auto":
+        kind = "pretrained" if model_cfg["base"] or tok_cfg["path"] else "byte"
+    if tok_cfg["path"] and kind != "pretrained":
+        raise ValueError(f"tokenizer.path is set but tokenizer.kind={kind!r}; a path means kind: pretrained.")
+    if tok_cfg["vocab_size"] is not None and kind != "bpe":
+        raise ValueError(f"tokenizer.vocab_size only applies to kind: bpe (got kind {kind!r}).")
+    if kind == "pretrained":
+        from transformers import AutoTokenizer
+
+        path = tok_cfg["path"] or model_cfg["base"]
+        if path is None:
+            raise ValueError(
+                "tokenizer.kind=pretrained needs tokenizer.path (or model.base) to load the tokenizer from."
+            )
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"tokenizer: cannot load a tokenizer from {path!r}: {error}") from error
+    if kind == "bpe":
+        from hf_memlm.defaults import default_text
+
+        texts = documents["text"] if documents is not None else [default_text()]
+        return build_tokenizer("bpe", texts=texts, vocab_size=tok_cfg["vocab_size"])
+    return build_tokenizer("byte")
+
+
+def _tokenizer_size(tokenizer) -> int:
+    from hf_memlm.data import tokenizer_size
+
+    return tokenizer_size(tokenizer)
+
+
+def _build_examples(data_cfg: dict, tokenizer, segment_length: int, documents, seed: int):
+    """(train, eval or None) datasets with only the model's columns."""
+    from hf_memlm.data import TASK_BUILDERS, pack_documents
+
+    task, options = data_cfg["task"], dict(data_cfg["options"])
+    if not 0.0 <= data_cfg["eval_fraction"] < 1.0:
+        raise ValueError(f"data.eval_fraction={data_cfg['eval_fraction']} must be at least 0 and below 1.")
+    try:
+        if task == "text":
+            if options:
+                raise ValueError(f"data.options {sorted(options)} apply to synthetic tasks only, not to task: text.")
+            examples = pack_documents(documents, tokenizer, segment_length, data_cfg["num_segments"])
+        else:
+            examples = TASK_BUILDERS[task](
+                tokenizer, data_cfg["num_examples"], segment_length, data_cfg["num_segments"], seed=seed, **options
+            )
+    except TypeError as error:  # an unknown option of the task builder
+        raise ValueError(f"data.options for task {task!r}: {error}") from error
+    except ValueError as error:
+        raise ValueError(f"data: {error}") from error
+    examples = examples.select_columns([c for c in MODEL_COLUMNS if c in examples.column_names])
+    if len(examples) == 0:
+        raise ValueError("data: no training example could be built; use more or longer documents.")
+    if not data_cfg["eval_fraction"]:
+        return examples, None
+    held_out = max(1, round(len(examples) * data_cfg["eval_fraction"]))
+    if held_out >= len(examples):
+        raise ValueError(
+            f"data.eval_fraction={data_cfg['eval_fraction']} leaves no training example out of {len(examples)}; "
+            "lower it or use more data."
+        )
+    split = examples.train_test_split(test_size=held_out, shuffle=True, seed=seed)
+    return split["train"], split["test"]
+
+
+def _training_arguments(config: dict, output_dir: Path):
+    import torch
+
+    from hf_memlm.training.trainer import MemLMTrainingArguments
+
+    settings = dict(config["training"])
+    settings.pop("resume_from_checkpoint", None)  # resolved by _check_output_dir
+    if not torch.cuda.is_available():
+        settings.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
+        mps = getattr(torch.backends, "mps", None)
+        if not (mps and mps.is_available()):
+            # no accelerator: say so, so that several processes (accelerate launch / torchrun) run DDP over
+            # gloo on CPU and bf16 means CPU autocast instead of an error
+            settings.setdefault("use_cpu", True)
+    try:
+        return MemLMTrainingArguments(output_dir=str(output_dir), seed=config["seed"], **settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"training: {error}") from error
+
+
+# -- training ------------------------------------------------------------------------------------------
+def run_training(prepared: PreparedRun) -> dict:
+    """Train, save the model and tokenizer, and return a summary (also written to `train_summary.json`)."""
+    from transformers import default_data_collator
+
+    from hf_memlm.training.model_setup import is_peft_model, parameter_counts, save_trained_model
+    from hf_memlm.training.trainer import MemLMTrainer
+
+    counts = parameter_counts(prepared.model)
+    trainer = MemLMTrainer(
+        model=prepared.model,
+        args=prepared.training_args,
+        train_dataset=prepared.train_dataset,
+        eval_dataset=prepared.eval_dataset,
+        data_collator=default_data_collator,
+        processing_class=prepared.tokenizer,
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
+    seconds = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if prepared.eval_dataset is not None else None
+
+    output_dir = prepared.output_dir
+    saved = {}
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # sharded weights: the Trainer gathers them (under PEFT it saves the adapter, with the memory blocks)
+        trainer.save_model(str(output_dir))
+        saved["adapter" if is_peft_model(trainer.model) else "model"] = output_dir
+    elif trainer.args.should_save:
+        saved = save_trained_model(trainer.model, output_dir, prepared.tokenizer)
+
+    losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    summary = {
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "mean_train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 2),
+        "processes": trainer.args.world_size,
+        "resumed_from": prepared.resume_from,
+        "parameters": counts,
+        "saved": {name: str(path) for name, path in saved.items()},
+        "checkpoints": sorted(str(p) for p in output_dir.glob("checkpoint-*")),
+        "log_history": losses,
+        "is_main_process": trainer.is_world_process_zero(),
+    }
+    if trainer.args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        (output_dir / CONFIG_FILE).write_text(dump_yaml(prepared.config))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run report printed by `hf-memlm train`."""
+    counts = summary["parameters"]
+    lines = ["", "== training finished =="]
+    final = summary["final_loss"]
+    lines.append(
+        f"final loss {final:.4f}"
+        if final is not None
+        else "final loss: none logged (raise training.max_steps or lower training.logging_steps)"
+    )
+    lines[-1] += f" | mean loss over the run {summary['mean_train_loss']:.4f}"
+    if summary["eval_loss"] is not None:
+        lines.append(f"eval loss {summary['eval_loss']:.4f}")
+    lines.append(
+        f"{summary['steps']} steps in {summary['seconds']:.1f} s on {summary['processes']} process(es)"
+        + (f", resumed from {summary['resumed_from']}" if summary["resumed_from"] else "")
+    )
+    lines.append(
+        f"trained {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_memory']:,} in memory)"
+    )
+    saved = summary["saved"]
+    if "model" in saved:
+        lines.append(f"model + tokenizer saved to {saved['model']} (load with AutoModelForCausalLM.from_pretrained)")
+    if "adapter" in saved:
+        lines.append(f"LoRA adapter + memory weights saved to {saved['adapter']} (load with PeftModel.from_pretrained)")
+    if summary["checkpoints"]:
+        lines.append(f"checkpoints: {', '.join(summary['checkpoints'])}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "SUMMARY_FILE",
+    "PreparedRun",
+    "format_summary",
+    "prepare_run",
+    "run_training",
+    "train_schema",
+]
