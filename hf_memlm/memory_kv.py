@@ -21,6 +21,8 @@ from .memory_base import MemoryBlock, merge_heads, split_heads
 # Cap on one chunk of the (batch, heads, queries, entries) score tensor, in elements.
 _SCORE_CHUNK_ELEMENTS = 1 << 25
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Initial softmax temperature on cosine scores (learned per head afterwards); see `reset_parameters`.
+INITIAL_TEMPERATURE = 16.0
 
 
 def retrieve(
@@ -108,10 +110,16 @@ class KVMemory(MemoryBlock):
         self.log_scale = nn.Parameter(torch.empty(self.num_heads))
 
     def reset_parameters(self, std: float) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
+        for proj in (self.q_proj, self.v_proj):
             init.normal_(proj.weight, mean=0.0, std=std)
+        # Keys start equal to queries: a token's query then best matches stored tokens in the same context,
+        # and with value shift 1 the read returns "what followed this context last time" from step 0.
+        # With independent random q/k the read is noise and a from-scratch passkey model stays at chance.
+        init.copy_(self.k_proj.weight, self.q_proj.weight)
         init.zeros_(self.o_proj.weight)
-        init.constant_(self.log_scale, math.log(math.sqrt(self.head_dim)))
+        # Scores are cosines in [-1, 1]: a temperature of sqrt(head_dim) (4 at head_dim 16) leaves the softmax
+        # over hundreds of entries almost flat; 16 lets the best match dominate from the start.
+        init.constant_(self.log_scale, math.log(INITIAL_TEMPERATURE))
 
     def _store_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.storage_dtype or dtype

@@ -106,7 +106,14 @@ def _run(args) -> int:
     from transformers import AutoModelForCausalLM
 
     import hf_memlm  # noqa: F401  (registers the memlm auto classes)
-    from hf_memlm.evaluation import evaluate_perplexity, evaluate_retrieval, format_markdown, write_report
+    from hf_memlm.evaluation import (
+        answer_alphabet,
+        evaluate_perplexity,
+        evaluate_retrieval,
+        format_markdown,
+        retrieval_dataset,
+        write_report,
+    )
 
     if args.no_progress:
         import datasets
@@ -132,9 +139,12 @@ def _run(args) -> int:
             model, dataset, batch_size=args.batch_size, baselines=not args.no_baselines, progress=progress
         )
     else:
-        dataset = retrieval_dataset(
-            args.task, tokenizer, args.num_examples, segment_length, args.num_segments, args.seed, task_options
-        )
+        try:
+            dataset = retrieval_dataset(
+                args.task, tokenizer, args.num_examples, segment_length, args.num_segments, args.seed, task_options
+            )
+        except ValueError as error:
+            raise EvalInputError(str(error)) from error
         results = evaluate_retrieval(
             model,
             dataset,
@@ -224,47 +234,6 @@ def load_tokenizer(name, model_dir: Path, model):
     except ValueError as error:
         raise EvalInputError(f"{error} Use the tokenizer the model was trained with.") from error
     return tokenizer
-
-
-def retrieval_dataset(task, tokenizer, num_examples, segment_length, num_segments: list[int], seed, options):
-    """`num_examples` examples per length in `num_segments` (seed + i for the i-th length), concatenated."""
-    from datasets import concatenate_datasets
-
-    from hf_memlm import data
-
-    make = data.TASK_BUILDERS[task]
-    parts = []
-    for number, segments in enumerate(num_segments):
-        try:
-            parts.append(
-                make(
-                    tokenizer,
-                    num_examples=num_examples,
-                    segment_length=segment_length,
-                    num_segments=segments,
-                    seed=seed + number,
-                    **options,
-                )
-            )
-        except (TypeError, ValueError) as error:
-            raise EvalInputError(
-                f"cannot generate the {task} data ({segments} segments of {segment_length}) "
-                f"with options {options}: {error}"
-            ) from error
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-
-
-def answer_alphabet(task, options) -> str | None:
-    """Characters the answers are drawn from (the generator's option or its default), for the chance level."""
-    import inspect
-
-    from hf_memlm import data
-
-    name = {"recall": "value_alphabet", "copy": "alphabet"}.get(task)
-    if name is None:
-        return None
-    default = inspect.signature(data.TASK_BUILDERS[task]).parameters[name].default
-    return str(options.get(name, default))
 
 
 def perplexity_dataset(args, tokenizer, segment_length):

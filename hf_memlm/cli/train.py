@@ -62,9 +62,31 @@ def run(args) -> int:
     except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
         return _fail(str(error))
     summary = run_training(prepared)
-    if summary["is_main_process"]:
-        print(format_summary(summary), flush=True)
+    if not summary["is_main_process"]:
+        return 0
+    print(format_summary(summary), flush=True)
+    if config["evaluation"]["task"] is not None and "model" in summary["saved"]:
+        _evaluate(config, prepared.tokenizer)
     return 0
+
+
+def _evaluate(config: dict, tokenizer) -> None:
+    import time
+
+    from hf_memlm.evaluation import format_markdown
+    from hf_memlm.training.final_eval import run_final_evaluation
+
+    section = config["evaluation"]
+    print(
+        f"\n== evaluation: {section['task']}, {section['num_examples']} examples per length of "
+        f"{'/'.join(map(str, section['num_segments']))} segments, seed {section['seed']} ==",
+        flush=True,
+    )
+    start = time.perf_counter()
+    outcome = run_final_evaluation(config, config["output_dir"], tokenizer)
+    print()
+    print(format_markdown(outcome["results"]))
+    print(f"evaluated in {time.perf_counter() - start:.1f} s; wrote: " + ", ".join(outcome["paths"].values()))
 
 
 def _fail(message: str) -> int:

@@ -12,6 +12,7 @@ and (retrieval) the base model alone reading its own window; see `conditions.py`
 from .conditions import BASE_MODEL, CONDITIONS, MEMORY, MEMORY_DISABLED, describe_conditions
 from .perplexity import evaluate_perplexity
 from .report import format_markdown, plot_results, write_report
+from .task_data import answer_alphabet, retrieval_dataset
 from .retrieval import answer_spans, bucket_by_segments, bucket_by_tokens, evaluate_retrieval, greedy_answer
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "CONDITIONS",
     "MEMORY",
     "MEMORY_DISABLED",
+    "answer_alphabet",
     "answer_spans",
     "bucket_by_segments",
     "bucket_by_tokens",
@@ -28,5 +30,6 @@ __all__ = [
     "format_markdown",
     "greedy_answer",
     "plot_results",
+    "retrieval_dataset",
     "write_report",
 ]

@@ -26,6 +26,7 @@ _NONE = type(None)
 
 def train_schema() -> Section:
     """Every key `hf-memlm train` accepts, with defaults. Dataclass sections take their keys from the class."""
+    from hf_memlm.training.final_eval import evaluation_schema
     from hf_memlm.training.model_setup import TRAINABLE_MODES
 
     return Section(
@@ -95,6 +96,7 @@ def train_schema() -> Section:
                     "options": FreeSection("extra arguments of the task generator (e.g. filler: synthetic)"),
                 }
             ),
+            "evaluation": evaluation_schema(),
             "training": DataclassSection(
                 "hf_memlm.training.trainer:MemLMTrainingArguments",
                 defaults={"report_to": "none", "prediction_loss_only": True, "logging_steps": 10},
@@ -130,8 +132,11 @@ def prepare_run(config: dict) -> PreparedRun:
     from hf_memlm.data import check_tokenizer_fits
     from hf_memlm.training.model_setup import build_model, configure_trainable
 
+    from hf_memlm.training.final_eval import check_evaluation
+
     output_dir = Path(config["output_dir"])
     resume_from = _check_output_dir(output_dir, config)
+    check_evaluation(config)
     model_cfg, data_cfg = config["model"], config["data"]
 
     documents = _load_documents(data_cfg) if data_cfg["task"] == "text" else None

@@ -1,0 +1,84 @@
+"""Evaluation right after training (the `evaluation` section of a train config).
+
+The trained model is reloaded from its output folder with `AutoModelForCausalLM`, so the numbers are
+those of what was saved; then retrieval accuracy by distance is measured with the no-memory baselines
+beside it and written to `<output_dir>/eval/` as JSON, Markdown and a PNG plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hf_memlm.cli.config import FreeSection, Option, Section
+
+RETRIEVAL_TASKS = ("passkey", "recall", "copy")
+_NONE = type(None)
+
+
+def evaluation_schema() -> Section:
+    return Section(
+        {
+            "task": Option(
+                None, (str, _NONE), "evaluate after training: passkey, recall or copy; null: no evaluation",
+                (None, *RETRIEVAL_TASKS),
+            ),
+            "num_segments": Option(
+                [2, 5, 9, 17], (list,), "example lengths in segments (the distance grid: one value per length)"
+            ),
+            "num_examples": Option(100, (int,), "examples per length"),
+            "seed": Option(1000, (int,), "seed of the evaluation data (keep it apart from the training seed)"),
+            "batch_size": Option(16, (int,), "examples per forward pass"),
+            "check_generate": Option(4, (int,), "answers also decoded with model.generate as a cross-check"),
+            "options": FreeSection("extra arguments of the task generator (e.g. needle_segment: 0)"),
+        }
+    )
+
+
+def check_evaluation(config: dict) -> None:
+    """Fail before training, not after it, on an evaluation section that cannot run."""
+    section = config["evaluation"]
+    if section["task"] is None:
+        return
+    lengths = section["num_segments"]
+    if not lengths or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+        raise ValueError(f"evaluation.num_segments must be a list of positive integers, got {lengths!r}.")
+    for name in ("num_examples", "batch_size"):
+        if section[name] <= 0:
+            raise ValueError(f"evaluation.{name} must be positive, got {section[name]}.")
+
+
+def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = True) -> dict | None:
+    """Reload the saved model, evaluate it with baselines, write the report; return results and paths."""
+    section = config["evaluation"]
+    if section["task"] is None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    import hf_memlm  # noqa: F401  (registers the memlm auto classes)
+    from hf_memlm.evaluation import answer_alphabet, evaluate_retrieval, retrieval_dataset, write_report
+
+    output_dir = Path(output_dir)
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    task, options = section["task"], dict(section["options"])
+    dataset = retrieval_dataset(
+        task, tokenizer, section["num_examples"], model.config.segment_length, section["num_segments"],
+        section["seed"], options,
+    )
+    results = evaluate_retrieval(
+        model,
+        dataset,
+        batch_size=section["batch_size"],
+        baselines=True,
+        task=task,
+        check_generate=section["check_generate"],
+        progress=progress,
+        answer_alphabet=answer_alphabet(task, options),
+    )
+    results["data"] = {
+        "seed": section["seed"],
+        "num_segments": section["num_segments"],
+        "task_options": options,
+        "num_examples": len(dataset),
+    }
+    paths = write_report(results, output_dir / "eval")
+    return {"results": results, "paths": {k: str(v) for k, v in paths.items()}}
