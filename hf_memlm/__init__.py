@@ -18,4 +18,4 @@ AutoModelForCausalLM.register(MemLMConfig, MemLMForCausalLM, exist_ok=True)
 MemLMConfig.register_for_auto_class()
 MemLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MemLMConfig", "MemLMForCausalLM", "MemoryState", "MemLMCache", "MemLMCausalLMOutput", "__version__"]
+__all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMConfig", "MemLMForCausalLM", "MemoryState", "__version__"]

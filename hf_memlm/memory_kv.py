@@ -173,7 +173,9 @@ class KVMemory(MemoryBlock):
             entry_valid = mask & torch.where(previous >= 0, torch.ones_like(mask), pending_valid[:, None])
             # The last valid token's key waits for the value of the next segment's first token.
             has_valid = mask.any(-1)
-            last_index = last_valid[:, -1].clamp(min=0)[:, None, None, None].expand(-1, self.num_heads, 1, self.head_dim)
+            last_index = (
+                last_valid[:, -1].clamp(min=0)[:, None, None, None].expand(-1, self.num_heads, 1, self.head_dim)
+            )
             last_key = keys.gather(2, last_index)[:, :, 0]
             pending_key = torch.where(has_valid[:, None, None], last_key, pending_key)
             pending_valid = pending_valid | has_valid

@@ -134,7 +134,7 @@ class MemLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["KVMemory", "SlotMemory"]
+    _no_split_modules = ("KVMemory", "SlotMemory")  # post_init adds the base's decoder layer class
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -246,7 +246,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         reference = self.get_input_embeddings().weight
         device = device or reference.device
         dtype = dtype or reference.dtype
-        layers = {i: self.memory_blocks[str(i)].init_state(batch_size, device, dtype) for i in self.config.memory_layers}
+        layers = {
+            i: self.memory_blocks[str(i)].init_state(batch_size, device, dtype) for i in self.config.memory_layers
+        }
         return MemoryState(self.config.memory_type, layers)
 
     def _check_memory_state(self, state, batch_size: int) -> MemoryState:
@@ -269,7 +271,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         for index in self.config.memory_layers:
             self.memory_blocks[str(index)].check_state(state.layers[index], batch_size)
         if state.window and state.window["mask"].shape[0] != batch_size:
-            raise ValueError(f"memory_state window has batch size {state.window['mask'].shape[0]}, input has {batch_size}.")
+            raise ValueError(
+                f"memory_state window has batch size {state.window['mask'].shape[0]}, input has {batch_size}."
+            )
         return state
 
     def _write(self, state: MemoryState, captured: dict[int, torch.Tensor], mask: torch.Tensor) -> MemoryState:
@@ -290,7 +294,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         layers = self.decoder_layers
         contexts = {}
         if self.memory_enabled:
-            contexts = {i: _LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers}
+            contexts = {
+                i: _LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers
+            }
         for index, context in contexts.items():
             setattr(layers[index], _CONTEXT_ATTR, context)
         try:
@@ -345,17 +351,23 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         batch, length = tokens.shape[:2]
         if labels is not None and labels.shape[:2] != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch}, {length}) like the input.")
-        mask = self._token_mask(attention_mask, batch, length, tokens.device, generating=cache is not None or bool(use_cache))
+        mask = self._token_mask(
+            attention_mask, batch, length, tokens.device, generating=cache is not None or bool(use_cache)
+        )
         output_hidden = bool(output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if cache is not None or use_cache:
             cache, state = self._cache_and_state(cache, memory_state, batch)
-            logits, hidden, state = self._forward_window(input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden)
+            logits, hidden, state = self._forward_window(
+                input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden
+            )
             cache.memory_state = state
         else:
             state = self._prepare_state(memory_state, batch)
-            logits, hidden, state = self._forward_segments(input_ids, inputs_embeds, mask, state, logits_to_keep, output_hidden)
+            logits, hidden, state = self._forward_segments(
+                input_ids, inputs_embeds, mask, state, logits_to_keep, output_hidden
+            )
             cache = None
 
         loss = None
@@ -400,7 +412,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             positions = (seg_mask.long().cumsum(-1) - 1).clamp(min=0)
             inputs = _slice_inputs(input_ids, inputs_embeds, start, end)
             needed = _logits_needed(logits_to_keep, start, end, length)
-            out, captured = self._run_segment(inputs, seg_mask, positions, state, None, _run_kwargs_for(needed), output_hidden)
+            out, captured = self._run_segment(
+                inputs, seg_mask, positions, state, None, _run_kwargs_for(needed), output_hidden
+            )
             logits.append(_keep_logits(out.logits, needed))
             if output_hidden:
                 hidden.append(out.hidden_states)
@@ -435,7 +449,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             positions = (window_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -take:]
             inputs = _slice_inputs(input_ids, inputs_embeds, position, position + take)
             needed = _logits_needed(logits_to_keep, position, position + take, length)
-            out, captured = self._run_segment(inputs, window_mask, positions, state, cache, _run_kwargs_for(needed), output_hidden)
+            out, captured = self._run_segment(
+                inputs, window_mask, positions, state, cache, _run_kwargs_for(needed), output_hidden
+            )
             logits.append(_keep_logits(out.logits, needed))
             if output_hidden:
                 hidden.append(out.hidden_states)
@@ -520,4 +536,4 @@ def _stack_hidden(per_segment: list) -> tuple[torch.Tensor, ...] | None:
     return tuple(torch.cat(layer_states, dim=1) for layer_states in zip(*per_segment))
 
 
-__all__ = ["MemLMForCausalLM", "MemLMPreTrainedModel", "MemLMCausalLMOutput", "MemLMCache", "find_decoder_layers"]
+__all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMForCausalLM", "MemLMPreTrainedModel", "find_decoder_layers"]

@@ -10,8 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hf_memlm  # noqa: E402  (registers the auto classes)
-from transformers import AutoConfig  # noqa: E402
+from transformers import AutoConfig
+
+import hf_memlm
 
 VOCAB = 97
 HIDDEN = 32
@@ -20,20 +21,74 @@ SEGMENT = 8
 # Tiny configs of each supported base family: one behaviour, checked over all of them.
 BASES = {
     "gpt2": dict(n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0),
-    "llama": dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, bos_token_id=0, eos_token_id=0),
-    "mistral": dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=16, sliding_window=None, bos_token_id=0, eos_token_id=0),
-    "qwen2": dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, bos_token_id=0, eos_token_id=0),
-    "gpt_neox": dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     bos_token_id=0, eos_token_id=0),
-    "phi3": dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, pad_token_id=0, bos_token_id=0, eos_token_id=0),
-    "opt": dict(hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                word_embed_proj_dim=HIDDEN, pad_token_id=1, bos_token_id=0, eos_token_id=0),
-    "gemma": dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    "llama": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "mistral": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=None,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "qwen2": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "gpt_neox": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "phi3": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "opt": dict(
+        hidden_size=HIDDEN,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        word_embed_proj_dim=HIDDEN,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "gemma": dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
 }
 KINDS = ("kv", "slot")
 
@@ -44,8 +99,15 @@ def base_config(model_type: str):
 
 def memory_settings(kind: str) -> dict:
     # small capacity and top-k so eviction and the top-k path run in the multi-segment tests
-    return dict(memory_type=kind, memory_layers=[0], segment_length=SEGMENT, memory_heads=2,
-                memory_size=12, memory_topk=4, num_slots=6)
+    return dict(
+        memory_type=kind,
+        memory_layers=[0],
+        segment_length=SEGMENT,
+        memory_heads=2,
+        memory_size=12,
+        memory_topk=4,
+        num_slots=6,
+    )
 
 
 def randomize_memory(model, seed: int = 0, std: float = 0.3) -> None:

@@ -150,7 +150,7 @@ def test_load_text_corpus_errors(tmp_path):
     with pytest.raises(ValueError, match=r"has no column 'text'; its columns are \['body'\]"):
         load_text_corpus(tmp_path / "rows.jsonl")
     (tmp_path / "notes.md").write_text("x", encoding="utf-8")
-    with pytest.raises(ValueError, match="unsupported extension '.md'"):
+    with pytest.raises(ValueError, match=r"unsupported extension '\.md'"):
         load_text_corpus(tmp_path / "notes.md")
 
 

@@ -133,15 +133,22 @@ def test_memory_state_of_wrong_shape_or_kind():
     with pytest.raises(ValueError, match="memory_state holds 'kv' memory but this model uses 'slot'"):
         slot_model(ids, memory_state=kv_state)
     other = MemLMForCausalLM(
-        MemLMConfig(text_config=base_config("llama"), memory_type="kv", memory_layers=[0], segment_length=SEGMENT,
-                    memory_heads=4, memory_size=12, memory_topk=4)
+        MemLMConfig(
+            text_config=base_config("llama"),
+            memory_type="kv",
+            memory_layers=[0],
+            segment_length=SEGMENT,
+            memory_heads=4,
+            memory_size=12,
+            memory_topk=4,
+        )
     )
-    with pytest.raises(ValueError, match="has shape .* this model stores \\(batch, 2 heads, entries, 16\\)"):
+    with pytest.raises(ValueError, match=r"has shape .* this model stores \(batch, 2 heads, entries, 16\)"):
         kv_model(ids, memory_state=other(ids).memory_state)
     moved = MemoryState("kv", {1: kv_state.layers[0]})
     with pytest.raises(ValueError, match="memory_state has layers \\[1\\] but this model has memory at \\[0\\]"):
         kv_model(ids, memory_state=moved)
-    with pytest.raises(TypeError, match="memory_state must be a hf_memlm.MemoryState"):
+    with pytest.raises(TypeError, match=r"memory_state must be a hf_memlm\.MemoryState"):
         kv_model(ids, memory_state={"keys": torch.zeros(1)})
     broken = MemoryState("slot", {0: {"memory": torch.zeros(1, 3, 32)}})
     with pytest.raises(ValueError, match="keeps \\(batch, 6 slots, 32\\)"):

@@ -52,8 +52,14 @@ def test_save_and_auto_reload(arch_kind, tmp_path):
 
 def test_config_json_round_trip(arch_kind, tmp_path):
     model_type, kind = arch_kind
-    config = MemLMConfig(text_config=base_config(model_type), memory_type=kind, memory_layers=[-1],
-                         segment_length=SEGMENT, bptt_segments=3, memory_dtype="bfloat16")
+    config = MemLMConfig(
+        text_config=base_config(model_type),
+        memory_type=kind,
+        memory_layers=[-1],
+        segment_length=SEGMENT,
+        bptt_segments=3,
+        memory_dtype="bfloat16",
+    )
     config.save_pretrained(tmp_path)
     again = AutoConfig.from_pretrained(tmp_path)
     saved, loaded = config.to_dict(), again.to_dict()
@@ -75,7 +81,9 @@ def test_memory_state_save_load_round_trip(tmp_path):
             assert torch.equal(loaded.layers[layer][name], tensor)
     with torch.no_grad():
         nxt = _ids(2, SEGMENT)
-        torch.testing.assert_close(model(nxt, memory_state=loaded).logits, model(nxt, memory_state=out.memory_state).logits)
+        torch.testing.assert_close(
+            model(nxt, memory_state=loaded).logits, model(nxt, memory_state=out.memory_state).logits
+        )
 
 
 def test_generation_window_survives_save(tmp_path):
@@ -145,8 +153,14 @@ def test_trust_remote_code_without_the_package(tmp_path):
             folders.append(str(folder))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, *folders], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, *folders],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     for folder, result in results.items():

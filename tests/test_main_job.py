@@ -22,9 +22,24 @@ def test_main_job_pipeline_runs_end_to_end(tmp_path):
     """Default suite: the same pipeline in miniature (a few steps, a few examples): trains, saves,
     reloads, evaluates with the baselines, writes the report."""
     out = tmp_path / "run"
-    code = main(["train", CONFIG, "--output_dir", str(out), "--training.max_steps", "3",
-                 "--data.num_examples", "96", "--evaluation.num_examples", "4",
-                 "--evaluation.num_segments", "[2, 9]", "--evaluation.check_generate", "1"])
+    code = main(
+        [
+            "train",
+            CONFIG,
+            "--output_dir",
+            str(out),
+            "--training.max_steps",
+            "3",
+            "--data.num_examples",
+            "96",
+            "--evaluation.num_examples",
+            "4",
+            "--evaluation.num_segments",
+            "[2, 9]",
+            "--evaluation.check_generate",
+            "1",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "eval" / "passkey.json").read_text())
     assert set(_by_distance(results, "memory")) == {1, 8}

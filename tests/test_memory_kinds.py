@@ -82,7 +82,7 @@ def test_eviction_keeps_newest_and_respects_capacity():
     block = _identity_kv(capacity=5)
     state = block.init_state(2, "cpu", torch.float32)
     written = []
-    for step in range(4):
+    for _ in range(4):
         hidden = torch.randn(2, 3, HIDDEN)
         mask = torch.ones(2, 3, dtype=torch.bool)
         mask[1, 2] = False  # row 1 writes fewer entries

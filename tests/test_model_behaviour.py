@@ -35,7 +35,9 @@ def test_from_base_is_identity_and_keeps_weights(arch_kind):
         assert torch.equal(value, base_state[key]), f"from_base changed base weight {key}"
     ids = _ids(1, 2 * SEGMENT)
     with torch.no_grad():
-        torch.testing.assert_close(wrapped(ids).logits[:, SEGMENT:], reference(ids[:, SEGMENT:]).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            wrapped(ids).logits[:, SEGMENT:], reference(ids[:, SEGMENT:]).logits, rtol=0, atol=1e-6
+        )
 
 
 def test_backward_reaches_memory(arch_kind):
@@ -120,8 +122,9 @@ def test_generate_matches_forward(arch_kind):
     model = build(*arch_kind)
     model.generation_config.eos_token_id = None  # run the full length, whatever the random model predicts
     prompt = _ids(2, 2 * SEGMENT + 3)
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=SEGMENT + 4,
-                         do_sample=False, pad_token_id=0)
+    out = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=SEGMENT + 4, do_sample=False, pad_token_id=0
+    )
     with torch.no_grad():
         predicted = model(out).logits.argmax(-1)
     new = out.shape[1] - prompt.shape[1]
@@ -175,8 +178,13 @@ def test_generate_reads_a_remembered_document():
     with_state = model.generate(prompt, memory_state=state, max_new_tokens=10, do_sample=False, pad_token_id=0)
     together = model.generate(torch.cat([document, prompt], 1), max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(with_state[:, 5:], together[:, 5 * SEGMENT + 5 :])
-    embeds = model.generate(inputs_embeds=model.get_input_embeddings()(prompt), memory_state=state,
-                            max_new_tokens=10, do_sample=False, pad_token_id=0)
+    embeds = model.generate(
+        inputs_embeds=model.get_input_embeddings()(prompt),
+        memory_state=state,
+        max_new_tokens=10,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert torch.equal(embeds, with_state[:, 5:])
 
 
@@ -187,8 +195,17 @@ def test_beam_search_reorders_memory(kind):
     model = build("llama", kind)
     model.generation_config.eos_token_id = None
     prompt = _ids(1, SEGMENT + 5, seed=4)
-    out = model.generate(prompt, num_beams=3, num_return_sequences=3, max_new_tokens=8, do_sample=False,
-                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    out = model.generate(
+        prompt,
+        num_beams=3,
+        num_return_sequences=3,
+        max_new_tokens=8,
+        do_sample=False,
+        length_penalty=0.0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        pad_token_id=0,
+    )
     with torch.no_grad():
         logprobs = model(out.sequences).logits.log_softmax(-1)
     start = prompt.shape[1]

@@ -68,7 +68,9 @@ def run(args) -> int:
     print(f"memory state after the stream: {out.memory_state}")
     if config.memory_type == "kv":
         print(f"  entries per row: {out.memory_state.num_entries().tolist()} (capacity {config.memory_size}, FIFO)")
-    print(f"streaming in two calls vs one call: max |logit difference| = {(streamed - out.logits).abs().max().item():.2e}")
+    print(
+        f"streaming in two calls vs one call: max |logit difference| = {(streamed - out.logits).abs().max().item():.2e}"
+    )
 
     output_dir = Path(args.output_dir)
     model.save_pretrained(output_dir)

@@ -12,8 +12,8 @@ and (retrieval) the base model alone reading its own window; see `conditions.py`
 from .conditions import BASE_MODEL, CONDITIONS, MEMORY, MEMORY_DISABLED, describe_conditions
 from .perplexity import evaluate_perplexity
 from .report import format_markdown, plot_results, write_report
-from .task_data import answer_alphabet, retrieval_dataset
 from .retrieval import answer_spans, bucket_by_segments, bucket_by_tokens, evaluate_retrieval, greedy_answer
+from .task_data import answer_alphabet, retrieval_dataset
 
 __all__ = [
     "BASE_MODEL",

@@ -19,7 +19,9 @@ def evaluation_schema() -> Section:
     return Section(
         {
             "task": Option(
-                None, (str, _NONE), "evaluate after training: passkey, recall or copy; null: no evaluation",
+                None,
+                (str, _NONE),
+                "evaluate after training: passkey, recall or copy; null: no evaluation",
                 (None, *RETRIEVAL_TASKS),
             ),
             "num_segments": Option(
@@ -61,8 +63,13 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
     model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     task, options = section["task"], dict(section["options"])
     dataset = retrieval_dataset(
-        task, tokenizer, section["num_examples"], model.config.segment_length, section["num_segments"],
-        section["seed"], options,
+        task,
+        tokenizer,
+        section["num_examples"],
+        model.config.segment_length,
+        section["num_segments"],
+        section["seed"],
+        options,
     )
     results = evaluate_retrieval(
         model,

@@ -130,9 +130,8 @@ def prepare_run(config: dict) -> PreparedRun:
     import torch
 
     from hf_memlm.data import check_tokenizer_fits
-    from hf_memlm.training.model_setup import build_model, configure_trainable
-
     from hf_memlm.training.final_eval import check_evaluation
+    from hf_memlm.training.model_setup import build_model, configure_trainable
 
     output_dir = Path(config["output_dir"])
     resume_from = _check_output_dir(output_dir, config)
