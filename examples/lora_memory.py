@@ -40,7 +40,6 @@ def main(argv=None) -> dict:
         MemLMTrainer,
         MemLMTrainingArguments,
         configure_trainable,
-        ensure_attention_implementation,
         memory_weights,
     )
 
@@ -89,7 +88,6 @@ def main(argv=None) -> dict:
 
     # Reload: wrap the same base again (its memory starts fresh) and load the adapter onto it ...
     fresh = MemLMForCausalLM.from_base(args.base, **memory)
-    ensure_attention_implementation(fresh)  # from_base in hf_memlm 0.1.0 clears it (configure_trainable did it above)
     reloaded = PeftModel.from_pretrained(fresh, adapter_dir)
     same = all(torch.equal(w, trained_memory[n]) for n, w in memory_weights(reloaded).items())
     print(f"adapter reloaded from {adapter_dir}; memory weights identical: {same}")

@@ -54,27 +54,13 @@ def build_model(
                 "model.base and model.text_config are both set: a pretrained base brings its own architecture. "
                 "Remove model.text_config, or set model.base to null to train from scratch."
             )
-        model = MemLMForCausalLM.from_base(base, base_kwargs=base_kwargs or None, **memory_settings)
-        return ensure_attention_implementation(model, (base_kwargs or {}).get("attn_implementation"))
+        return MemLMForCausalLM.from_base(base, base_kwargs=base_kwargs or None, **memory_settings)
     if base_kwargs:
         raise ValueError("model.base_kwargs only apply with model.base (a pretrained model to load).")
     if isinstance(text_config, dict) or text_config is None:
         text_config = build_text_config(text_config, vocab_size)
     config = MemLMConfig(text_config=text_config, **memory_settings)
     return MemLMForCausalLM(config)
-
-
-def ensure_attention_implementation(model: MemLMForCausalLM, requested: str | None = None) -> MemLMForCausalLM:
-    """Give the wrapped base an attention implementation again if wrapping cleared it.
-
-    `from_base` (hf_memlm 0.1.0) builds `MemLMConfig(text_config=base.config)`, and the config's init sets
-    `_attn_implementation = None` on its sub-configs, i.e. on the base model's live config. With None the
-    base builds no causal mask: every token attends to later ones and training learns to cheat. Setting
-    it again through the public `set_attn_implementation` restores causal attention.
-    """
-    if model.config.get_text_config()._attn_implementation is None:
-        model.set_attn_implementation(requested or "sdpa")
-    return model
 
 
 def build_text_config(text_config: dict | None, vocab_size: int | None = None):
@@ -179,7 +165,6 @@ def configure_trainable(model: MemLMForCausalLM, mode: str, lora_settings: dict 
     """Freeze according to `mode`; returns the model to train (a `PeftModel` for `lora`)."""
     if mode not in TRAINABLE_MODES:
         raise ValueError(f"model.trainable={mode!r} is unknown; choose one of {TRAINABLE_MODES}.")
-    ensure_attention_implementation(model)
     if mode != "lora" and lora_settings:
         raise ValueError(f"lora settings were given but model.trainable={mode!r}; set model.trainable to lora.")
     if mode == "full":
@@ -287,7 +272,6 @@ __all__ = [
     "build_model",
     "build_text_config",
     "configure_trainable",
-    "ensure_attention_implementation",
     "is_peft_model",
     "lora_target_modules",
     "memory_block_names",
