@@ -41,6 +41,11 @@ def run(args) -> int:
         num_slots=64,
     )
     model = MemLMForCausalLM(config).eval()
+    # An untrained memory is a no-op (zero output projections, as LoRA starts); give the projections random
+    # values so that memory visibly changes the outputs and the checks below compare something.
+    with torch.no_grad():
+        for block in model.memory_blocks.values():
+            block.o_proj.weight.normal_(std=0.05)
     n_params = sum(p.numel() for p in model.parameters())
     n_memory = sum(p.numel() for p in model.memory_blocks.parameters())
     print(
@@ -64,7 +69,15 @@ def run(args) -> int:
         first = model(input_ids[:, :half])
         second = model(input_ids[:, half:], memory_state=first.memory_state)
     streamed = torch.cat([first.logits, second.logits], dim=1)
+    with torch.no_grad(), model.memory_disabled():
+        without = model(input_ids).logits
     print(f"forward: loss {out.loss.item():.3f} (untrained, ln 260 = 5.56) in {elapsed:.2f} s")
+    first_segment = config.segment_length
+    print(
+        "memory's effect on the logits: segment 0 (initial memory) "
+        f"{(out.logits[:, :first_segment] - without[:, :first_segment]).abs().max().item():.2e}, "
+        f"later segments {(out.logits[:, first_segment:] - without[:, first_segment:]).abs().max().item():.2e}"
+    )
     print(f"memory state after the stream: {out.memory_state}")
     if config.memory_type == "kv":
         print(f"  entries per row: {out.memory_state.num_entries().tolist()} (capacity {config.memory_size}, FIFO)")
