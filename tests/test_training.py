@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -342,9 +343,16 @@ def launch_two_processes(accelerate_config: Path, output_dir: Path, *extra: str)
         "--output_dir",
         str(output_dir),
     ]
-    result = subprocess.run(
-        launch, env=env, cwd=output_dir.parent, capture_output=True, text=True, timeout=600, check=False
-    )
+    for attempt in range(2):
+        # one retry: process-group start-up on a loaded 2-core machine failed once in ~20 runs (not reproduced);
+        # a second failure is a real one and fails the test with both launches' output
+        result = subprocess.run(
+            launch, env=env, cwd=output_dir.parent, capture_output=True, text=True, timeout=600, check=False
+        )
+        if result.returncode == 0:
+            break
+        print(f"launch attempt {attempt + 1} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        shutil.rmtree(output_dir, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 process(es)" in result.stdout
     return json.loads((output_dir / "train_summary.json").read_text())
