@@ -114,6 +114,41 @@ def draw_segment(rng, choices: Sequence[int] | None, num_segments: int) -> int:
     return choices[int(rng.integers(len(choices)))]
 
 
+def place_before_question(
+    rng,
+    filler_stream,
+    *,
+    segment_choices,
+    num_segments: int,
+    segment_length: int,
+    item: np.ndarray,
+    question_and_answer: int,
+    names: tuple[str, str, str, str],
+) -> tuple[ExampleLayout, int, int]:
+    """A filler example with `item` written inside one drawn segment, leaving the last `question_and_answer`
+    tokens for the question and its answer. Returns (layout, item_start, segment).
+
+    `names` = (function, segment option, item, question) words for the error when the item is drawn into
+    the last segment but does not fit there beside the question.
+    """
+    function, option, item_name, question_name = names
+    total = segment_length * num_segments
+    segment = draw_segment(rng, segment_choices, num_segments)
+    end_limit = None
+    if segment == num_segments - 1:
+        if len(item) + question_and_answer > segment_length:
+            raise ValueError(
+                f"{function}: {option}={segment} is the last segment, which also holds the {question_name}: "
+                f"{item_name} ({len(item)} tokens) + {question_name} ({question_and_answer}) do not fit in "
+                f"segment_length={segment_length}. Choose a {option} from 0 to {num_segments - 2}."
+            )
+        end_limit = total - question_and_answer
+    layout = ExampleLayout(filler_stream.draw(rng, total), segment_length)
+    item_start = random_start_in_segment(rng, segment, segment_length, len(item), end_limit)
+    layout.write(item_start, item)
+    return layout, item_start, segment
+
+
 def random_string(rng, alphabet: str, length: int) -> str:
     return "".join(alphabet[i] for i in rng.integers(len(alphabet), size=length))
 

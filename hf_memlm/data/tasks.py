@@ -29,8 +29,8 @@ from .layout import (
     ExampleLayout,
     FillerStream,
     check_positive_int,
-    draw_segment,
     encode,
+    place_before_question,
     random_start_in_segment,
     random_string,
     resolve_segments,
@@ -116,20 +116,16 @@ def make_passkey_dataset(
                 f"make_passkey_dataset: the needle takes {len(needle)} tokens but segment_length={segment_length}; "
                 "it must fit inside one segment. Use a longer segment_length."
             )
-        segment = draw_segment(rng, segment_choices, num_segments)
-        end_limit = None
-        if segment == num_segments - 1:
-            if len(needle) + question_and_answer > segment_length:
-                raise ValueError(
-                    f"make_passkey_dataset: needle_segment={segment} is the last segment, which also holds the "
-                    f"question: needle ({len(needle)} tokens) + question and answer ({question_and_answer}) do not "
-                    f"fit in segment_length={segment_length}. Choose a needle_segment from 0 to {num_segments - 2}."
-                )
-            end_limit = total - question_and_answer
-
-        layout = ExampleLayout(filler_stream.draw(rng, total), segment_length)
-        needle_start = random_start_in_segment(rng, segment, segment_length, len(needle), end_limit)
-        layout.write(needle_start, needle)
+        layout, needle_start, segment = place_before_question(
+            rng,
+            filler_stream,
+            segment_choices=segment_choices,
+            num_segments=num_segments,
+            segment_length=segment_length,
+            item=needle,
+            question_and_answer=question_and_answer,
+            names=("make_passkey_dataset", "needle_segment", "needle", "question and answer"),
+        )
         answer_start = layout.write(total - question_and_answer, asked)
         layout.write_answer(answer_start, key_ids)
         row = {"input_ids": layout.tokens, "labels": layout.labels}
@@ -319,20 +315,16 @@ def make_copy_dataset(
                 f"{max(question_and_answer, len(source))} tokens but segment_length={segment_length}; the source "
                 "and the copy must each fit inside one segment. Use a shorter copy_length or longer segments."
             )
-        segment = draw_segment(rng, segment_choices, num_segments)
-        end_limit = None
-        if segment == num_segments - 1:
-            if len(source) + question_and_answer > segment_length:
-                raise ValueError(
-                    f"make_copy_dataset: source_segment={segment} is the last segment, which also holds the copy: "
-                    f"source ({len(source)} tokens) + copy ({question_and_answer}) do not fit in "
-                    f"segment_length={segment_length}. Choose a source_segment from 0 to {num_segments - 2}."
-                )
-            end_limit = total - question_and_answer
-
-        layout = ExampleLayout(filler_stream.draw(rng, total), segment_length)
-        source_start = random_start_in_segment(rng, segment, segment_length, len(source), end_limit)
-        layout.write(source_start, source)
+        layout, source_start, segment = place_before_question(
+            rng,
+            filler_stream,
+            segment_choices=segment_choices,
+            num_segments=num_segments,
+            segment_length=segment_length,
+            item=source,
+            question_and_answer=question_and_answer,
+            names=("make_copy_dataset", "source_segment", "source", "copy"),
+        )
         answer_start = layout.write(total - question_and_answer, question)
         layout.write_answer(answer_start, copied_ids)
         row = {"input_ids": layout.tokens, "labels": layout.labels}
