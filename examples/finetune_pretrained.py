@@ -31,7 +31,7 @@ def make_tiny_base(folder: str) -> str:
     from transformers import AutoModelForCausalLM
 
     from hf_memlm.data import build_tokenizer
-    from hf_memlm.defaults import tiny_llama_config
+    from hf_memlm.recipes.defaults import tiny_llama_config
 
     tokenizer = build_tokenizer("byte")
     AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
@@ -46,8 +46,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
     from hf_memlm import MemLMForCausalLM
-    from hf_memlm.data import load_text_corpus, pack_documents
-    from hf_memlm.defaults import default_text
+    from hf_memlm.data import default_text, load_text_corpus, pack_documents
     from hf_memlm.training import MemLMTrainer, MemLMTrainingArguments, configure_trainable
 
     torch.manual_seed(0)

@@ -34,8 +34,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
     from hf_memlm import MemLMForCausalLM
-    from hf_memlm.data import load_text_corpus, pack_documents
-    from hf_memlm.defaults import default_text
+    from hf_memlm.data import default_text, load_text_corpus, pack_documents
     from hf_memlm.training import (
         MemLMTrainer,
         MemLMTrainingArguments,

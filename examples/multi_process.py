@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
 
     from hf_memlm import MemLMConfig, MemLMForCausalLM
     from hf_memlm.data import build_tokenizer, make_passkey_dataset
-    from hf_memlm.defaults import tiny_llama_config
+    from hf_memlm.recipes.defaults import tiny_llama_config
     from hf_memlm.training import MemLMTrainer, MemLMTrainingArguments
 
     if args.tiny:

@@ -29,7 +29,7 @@ def parse_args(argv=None):
 
 def write_chapters(folder: Path) -> Path:
     """A folder of text files: the bundled excerpt split at its chapter headings."""
-    from hf_memlm.defaults import default_text
+    from hf_memlm.data import default_text
 
     folder.mkdir(parents=True, exist_ok=True)
     chapters = [part for part in default_text().split("Chapter ") if len(part) > 2000]

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import hf_memlm
 from hf_memlm.cli import main
-from hf_memlm.cli.config import load_config, parse_overrides
-from hf_memlm.defaults import default_text
-from hf_memlm.training.recipe import prepare_run, train_schema
+from hf_memlm.data import default_text
+from hf_memlm.recipes.config import load_train_config
+from hf_memlm.recipes.train import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -44,34 +44,32 @@ def train(tmp_path, *overrides, name="out") -> tuple[int, Path]:
 
 # -- config loading --------------------------------------------------------------------------------------
 def test_overrides_are_parsed_as_yaml_with_numbers_and_plain_words():
-    pairs = parse_overrides(
+    config = load_train_config(
+        TINY,
         [
             "--training.learning_rate",
-            "1e-3",
+            "2e-4",
             "--training.eval_strategy=no",
+            "--model.memory.memory_type",
+            "slot",
             "--model.memory.memory_layers",
             "[0, 1]",
-            "--output-dir",
+            "--model.text_config.hidden_size",
+            "32",
+            "--output_dir",
             "runs/a:b",
-        ]
-    )
-    assert pairs == [
-        ("training.learning_rate", 1e-3),
-        ("training.eval_strategy", "no"),
-        ("model.memory.memory_layers", [0, 1]),
-        ("output_dir", "runs/a:b"),
-    ]
-    config = load_config(
-        TINY,
-        ["--training.learning_rate", "2e-4", "--model.memory.memory_type", "slot", "--training.eval_strategy", "no"],
-        train_schema(),
+        ],
     )
     assert config["training"]["learning_rate"] == 2e-4
     assert config["training"]["memory_learning_rate"] == 1e-2  # from the YAML file (written 1.0e-2)
     assert config["training"]["eval_strategy"] == "no"  # not YAML 1.1's False
     assert config["model"]["memory"]["memory_type"] == "slot"
-    assert config["model"]["text_config"]["hidden_size"] == 64
+    assert config["model"]["memory"]["memory_layers"] == [0, 1]
+    assert config["model"]["text_config"]["hidden_size"] == 32  # a number, merged into the YAML mapping
+    assert config["model"]["text_config"]["num_hidden_layers"] == 2
+    assert config["output_dir"] == "runs/a:b"
     assert config["data"]["num_examples"] == 256  # schema default
+    assert config["lora"] == {}  # only values that differ from LoraConfig's defaults
 
 
 @pytest.mark.parametrize(
@@ -87,14 +85,21 @@ def test_overrides_are_parsed_as_yaml_with_numbers_and_plain_words():
         ),
         (["--model.memory.memory_typ", "kv"], "Did you mean 'model.memory.memory_type'"),
         (["--training.learning_rate", "fast"], "training.learning_rate='fast' is not valid: expected a number"),
-        (["--data.num_segments", "2.5"], "data.num_segments=2.5 is not valid: expected an integer"),
+        (["--training.learning_rate", "-1e-3"], "learning_rate=-0.001 must be a finite number >= 0"),
+        (["--training.memory_learning_rate", "-5"], "memory_learning_rate=-5.0 must be a finite number >= 0"),
+        (
+            ["--training.memory_learning_rate", "fast"],
+            "memory_learning_rate='fast' is not valid: expected a number or null",
+        ),
+        (["--data.num_segments", "2.5"], "data.num_segments='2.5' is not valid: expected an integer"),
         (
             ["--model.trainable", "partial"],
-            "model.trainable='partial' is not valid: choose one of full, memory_only, lora",
+            "model.trainable='partial' is not valid: expected one of full, memory_only, lora",
         ),
         (["--training.output_dir", "x"], "training.output_dir cannot be set here: set the top-level output_dir."),
         (["--training.max_steps"], "--training.max_steps needs a value"),
-        (["--model.memory.memory_type", "lstm"], "model: MemLMConfig: memory_type='lstm' is unknown"),
+        (["--model.memory.memory_type", "lstm"], "model.memory: MemLMConfig: memory_type='lstm' is unknown"),
+        (["--model.memory.segment_length", "0"], "model.memory: MemLMConfig: segment_length=0 must be a positive"),
         (
             ["--model.text_config.hiden_size", "32"],
             "model.text_config.hiden_size: LlamaConfig has no such field. Did you mean 'hidden_size'",
@@ -154,6 +159,21 @@ def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
     assert main(["train", TINY, "--dry-run", "--training.max_steps", "7", "--output_dir", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
     assert "max_steps: 7" in printed and "memory_type: kv" in printed
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--model.memory.segment_length", "1024"], "segment_length=1024 exceeds the base model's"),
+        (["--model.memory.memory_layers", "[5]"], "memory layer 5 is out of range"),
+        (["--training.learning_rate", "-1"], "learning_rate=-1.0 must be a finite number >= 0"),
+        (["--evaluation.task", "passkey", "--evaluation.num_segments", "[]"], "evaluation.num_segments must be"),
+    ],
+)
+def test_dry_run_builds_the_model_config_and_training_arguments(tmp_path, capsys, overrides, message):
+    assert main(["train", TINY, "--dry-run", *overrides, "--output_dir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -238,10 +258,12 @@ def test_resume_from_a_checkpoint_continues_with_the_same_losses(tmp_path, capsy
     ]
     code, uninterrupted = train(tmp_path, *steps, name="full")
     assert code == 0
-    # an interrupted run: only its first checkpoint exists
+    # an interrupted run: its first checkpoint exists, and the second was killed mid-save (no trainer state)
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-3", interrupted / "checkpoint-3")
+    shutil.copytree(uninterrupted / "checkpoint-6", interrupted / "checkpoint-6")
+    (interrupted / "checkpoint-6" / "trainer_state.json").unlink()
     code = main(
         ["train", TINY, *QUICK, *steps, "--output_dir", str(interrupted), "--training.resume_from_checkpoint", "last"]
     )
@@ -260,13 +282,30 @@ def test_resume_from_a_checkpoint_continues_with_the_same_losses(tmp_path, capsy
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     code, _ = train(tmp_path, "--training.resume_from_checkpoint", "last")
     assert code == 2
-    assert "holds no checkpoint-* folder" in capsys.readouterr().err
+    assert "holds no complete checkpoint-* folder" in capsys.readouterr().err
+
+
+def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path, capsys):
+    """Otherwise a later `resume_from_checkpoint: last` would resume the earlier run, losing the new one."""
+    steps = ["--training.save_strategy", "steps", "--training.save_steps", "2"]
+    code, output_dir = train(tmp_path, *steps, "--training.max_steps", "6")
+    assert code == 0 and (output_dir / "checkpoint-6").is_dir()
+    (output_dir / "notes.txt").write_text("kept")
+    code, _ = train(tmp_path, *steps, "--training.max_steps", "4", "--overwrite_output_dir", "true")
+    assert code == 0
+    assert (
+        "removing the earlier run's checkpoints (checkpoint-6, checkpoint-4, checkpoint-2)" in capsys.readouterr().out
+    )
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["max_steps"] == 4  # the new run's checkpoint, not the old one's
+    assert (output_dir / "notes.txt").read_text() == "kept"
 
 
 # -- shipped configs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_config_resolves(name):
-    config = load_config(ROOT / "configs" / name, [], train_schema())
+    config = load_train_config(ROOT / "configs" / name)
     assert config["output_dir"].startswith("outputs/")
 
 
@@ -305,10 +344,9 @@ def test_pretrained_base_config_builds_everything_but_the_download(tmp_path):
     books.mkdir()
     (books / "pride.txt").write_text(default_text())
 
-    config = load_config(
+    config = load_train_config(
         ROOT / "configs" / "smollm2_lora_memory.yaml",
         ["--model.base", str(stand_in), "--data.source", str(books), "--output_dir", str(tmp_path / "out")],
-        train_schema(),
     )
     prepared = prepare_run(config)
     from peft import PeftModel

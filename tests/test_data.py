@@ -14,6 +14,7 @@ from hf_memlm.data import (
     IGNORE_INDEX,
     build_tokenizer,
     check_tokenizer_fits,
+    default_text,
     load_text_corpus,
     make_copy_dataset,
     make_passkey_dataset,
@@ -21,7 +22,7 @@ from hf_memlm.data import (
     pack_documents,
 )
 from hf_memlm.data.tasks import PASSKEY_NEEDLE_PREFIX, PASSKEY_NEEDLE_SUFFIX
-from hf_memlm.defaults import default_text, tiny_llama_config
+from hf_memlm.recipes.defaults import tiny_llama_config
 
 L, S = 64, 6  # segment_length, num_segments used by most task tests
 

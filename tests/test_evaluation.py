@@ -10,7 +10,6 @@ import torch
 from datasets import Dataset
 
 import hf_memlm
-from hf_memlm.defaults import tiny_llama_config
 from hf_memlm.evaluation import (
     bucket_by_segments,
     bucket_by_tokens,
@@ -19,6 +18,7 @@ from hf_memlm.evaluation import (
     greedy_answer,
     write_report,
 )
+from hf_memlm.recipes.defaults import tiny_llama_config
 
 SEGMENT = 8
 SEGMENTS = 4

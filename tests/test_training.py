@@ -26,7 +26,6 @@ from hf_memlm.training import (
     configure_trainable,
     lora_target_modules,
     memory_weights,
-    parameter_groups,
     save_trained_model,
 )
 
@@ -136,11 +135,12 @@ def test_trainer_steps_lower_the_loss_on_a_task_that_needs_memory(tmp_path):
 
 
 # -- optimizer groups and freezing -----------------------------------------------------------------------
-def test_parameter_groups_are_decay_no_decay_and_memory():
+def test_parameter_groups_are_decay_no_decay_and_memory(tmp_path):
     model = tiny_memlm("slot")
-    groups = parameter_groups(
-        model, learning_rate=1e-3, weight_decay=0.1, memory_learning_rate=5e-3, memory_weight_decay=0.01
+    args = training_args(
+        tmp_path, learning_rate=1e-3, weight_decay=0.1, memory_learning_rate=5e-3, memory_weight_decay=0.01
     )
+    groups = MemLMTrainer(model=model, args=args, train_dataset=copy_task(4)).create_optimizer().param_groups
     by_name = {group["name"]: group for group in groups}
     assert list(by_name) == ["decay", "no_decay", "memory"]
     assert (by_name["memory"]["lr"], by_name["memory"]["weight_decay"]) == (5e-3, 0.01)

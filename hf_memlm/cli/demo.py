@@ -28,7 +28,8 @@ def run(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from hf_memlm import MemLMConfig, MemLMForCausalLM
-    from hf_memlm.defaults import default_text, tiny_llama_config
+    from hf_memlm.data import default_text
+    from hf_memlm.recipes.defaults import tiny_llama_config
 
     torch.manual_seed(args.seed)
     config = MemLMConfig(

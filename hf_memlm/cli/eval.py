@@ -239,8 +239,7 @@ def load_tokenizer(name, model_dir: Path, model):
 def perplexity_dataset(args, tokenizer, segment_length):
     from datasets import Dataset
 
-    from hf_memlm.data import load_text_corpus, pack_documents
-    from hf_memlm.defaults import default_text
+    from hf_memlm.data import default_text, load_text_corpus, pack_documents
 
     try:
         corpus = load_text_corpus(args.data) if args.data else Dataset.from_dict({"text": [default_text()]})

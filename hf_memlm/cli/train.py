@@ -1,15 +1,17 @@
 """`hf-memlm train CONFIG.yaml [--section.key value ...]`: train a memory LM with transformers.Trainer.
 
 The YAML file gives the settings, flags override them (`--training.learning_rate 1e-3`,
-`--model.memory.memory_type slot`, `--output_dir out`). Unknown keys and bad values are errors that name
-the key. Everything is checked (config, corpus, tokenizer, model) before the output folder is created.
-Runs the same under `python -m hf_memlm train ...` and `accelerate launch -m hf_memlm train ...`.
+`--model.memory.memory_type slot`, `--output_dir out`); `hf_memlm.recipes.config` parses and checks them.
+Unknown keys and bad values are errors that name the key. Everything is checked (config, corpus,
+tokenizer, model) before the output folder is created. Runs the same under `python -m hf_memlm train ...`
+and `accelerate launch -m hf_memlm train ...`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from hf_memlm.cli.common import fail
 
 EXAMPLES = """examples:
   hf-memlm train configs/tiny_cpu.yaml
@@ -17,8 +19,9 @@ EXAMPLES = """examples:
   hf-memlm train configs/tiny_cpu.yaml --dry-run            # check the config and print it resolved
   accelerate launch --config_file configs/accelerate/ddp_cpu.yaml -m hf_memlm train configs/tiny_cpu.yaml
 
-sections: output_dir, seed, model (base, text_config, memory.*, trainable), lora.*, tokenizer, data,
-training.* (any transformers TrainingArguments field, plus memory_learning_rate, memory_weight_decay)
+sections: output_dir, overwrite_output_dir, seed, model (base, base_kwargs, text_config, memory.*, trainable),
+lora.* (PEFT LoraConfig), tokenizer.*, data.*, evaluation.*, training.* (any transformers TrainingArguments
+field, plus memory_learning_rate, memory_weight_decay)
 """
 
 
@@ -41,26 +44,31 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from hf_memlm.cli.config import ConfigError, dump_yaml, load_config
-    from hf_memlm.training.recipe import format_summary, prepare_run, run_training, train_schema
+    from hf_memlm.recipes.config import ConfigError, dump_config, load_train_config
+    from hf_memlm.recipes.train import check_config, format_summary, prepare_run, run_training
 
     overrides = list(args.overrides)
     dry_run = args.dry_run or "--dry-run" in overrides
     overrides = [item for item in overrides if item != "--dry-run"]
     try:
-        config = load_config(args.config, overrides, train_schema())
-    except ConfigError as error:
-        return _fail(str(error))
+        config = load_train_config(args.config, overrides)
+        if dry_run:
+            check_config(config)
+    except (ConfigError, ValueError, OSError) as error:
+        return fail("train", str(error))
     if dry_run:
-        print(dump_yaml(config), end="")
+        print(dump_config(config), end="")
         return 0
 
     _quiet_libraries()
     print(f"hf-memlm train: {args.config} -> {config['output_dir']}", flush=True)
     try:
         prepared = prepare_run(config)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
-        return _fail(str(error))
+    except (ConfigError, ValueError, OSError) as error:
+        return fail("train", str(error))
+    if prepared.stale_checkpoints:
+        names = ", ".join(p.name for p in prepared.stale_checkpoints)
+        print(f"overwrite_output_dir: removing the earlier run's checkpoints ({names})", flush=True)
     summary = run_training(prepared)
     if not summary["is_main_process"]:
         return 0
@@ -74,7 +82,7 @@ def _evaluate(config: dict, tokenizer) -> None:
     import time
 
     from hf_memlm.evaluation import format_markdown
-    from hf_memlm.training.final_eval import run_final_evaluation
+    from hf_memlm.recipes.final_eval import run_final_evaluation
 
     section = config["evaluation"]
     print(
@@ -87,11 +95,6 @@ def _evaluate(config: dict, tokenizer) -> None:
     print()
     print(format_markdown(outcome["results"]))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; wrote: " + ", ".join(outcome["paths"].values()))
-
-
-def _fail(message: str) -> int:
-    print(f"hf-memlm train: error: {message}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _quiet_libraries() -> None:

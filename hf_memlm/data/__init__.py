@@ -10,7 +10,7 @@
 The column conventions of the synthetic tasks are documented in `hf_memlm.data.tasks`.
 """
 
-from .corpus import load_text_corpus, pack_documents
+from .corpus import default_text, load_text_corpus, pack_documents
 from .layout import FILLER_KINDS, IGNORE_INDEX, SYNTHETIC_FILLER
 from .tasks import TASK_BUILDERS, make_copy_dataset, make_passkey_dataset, make_recall_dataset
 from .tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_tokenizer, check_tokenizer_fits, tokenizer_size
@@ -24,6 +24,7 @@ __all__ = [
     "TASK_BUILDERS",
     "build_tokenizer",
     "check_tokenizer_fits",
+    "default_text",
     "load_text_corpus",
     "make_copy_dataset",
     "make_passkey_dataset",

@@ -31,14 +31,14 @@ def encode(tokenizer, text: str) -> np.ndarray:
 class FillerStream:
     """Tokens of a filler text, read from a random offset and wrapped around so any length can be drawn.
 
-    `kind="natural"`: `text` (default: the bundled book excerpt `hf_memlm.defaults.default_text()`);
+    `kind="natural"`: `text` (default: the bundled book excerpt `hf_memlm.data.default_text()`);
     `kind="synthetic"`: the repeated sentences of `SYNTHETIC_FILLER`.
     """
 
     def __init__(self, tokenizer, kind: str = "natural", text: str | None = None):
         if kind == "natural":
             if text is None:
-                from ..defaults import default_text
+                from .corpus import default_text
 
                 text = default_text()
         elif kind == "synthetic":

@@ -16,7 +16,7 @@ from .model_setup import (
     parameter_counts,
     save_trained_model,
 )
-from .optim import describe_groups, parameter_groups
+from .optim import parameter_groups
 from .trainer import MemLMTrainer, MemLMTrainingArguments
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "MemLMTrainingArguments",
     "build_model",
     "configure_trainable",
-    "describe_groups",
     "is_peft_model",
     "lora_target_modules",
     "memory_block_names",

@@ -8,12 +8,13 @@ never share it, and nothing about memory has to be synchronised.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .optim import describe_groups, parameter_groups
+from .optim import parameter_groups
 
 
 @dataclass
@@ -29,8 +30,11 @@ class MemLMTrainingArguments(TrainingArguments):
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; avoids a warning per data loader
         super().__post_init__()
-        if self.memory_learning_rate is not None and self.memory_learning_rate < 0:
-            raise ValueError(f"memory_learning_rate={self.memory_learning_rate} must be >= 0.")
+        # optimizers reject these only when they are built, after the output folder exists
+        for name in ("learning_rate", "memory_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} must be a finite number >= 0 (e.g. 1e-3).")
         if self.memory_weight_decay < 0:
             raise ValueError(f"memory_weight_decay={self.memory_weight_decay} must be >= 0.")
 
@@ -44,6 +48,7 @@ class MemLMTrainer(Trainer):
         opt_model = self.model if model is None else model
         groups = parameter_groups(
             opt_model,
+            decay_parameter_names=self.get_decay_parameter_names(opt_model),
             learning_rate=self.args.learning_rate,
             weight_decay=self.args.weight_decay,
             memory_learning_rate=getattr(self.args, "memory_learning_rate", None),
@@ -62,7 +67,6 @@ class MemLMTrainer(Trainer):
                 "own learning rate; use a standard optimizer such as adamw_torch or adamw_torch_fused."
             )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        self.log_parameter_groups = describe_groups(groups)
         return self.optimizer
 
 

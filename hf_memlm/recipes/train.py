@@ -1,4 +1,4 @@
-"""The training recipe behind `hf-memlm train`: a config (see `train_schema`) in, a trained model out.
+"""The training recipe behind `hf-memlm train`: a config (`hf_memlm.recipes.config`) in, a trained model out.
 
 `prepare_run(config)` checks everything that can be checked before training (config values, output
 folder, corpus, tokenizer, data, tokenizer-vs-model fit, training arguments) and builds the pieces
@@ -10,101 +10,19 @@ without writing anything, so a bad input leaves no half-written output folder be
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_memlm.cli.config import DataclassSection, FreeSection, Option, Section, dump_yaml
+from hf_memlm.recipes.config import dump_config
 
-TASKS = ("text", "passkey", "recall", "copy")
-TOKENIZER_KINDS = ("auto", "byte", "bpe", "pretrained")
+logger = logging.getLogger(__name__)
+
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
 SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "train_config.yaml"
-_NONE = type(None)
-
-
-def train_schema() -> Section:
-    """Every key `hf-memlm train` accepts, with defaults. Dataclass sections take their keys from the class."""
-    from hf_memlm.training.final_eval import evaluation_schema
-    from hf_memlm.training.model_setup import TRAINABLE_MODES
-
-    return Section(
-        {
-            "output_dir": Option("outputs/train", (str,), "folder for the trained model, tokenizer and checkpoints"),
-            "overwrite_output_dir": Option(False, (bool,), "allow training into a folder that already holds files"),
-            "seed": Option(0, (int,), "seed of model init, data generation and data order"),
-            "model": Section(
-                {
-                    "base": Option(
-                        None, (str, _NONE), "pretrained causal LM (Hub id or folder) to wrap; null: from scratch"
-                    ),
-                    "base_kwargs": FreeSection("from_pretrained arguments for model.base (dtype, revision, ...)"),
-                    "text_config": FreeSection("base architecture from scratch: model_type and its config fields"),
-                    "memory": DataclassSection(
-                        "hf_memlm.configuration_memlm:MemLMConfig",
-                        own_fields_only=True,
-                        exclude={
-                            "text_config": "the base architecture goes in model.text_config (or model.base).",
-                            "tie_word_embeddings": "it follows the base model's config.",
-                        },
-                        help="memory settings: MemLMConfig fields (memory_type, memory_layers, segment_length, ...)",
-                    ),
-                    "trainable": Option(
-                        "full", (str,), "what trains: full, memory_only (base frozen) or lora", TRAINABLE_MODES
-                    ),
-                }
-            ),
-            "lora": DataclassSection(
-                "peft:LoraConfig",
-                exclude={
-                    "task_type": "hf_memlm trains a causal LM.",
-                    "modules_to_save": "hf_memlm adds the memory blocks itself.",
-                    "peft_type": "this section is LoRA.",
-                },
-                help="PEFT LoraConfig fields (r, lora_alpha, lora_dropout, target_modules) when model.trainable=lora",
-            ),
-            "tokenizer": Section(
-                {
-                    "kind": Option(
-                        "auto",
-                        (str,),
-                        "auto (pretrained with model.base, else byte), byte, bpe or pretrained",
-                        TOKENIZER_KINDS,
-                    ),
-                    "path": Option(
-                        None, (str, _NONE), "kind=pretrained: tokenizer folder or Hub id (default: model.base)"
-                    ),
-                    "vocab_size": Option(None, (int, _NONE), "kind=bpe: vocabulary size to train (default 1024)"),
-                }
-            ),
-            "data": Section(
-                {
-                    "task": Option(
-                        "text", (str,), "text (documents packed into examples), passkey, recall or copy", TASKS
-                    ),
-                    "source": Option(
-                        None,
-                        (str, _NONE),
-                        "text: a .txt/.json/.jsonl/.parquet file, a folder, or a Hub "
-                        "dataset id; null: the bundled book excerpt",
-                    ),
-                    "text_column": Option("text", (str,), "column holding the text in json/parquet/Hub data"),
-                    "num_segments": Option(4, (int,), "segments per example (num_segments * segment_length tokens)"),
-                    "num_examples": Option(256, (int,), "synthetic tasks: examples to generate"),
-                    "eval_fraction": Option(0.0, (float,), "share of the examples held out for evaluation"),
-                    "options": FreeSection("extra arguments of the task generator (e.g. filler: synthetic)"),
-                }
-            ),
-            "evaluation": evaluation_schema(),
-            "training": DataclassSection(
-                "hf_memlm.training.trainer:MemLMTrainingArguments",
-                defaults={"report_to": "none", "prediction_loss_only": True, "logging_steps": 10},
-                exclude={"output_dir": "set the top-level output_dir.", "seed": "set the top-level seed."},
-                help="transformers TrainingArguments fields, plus memory_learning_rate and memory_weight_decay",
-            ),
-        }
-    )
 
 
 @dataclass
@@ -119,23 +37,23 @@ class PreparedRun:
     eval_dataset: object | None
     training_args: object
     resume_from: str | None = None
+    stale_checkpoints: list[Path] = field(default_factory=list)  # removed when training starts
 
 
 # -- preparation (no writes) ---------------------------------------------------------------------------
 def prepare_run(config: dict) -> PreparedRun:
     """Check and build everything for training; raises ValueError/FileNotFoundError with a clear message.
 
-    `config` is a resolved config (`resolve(raw, train_schema())`). Nothing is written to disk.
+    `config` is a resolved config (`load_train_config`). Nothing is written to disk.
     """
     import torch
 
     from hf_memlm.data import check_tokenizer_fits
-    from hf_memlm.training.final_eval import check_evaluation
     from hf_memlm.training.model_setup import build_model, configure_trainable
 
     output_dir = Path(config["output_dir"])
-    resume_from = _check_output_dir(output_dir, config)
-    check_evaluation(config)
+    resume_from, stale_checkpoints = _check_output_dir(output_dir, config)
+    check_config(config)
     model_cfg, data_cfg = config["model"], config["data"]
 
     documents = _load_documents(data_cfg) if data_cfg["task"] == "text" else None
@@ -172,7 +90,9 @@ def prepare_run(config: dict) -> PreparedRun:
             f"training.eval_strategy={training_args.eval_strategy.value!r} needs evaluation data: "
             "set data.eval_fraction (e.g. 0.1)."
         )
-    return PreparedRun(config, output_dir, tokenizer, model, train_dataset, eval_dataset, training_args, resume_from)
+    return PreparedRun(
+        config, output_dir, tokenizer, model, train_dataset, eval_dataset, training_args, resume_from, stale_checkpoints
+    )
 
 
 def _text_config_for(settings: dict, tokenizer):
@@ -189,37 +109,96 @@ def _text_config_for(settings: dict, tokenizer):
     return build_text_config(settings, vocab_size)
 
 
-def _check_output_dir(output_dir: Path, config: dict) -> str | None:
-    """Refuse to mix a new run into a folder with files; find the checkpoint to resume from."""
-    from transformers.trainer_utils import get_last_checkpoint
+def check_config(config: dict) -> None:
+    """The checks that need neither data nor weights, so `--dry-run` runs them too: the memory settings
+    against the base architecture (`MemLMConfig`), the evaluation section and the training arguments
+    (learning rates included). Raises ValueError naming the section."""
+    from transformers import AutoConfig
 
+    from hf_memlm import MemLMConfig
+    from hf_memlm.recipes.final_eval import check_evaluation
+    from hf_memlm.training.model_setup import build_text_config
+
+    model_cfg = config["model"]
+    if model_cfg["base"] is not None:
+        try:
+            text_config = AutoConfig.from_pretrained(model_cfg["base"], **_config_kwargs(model_cfg["base_kwargs"]))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model.base: cannot read the config of {model_cfg['base']!r}: {error}") from error
+    else:
+        # the vocabulary comes from the tokenizer later; any size checks the rest of the architecture
+        text_config = build_text_config(model_cfg["text_config"], vocab_size=_ANY_VOCAB_SIZE)
+    try:
+        MemLMConfig(text_config=text_config, **model_cfg["memory"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model.memory: {error}") from error
+    check_evaluation(config)
+    _training_arguments(config, Path(config["output_dir"]))
+
+
+_ANY_VOCAB_SIZE = 256
+
+
+def _config_kwargs(base_kwargs: dict) -> dict:
+    # the from_pretrained arguments that also locate a config (the others are about weights)
+    return {k: v for k, v in base_kwargs.items() if k in ("revision", "trust_remote_code", "token", "cache_dir")}
+
+
+def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[Path]]:
+    """Refuse to mix a new run into a folder with files; find the checkpoint to resume from.
+
+    Returns (checkpoint to resume from, stale checkpoints: `checkpoint-*` folders of an earlier run that
+    `overwrite_output_dir` replaces, so that a later resume cannot pick them up instead of the new run).
+    """
     resume = config["training"].get("resume_from_checkpoint")
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {str(output_dir)!r} is a file; choose a folder.")
     if resume in ("last", "latest"):
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        last = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
         if last is None:
             raise ValueError(
-                f"training.resume_from_checkpoint={resume!r} but {str(output_dir)!r} holds no checkpoint-* folder."
+                f"training.resume_from_checkpoint={resume!r} but {str(output_dir)!r} holds no complete "
+                "checkpoint-* folder (one with trainer_state.json)."
             )
-        return last
+        return str(last), []
     if resume:
         if not Path(resume).is_dir():
             raise ValueError(f"training.resume_from_checkpoint: checkpoint folder {resume!r} does not exist.")
-        return str(resume)
+        return str(resume), []
     if output_dir.is_dir() and any(output_dir.iterdir()) and not config["overwrite_output_dir"]:
         raise ValueError(
             f"output_dir {str(output_dir)!r} already holds files; choose a new folder, continue the run with "
             "--training.resume_from_checkpoint last, or pass --overwrite_output_dir true to write into it anyway."
         )
+    return None, _checkpoints(output_dir)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """`checkpoint-<step>` folders, newest step first."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def last_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint whose save finished. The Trainer writes `trainer_state.json` last, so a folder
+    without it is a save that was interrupted (a kill mid-save) and cannot be resumed from."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    for checkpoint in _checkpoints(Path(folder)):
+        if (checkpoint / TRAINER_STATE_NAME).is_file():
+            return checkpoint
+        logger.warning("skipping %s: incomplete (no %s; the save was interrupted)", checkpoint, TRAINER_STATE_NAME)
     return None
 
 
 def _load_documents(data_cfg: dict):
     from datasets import Dataset
 
-    from hf_memlm.data import load_text_corpus
-    from hf_memlm.defaults import default_text
+    from hf_memlm.data import default_text, load_text_corpus
 
     if data_cfg["source"] is None:
         return Dataset.from_dict({"text": [default_text()]})
@@ -252,7 +231,7 @@ def _build_tokenizer(tok_cfg: dict, model_cfg: dict, documents):
         except (OSError, ValueError) as error:
             raise ValueError(f"tokenizer: cannot load a tokenizer from {path!r}: {error}") from error
     if kind == "bpe":
-        from hf_memlm.defaults import default_text
+        from hf_memlm.data import default_text
 
         texts = documents["text"] if documents is not None else [default_text()]
         return build_tokenizer("bpe", texts=texts, vocab_size=tok_cfg["vocab_size"])
@@ -329,6 +308,9 @@ def run_training(prepared: PreparedRun) -> dict:
     from hf_memlm.training.trainer import MemLMTrainer
 
     counts = parameter_counts(prepared.model)
+    if prepared.training_args.should_save:  # overwrite_output_dir: the earlier run's checkpoints go
+        for checkpoint in prepared.stale_checkpoints:
+            shutil.rmtree(checkpoint)
     trainer = MemLMTrainer(
         model=prepared.model,
         args=prepared.training_args,
@@ -360,6 +342,7 @@ def run_training(prepared: PreparedRun) -> dict:
         "seconds": round(seconds, 2),
         "processes": trainer.args.world_size,
         "resumed_from": prepared.resume_from,
+        "removed_checkpoints": [str(p) for p in prepared.stale_checkpoints],
         "parameters": counts,
         "saved": {name: str(path) for name, path in saved.items()},
         "checkpoints": sorted(str(p) for p in output_dir.glob("checkpoint-*")),
@@ -369,7 +352,7 @@ def run_training(prepared: PreparedRun) -> dict:
     if trainer.args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        (output_dir / CONFIG_FILE).write_text(dump_yaml(prepared.config))
+        (output_dir / CONFIG_FILE).write_text(dump_config(prepared.config))
     return summary
 
 
@@ -398,6 +381,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"model + tokenizer saved to {saved['model']} (load with AutoModelForCausalLM.from_pretrained)")
     if "adapter" in saved:
         lines.append(f"LoRA adapter + memory weights saved to {saved['adapter']} (load with PeftModel.from_pretrained)")
+    if summary["removed_checkpoints"]:
+        lines.append(f"removed the earlier run's checkpoints: {', '.join(summary['removed_checkpoints'])}")
     if summary["checkpoints"]:
         lines.append(f"checkpoints: {', '.join(summary['checkpoints'])}")
     return "\n".join(lines)
@@ -407,8 +392,9 @@ __all__ = [
     "CONFIG_FILE",
     "SUMMARY_FILE",
     "PreparedRun",
+    "check_config",
     "format_summary",
+    "last_complete_checkpoint",
     "prepare_run",
     "run_training",
-    "train_schema",
 ]

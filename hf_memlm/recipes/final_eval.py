@@ -9,32 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hf_memlm.cli.config import FreeSection, Option, Section
-
-RETRIEVAL_TASKS = ("passkey", "recall", "copy")
-_NONE = type(None)
-
-
-def evaluation_schema() -> Section:
-    return Section(
-        {
-            "task": Option(
-                None,
-                (str, _NONE),
-                "evaluate after training: passkey, recall or copy; null: no evaluation",
-                (None, *RETRIEVAL_TASKS),
-            ),
-            "num_segments": Option(
-                [2, 5, 9, 17], (list,), "example lengths in segments (the distance grid: one value per length)"
-            ),
-            "num_examples": Option(100, (int,), "examples per length"),
-            "seed": Option(1000, (int,), "seed of the evaluation data (keep it apart from the training seed)"),
-            "batch_size": Option(16, (int,), "examples per forward pass"),
-            "check_generate": Option(4, (int,), "answers also decoded with model.generate as a cross-check"),
-            "options": FreeSection("extra arguments of the task generator (e.g. needle_segment: 0)"),
-        }
-    )
-
 
 def check_evaluation(config: dict) -> None:
     """Fail before training, not after it, on an evaluation section that cannot run."""

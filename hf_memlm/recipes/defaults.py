@@ -1,15 +1,7 @@
-"""Embedded defaults: a tiny base-model config and a bundled text, so jobs run with no download."""
+"""Embedded defaults for jobs that run with no download: a tiny base-model config (the bundled text is
+`hf_memlm.data.default_text`)."""
 
 from __future__ import annotations
-
-from importlib import resources
-
-DEFAULT_TEXT = "pride_and_prejudice_ch1-6.txt"
-
-
-def default_text() -> str:
-    """The bundled public-domain excerpt (chapters 1-6 of Pride and Prejudice)."""
-    return resources.files("hf_memlm").joinpath("resources", DEFAULT_TEXT).read_text(encoding="utf-8")
 
 
 def tiny_llama_config(vocab_size: int = 260, hidden_size: int = 64, num_layers: int = 2, max_positions: int = 2048):
