@@ -17,7 +17,9 @@ Part of the Hub payload: flat sibling files, single-dot relative imports, torch 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 
@@ -33,7 +35,9 @@ from .memory_slot import SlotMemory
 from .memory_state import MemoryState
 
 MEMORY_KINDS: dict[str, type[MemoryBlock]] = {"kv": KVMemory, "slot": SlotMemory}
-_CONTEXT_ATTR = "_memlm_context"
+# The memory contexts of the base-model call running in this thread (or task), keyed by decoder layer.
+# Kept out of the shared modules so that threads calling one model never see each other's memory.
+_ACTIVE_CONTEXTS: ContextVar[dict | None] = ContextVar("hf_memlm_active_contexts", default=None)
 
 
 @dataclass
@@ -67,11 +71,18 @@ class MemLMCache(DynamicCache):
         super().batch_select_indices(indices)
         self.memory_state = self.memory_state.select(indices)
 
-    def clear(self) -> None:
-        """Drop every cached token (the window was written to memory)."""
-        length = self.get_seq_length()
-        if length:
-            self.crop(-length)
+    def keep_columns(self, columns: torch.Tensor) -> None:
+        """Keep only the cached tokens at `columns` (1-D indices, in order), in every layer: the others were
+        written to memory by every row."""
+        for layer in self.layers:
+            if getattr(layer, "is_sliding", False):
+                raise ValueError(
+                    "hf_memlm generation does not support sliding-window cache layers; the window is already "
+                    "bounded by segment_length (set the base config's sliding_window to None)."
+                )
+            if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(-2, columns)
+                layer.values = layer.values.index_select(-2, columns)
 
 
 class _LayerContext:
@@ -87,7 +98,8 @@ class _LayerContext:
 def _memory_read_hook(layer_index: int, module: nn.Module, args, output):
     # Runs outside any activation checkpoint (transformers checkpoints `forward`, not `__call__`), so a
     # recomputation never reads twice. No context: the base model is being called on its own.
-    context = module.__dict__.get(_CONTEXT_ATTR)
+    contexts = _ACTIVE_CONTEXTS.get()
+    context = contexts.get(module) if contexts else None
     if context is None:
         return None
     hidden = output[0] if isinstance(output, tuple) else output
@@ -170,6 +182,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         for index in config.memory_layers:
             layers[index].register_forward_hook(partial(_memory_read_hook, index))
         self.memory_enabled = True
+        self._warned_no_labels = False
         self.post_init()
 
     @contextmanager
@@ -274,7 +287,24 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"memory_state window has batch size {state.window['mask'].shape[0]}, input has {batch_size}."
             )
-        return state
+        return self._match_model_placement(state)
+
+    def _match_model_placement(self, state: MemoryState) -> MemoryState:
+        """Cast a state made elsewhere (another dtype, another device) to what this model's memory blocks
+        make themselves (`init_state`), for every memory kind; window tensors follow the model."""
+        reference = self.init_memory_state(1)
+        weight = self.get_input_embeddings().weight
+
+        def place(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
+            return tensor.to(device=like.device, dtype=dtype)
+
+        layers = {
+            layer: {name: place(t, reference.layers[layer].get(name, t)) for name, t in tensors.items()}
+            for layer, tensors in state.layers.items()
+        }
+        window = {name: place(t, weight) for name, t in state.window.items()}
+        return MemoryState(state.memory_type, layers, window)
 
     def _write(self, state: MemoryState, captured: dict[int, torch.Tensor], mask: torch.Tensor) -> MemoryState:
         if not self.memory_enabled:
@@ -285,20 +315,20 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         }
         return MemoryState(state.memory_type, layers, state.window)
 
-    # -- one segment through the base model --------------------------------------------------------------
+    # -- one piece through the base model ----------------------------------------------------------------
     def _run_segment(self, inputs: dict, attention_mask, position_ids, state, cache, logits_to_keep, output_hidden):
-        # A row with no real token (padding only) would give NaNs in attention; let it attend to its padding
-        # instead. Its outputs are ignored and the memory write still uses the real mask.
+        # A row with no live token (padding only) would give NaNs in attention; let it attend to its padding
+        # instead. Its outputs are never used and the memory write still uses the real mask.
         empty_rows = ~attention_mask.any(-1, keepdim=True)
         base_mask = (attention_mask | empty_rows).long()
         layers = self.decoder_layers
         contexts = {}
         if self.memory_enabled:
             contexts = {
-                i: _LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers
+                layers[i]: _LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers
             }
-        for index, context in contexts.items():
-            setattr(layers[index], _CONTEXT_ATTR, context)
+        # Per call, not per module: threads sharing this model each see only their own contexts.
+        token = _ACTIVE_CONTEXTS.set(contexts)
         try:
             out = self.language_model(
                 **inputs,
@@ -311,9 +341,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 return_dict=True,
             )
         finally:
-            for index in contexts:
-                layers[index].__dict__.pop(_CONTEXT_ATTR, None)
-        return out, {i: c.captured for i, c in contexts.items()}
+            _ACTIVE_CONTEXTS.reset(token)
+        captured = {i: contexts[layers[i]].captured for i in self.config.memory_layers} if contexts else {}
+        return out, captured
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(
@@ -335,6 +365,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             continue a stream. Gradients do not flow into it (it is detached). Default: empty memory.
         use_cache (`bool`): keep the newest partial segment in a KV cache for generation (see module doc).
 
+        Each row is segmented from its own first real token (`attention_mask`), so left, right or any padding
+        gives every row the outputs and memory it has alone. A padded column's logits and hidden states are
+        those of the nearest real token before it in its row (of its first real token when none is before).
         Positions are local to each segment and computed here, so `position_ids` is not accepted.
         """
         if kwargs.get("position_ids") is not None:
@@ -343,39 +376,86 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: attention is per segment and cannot be stacked.")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if tokens.dim() < 2 or tokens.shape[1] == 0:
-            raise ValueError(f"The input is empty (shape {tuple(tokens.shape)}); pass at least one token per row.")
-        batch, length = tokens.shape[:2]
+        batch, length = self._check_inputs(input_ids, inputs_embeds)
         if labels is not None and labels.shape[:2] != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch}, {length}) like the input.")
+        generating = cache is not None or bool(use_cache)
         mask = self._token_mask(
-            attention_mask, batch, length, tokens.device, generating=cache is not None or bool(use_cache)
+            attention_mask, batch, length, (input_ids if input_ids is not None else inputs_embeds).device, generating
         )
         output_hidden = bool(output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
-        if cache is not None or use_cache:
+        if generating:
             cache, state = self._cache_and_state(cache, memory_state, batch)
-            logits, hidden, state = self._forward_window(
-                input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden
-            )
-            cache.memory_state = state
         else:
             state = self._prepare_state(memory_state, batch)
-            logits, hidden, state = self._forward_segments(
-                input_ids, inputs_embeds, mask, state, logits_to_keep, output_hidden
-            )
+            if state.window:
+                raise ValueError(
+                    "memory_state holds a generation window (tokens still in a KV cache); continue it with "
+                    "use_cache=True and its cache, or write the window first: model.commit_window(memory_state)."
+                )
             cache = None
+        logits, hidden, state = self._forward_pieces(
+            input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden
+        )
+        if cache is not None:
+            cache.memory_state = state
 
         loss = None
         if labels is not None:
+            ignore_index = kwargs.get("ignore_index", -100)
+            if not self._warned_no_labels and not bool((labels != ignore_index).any()):
+                self._warned_no_labels = True
+                warnings.warn(
+                    f"every label is {ignore_index} (ignored), so the loss is NaN/0 and gives no gradient; check the "
+                    "data collator (labels of real tokens must be their ids). Warned once per model.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         output = MemLMCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, memory_state=state)
         return output if return_dict else output.to_tuple()
+
+    def _check_inputs(self, input_ids, inputs_embeds) -> tuple[int, int]:
+        """Raise a clear error for inputs the base model would fail on obscurely (or silently)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}.")
+        expected_dims = 2 if input_ids is not None else 3
+        if tokens.dim() != expected_dims:
+            layout = "(batch, tokens)" if input_ids is not None else "(batch, tokens, hidden)"
+            raise ValueError(
+                f"{name} must be {expected_dims}-D {layout}, got shape {tuple(tokens.shape)}; for a single sequence "
+                f"add the batch dimension ({name}[None])."
+            )
+        if tokens.shape[0] == 0:
+            raise ValueError(f"{name} has no rows (shape {tuple(tokens.shape)}); pass at least one sequence.")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"{name} has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
+        if input_ids is not None:
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise TypeError(
+                    f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; convert with "
+                    "input_ids.long() (and check they are token ids, not embeddings or scores)."
+                )
+            vocab_size = self.get_input_embeddings().num_embeddings
+            low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+            if low < 0 or high >= vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, {vocab_size}) (the model's vocabulary), got values from {low} to "
+                    f"{high}; was it tokenized with another tokenizer, or padded with a negative id (use "
+                    "attention_mask for padding)?"
+                )
+        elif not bool(torch.isfinite(inputs_embeds).all()):
+            raise ValueError(
+                "inputs_embeds contains NaN or inf; it would poison the memory of its row for good. "
+                "Check what produced the embeddings."
+            )
+        return tokens.shape[0], tokens.shape[1]
 
     @staticmethod
     def _token_mask(attention_mask, batch, length, device, generating):
@@ -396,33 +476,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         # A state crosses calls detached: back-propagation stops at the call boundary.
         return self._check_memory_state(memory_state, batch).detach()
 
-    def _forward_segments(self, input_ids, inputs_embeds, mask, state, logits_to_keep, output_hidden):
-        if state.window:
-            raise ValueError(
-                "memory_state holds a generation window (tokens still in a KV cache); continue it with "
-                "use_cache=True, or start from a state returned by a forward without cache."
-            )
-        length = mask.shape[1]
-        seg_len, bptt = self.config.segment_length, self.config.bptt_segments
-        logits, hidden = [], []
-        starts = list(range(0, length, seg_len))
-        for number, start in enumerate(starts):
-            end = min(start + seg_len, length)
-            seg_mask = mask[:, start:end]
-            positions = (seg_mask.long().cumsum(-1) - 1).clamp(min=0)
-            inputs = _slice_inputs(input_ids, inputs_embeds, start, end)
-            needed = _logits_needed(logits_to_keep, start, end, length)
-            out, captured = self._run_segment(
-                inputs, seg_mask, positions, state, None, _run_kwargs_for(needed), output_hidden
-            )
-            logits.append(_keep_logits(out.logits, needed))
-            if output_hidden:
-                hidden.append(out.hidden_states)
-            state = self._write(state, captured, seg_mask)
-            if bptt is not None and (number + 1) % bptt == 0 and end < length:
-                state = state.detach()
-        return torch.cat(logits, dim=1), _stack_hidden(hidden), state
-
     def _cache_and_state(self, cache, memory_state, batch):
         if isinstance(cache, MemLMCache) and cache.memory_state is not None:
             return cache, self._check_memory_state(cache.memory_state, batch)
@@ -432,48 +485,119 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 "got a non-empty plain cache."
             )
         state = self._prepare_state(memory_state, batch)
+        if state.window and state.window["mask"].shape[1]:
+            raise ValueError(
+                "memory_state holds a generation window (tokens whose keys/values were in the KV cache of the call "
+                "that returned it) but no MemLMCache holding them was passed. Pass that call's `.cache` "
+                "(it carries the state), or write the window to memory first: model.commit_window(memory_state)."
+            )
         return MemLMCache(config=self.config.get_text_config(), memory_state=state), state
 
-    def _forward_window(self, input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden):
-        """Feed tokens into the cached window; when the window is full, write it to memory and empty it."""
-        length = mask.shape[1]
-        seg_len = self.config.segment_length
-        logits, hidden = [], []
-        position = 0
-        while position < length:
-            if state.window_length == seg_len:
-                state = self._flush_window(state, cache)
-            take = min(seg_len - state.window_length, length - position)
-            chunk_mask = mask[:, position : position + take]
-            window_mask = torch.cat([state.window["mask"], chunk_mask], dim=1) if state.window else chunk_mask
-            positions = (window_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -take:]
-            inputs = _slice_inputs(input_ids, inputs_embeds, position, position + take)
-            needed = _logits_needed(logits_to_keep, position, position + take, length)
-            out, captured = self._run_segment(
-                inputs, window_mask, positions, state, cache, _run_kwargs_for(needed), output_hidden
+    def _forward_pieces(self, input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden):
+        """Run the call's tokens through the base model in pieces, segmenting every row by its own real tokens.
+
+        Row b's real token number k (counting only tokens where `mask` is True) belongs to segment
+        k // segment_length, whatever padding surrounds it, so a row gives the same outputs and memory
+        batched (left-, right- or otherwise padded) as alone, and padding is never written. Each piece feeds
+        every row its next real tokens (up to the end of its segment) packed to the left of the piece.
+
+        Without a cache every piece is one segment per row, written to memory right after it runs. With a
+        cache (generation) a row's current segment stays in the KV cache as its window; when the window is
+        full and the row has more tokens, the window is written to memory for that row alone and its cache
+        columns are masked out for it (and dropped once no row uses them), so the cache holds at most about
+        two segments.
+
+        Outputs come back in the caller's columns; a padded column carries the outputs of the nearest real
+        token before it in its row (of the row's first real token when none is before it), so the last
+        column of a right-padded row predicts what follows its last real token.
+        """
+        keep_window = cache is not None
+        batch, length = mask.shape
+        window = dict(state.window) if keep_window else {}
+        window.setdefault("mask", mask.new_zeros(batch, 0))
+        state = state.without_window()
+        # The call's one host sync: the padding pattern decides the pieces.
+        host = torch.cat([mask, window["mask"]], dim=1).cpu()
+        host_mask, host_window = host[:, :length], host[:, length:]
+        real_counts = host_mask.sum(-1).tolist()
+        if not any(real_counts):
+            raise ValueError(
+                "attention_mask is 0 for every token of every row: there is nothing to compute. Mark real tokens with 1."
             )
-            logits.append(_keep_logits(out.logits, needed))
+        pieces = _plan_pieces(real_counts, host_window.sum(-1).tolist(), self.config.segment_length, keep_window)
+        wanted = length if not logits_to_keep else min(logits_to_keep, length)
+        piece_of, column_in = _locate_outputs(pieces, host_mask, wanted)
+        logits_kept, logits_index = _gather_index(pieces, piece_of, column_in, keep_all=False)
+        if output_hidden:
+            all_of, all_in = _locate_outputs(pieces, host_mask, length)
+            _, hidden_index = _gather_index(pieces, all_of, all_in, keep_all=True)
+
+        device = mask.device
+        # each row's real tokens first, in order (a stable sort moves its padding behind them)
+        real_first = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        bptt = self.config.bptt_segments
+        logits, hidden = [], []
+        for number, piece in enumerate(pieces):
+            if any(piece.flush):
+                state, window, host_window = self._flush_rows(state, window, host_window, piece.flush, cache)
+            columns = torch.arange(piece.width, device=device)
+            starts = torch.tensor(piece.starts, device=device)
+            counts = torch.tensor(piece.counts, device=device)
+            source = real_first.gather(1, (starts[:, None] + columns).clamp(max=length - 1))
+            piece_mask = columns[None, :] < counts[:, None]
+            if input_ids is not None:
+                inputs = {"input_ids": input_ids.gather(1, source)}
+            else:
+                index = source[..., None].expand(-1, -1, inputs_embeds.shape[-1])
+                inputs = {"inputs_embeds": inputs_embeds.gather(1, index)}
+            attention = torch.cat([window["mask"], piece_mask], dim=1) if keep_window else piece_mask
+            positions = (attention.long().cumsum(-1) - 1).clamp(min=0)[:, -piece.width :]
+            kept = logits_kept[number]
+            out, captured = self._run_segment(
+                inputs, attention, positions, state, cache, _run_kwargs_for(kept), output_hidden
+            )
+            logits.append(_keep_logits(out.logits, kept))
             if output_hidden:
                 hidden.append(out.hidden_states)
-            window = {"mask": window_mask}
-            for index, h in captured.items():
-                key = f"hidden.{index}"
-                window[key] = torch.cat([state.window[key], h], dim=1) if state.window else h
-            state = MemoryState(state.memory_type, state.layers, window)
-            position += take
-        return torch.cat(logits, dim=1), _stack_hidden(hidden), state
+            if keep_window:
+                window["mask"] = attention
+                for index, h in captured.items():
+                    key = f"hidden.{index}"
+                    window[key] = h if key not in window else torch.cat([window[key], h], dim=1)
+                host_piece = torch.arange(piece.width)[None, :] < torch.tensor(piece.counts)[:, None]
+                host_window = torch.cat([host_window, host_piece], dim=1)
+            else:
+                state = self._write(state, captured, piece_mask)
+                if bptt is not None and (number + 1) % bptt == 0 and number + 1 < len(pieces):
+                    state = state.detach()
+        logits = _to_caller_columns(logits, logits_index)
+        hidden = tuple(_to_caller_columns(list(layer), hidden_index) for layer in zip(*hidden)) if hidden else None
+        return logits, hidden, MemoryState(state.memory_type, state.layers, window if keep_window else None)
 
-    def _flush_window(self, state: MemoryState, cache: MemLMCache) -> MemoryState:
-        state = self.commit_window(state)
-        cache.clear()
-        return state
+    def _flush_rows(self, state, window, host_window, flush, cache):
+        """Write the windows of rows `flush` to memory (theirs only), mask them out of those rows' attention,
+        and drop cache columns that no row attends to any more."""
+        device = window["mask"].device
+        rows = torch.tensor(flush, device=device)[:, None]
+        if self.memory_enabled:
+            captured = {i: window[f"hidden.{i}"] for i in self.config.memory_layers}
+            state = self._write(state, captured, window["mask"] & rows)
+        window = {**window, "mask": window["mask"] & ~rows}
+        host_window = host_window & ~torch.tensor(flush)[:, None]
+        live = host_window.any(0)
+        if not live.all():
+            keep = live.nonzero().squeeze(1)
+            cache.keep_columns(keep.to(device))
+            window = {name: tensor.index_select(1, keep.to(tensor.device)) for name, tensor in window.items()}
+            host_window = host_window[:, live]
+        return state, window, host_window
 
     def commit_window(self, memory_state: MemoryState) -> MemoryState:
         """Write the generation window (tokens still only in the KV cache) into memory, e.g. to save a state
         after `generate`. Returns a state without window."""
         if not memory_state.window:
             return memory_state
-        if self.memory_enabled:
+        if self.memory_enabled and memory_state.window["mask"].shape[1]:
             captured = {i: memory_state.window[f"hidden.{i}"] for i in self.config.memory_layers}
             memory_state = self._write(memory_state, captured, memory_state.window["mask"])
         return memory_state.without_window()
@@ -500,6 +624,17 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beams and several return sequences repeat each prompt; repeat its memory with it (a one-row state is
+        # shared by every row anyway).
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        state = model_kwargs.get("memory_state")
+        if expand_size > 1 and isinstance(state, MemoryState) and state.batch_size > 1:
+            model_kwargs["memory_state"] = state.repeat_interleave(expand_size)
+        return input_ids, model_kwargs
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         # The state now travels inside the MemLMCache; the caller's initial state must not be re-read.
@@ -507,33 +642,76 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
-def _slice_inputs(input_ids, inputs_embeds, start, end) -> dict:
-    if input_ids is not None:
-        return {"input_ids": input_ids[:, start:end]}
-    return {"inputs_embeds": inputs_embeds[:, start:end]}
+@dataclass
+class _Piece:
+    """One base-model call. Row b feeds its real tokens [starts[b], starts[b] + counts[b]) (numbered among
+    its real tokens only) at columns [0, counts[b]) of a piece `width` columns wide; the rest is padding.
+    `flush[b]`: row b's window is full, write it to memory before this piece."""
+
+    starts: list[int]
+    counts: list[int]
+    width: int
+    flush: list[bool]
 
 
-def _logits_needed(logits_to_keep: int, start: int, end: int, length: int) -> int | None:
-    """How many trailing logits of the piece [start, end) are among the call's last `logits_to_keep`
-    (None: all of them, as `logits_to_keep=0` means)."""
-    if not logits_to_keep:
-        return None
-    return max(0, min(end - start, logits_to_keep - (length - end)))
+def _plan_pieces(real_counts: list[int], live: list[int], segment_length: int, keep_window: bool) -> list[_Piece]:
+    """The pieces of one call, given each row's number of new real tokens and of tokens already in its window."""
+    batch = len(real_counts)
+    consumed, live = [0] * batch, list(live)
+    pieces = []
+    while any(done < total for done, total in zip(consumed, real_counts)):
+        remaining = [total - done for total, done in zip(real_counts, consumed)]
+        # a full window is written only when its row has more tokens (as a row alone does)
+        flush = [live[b] >= segment_length and remaining[b] > 0 for b in range(batch)]
+        live = [0 if full else n for full, n in zip(flush, live)]
+        counts = [min(segment_length - n, r) for n, r in zip(live, remaining)]
+        pieces.append(_Piece(starts=list(consumed), counts=counts, width=max(counts), flush=flush))
+        consumed = [done + n for done, n in zip(consumed, counts)]
+        live = [n + c for n, c in zip(live, counts)] if keep_window else [0] * batch
+    return pieces
 
 
-def _run_kwargs_for(needed: int | None) -> int:
+def _locate_outputs(pieces: list[_Piece], host_mask: torch.Tensor, wanted: int):
+    """For the caller's last `wanted` columns: which piece, and which column of it, gives each one's outputs
+    (a padded column takes those of the nearest real token before it, else of the row's first real token)."""
+    real_before = host_mask.long().cumsum(-1)[:, host_mask.shape[1] - wanted :]
+    token = (real_before - 1).clamp(min=0)  # (B, wanted): the row's real token number to read
+    starts = torch.tensor([p.starts for p in pieces]).T.contiguous()  # (B, P)
+    ends = starts + torch.tensor([p.counts for p in pieces]).T
+    piece = torch.searchsorted(ends.contiguous(), token, right=True)
+    piece = torch.where(ends[:, -1:] == 0, 0, piece)  # a row without real tokens: its first piece, column 0
+    return piece, token - starts.gather(1, piece)
+
+
+def _gather_index(pieces: list[_Piece], piece: torch.Tensor, column: torch.Tensor, keep_all: bool):
+    """How many trailing columns of each piece's outputs to keep, and where each wanted output lands in the
+    concatenation of the kept columns."""
+    widths = torch.tensor([p.width for p in pieces])
+    if keep_all:
+        first = torch.zeros_like(widths)
+    else:
+        first = widths.scatter_reduce(0, piece.flatten(), column.flatten(), reduce="amin")
+    kept = widths - first
+    offsets = torch.cumsum(kept, 0) - kept
+    return kept.tolist(), offsets[piece] + column - first[piece]
+
+
+def _to_caller_columns(parts: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    joined = torch.cat(parts, dim=1)
+    batch, wanted = index.shape
+    if joined.shape[1] == wanted and torch.equal(index, torch.arange(wanted).expand(batch, wanted)):
+        return joined  # no padding moved anything
+    index = index.to(joined.device)[..., None].expand(-1, -1, joined.shape[-1])
+    return joined.gather(1, index)
+
+
+def _run_kwargs_for(kept: int) -> int:
     # the base model's `logits_to_keep=0` means "all", so a piece needing none still computes one
-    return 0 if needed is None else max(needed, 1)
+    return max(kept, 1)
 
 
-def _keep_logits(logits: torch.Tensor, needed: int | None) -> torch.Tensor:
-    return logits if needed is None else logits[:, logits.shape[1] - needed :]
-
-
-def _stack_hidden(per_segment: list) -> tuple[torch.Tensor, ...] | None:
-    if not per_segment:
-        return None
-    return tuple(torch.cat(layer_states, dim=1) for layer_states in zip(*per_segment))
+def _keep_logits(logits: torch.Tensor, kept: int) -> torch.Tensor:
+    return logits[:, logits.shape[1] - kept :]
 
 
 __all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMForCausalLM", "MemLMPreTrainedModel", "find_decoder_layers"]
