@@ -376,9 +376,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: attention is per segment and cannot be stacked.")
-        batch, length = self._check_inputs(input_ids, inputs_embeds)
-        if labels is not None and labels.shape[:2] != (batch, length):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch}, {length}) like the input.")
+        batch, length = self._check_inputs(input_ids, inputs_embeds, labels, kwargs.get("ignore_index", -100))
         generating = cache is not None or bool(use_cache)
         mask = self._token_mask(
             attention_mask, batch, length, (input_ids if input_ids is not None else inputs_embeds).device, generating
@@ -404,22 +402,14 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            ignore_index = kwargs.get("ignore_index", -100)
-            if not self._warned_no_labels and not bool((labels != ignore_index).any()):
-                self._warned_no_labels = True
-                warnings.warn(
-                    f"every label is {ignore_index} (ignored), so the loss is NaN/0 and gives no gradient; check the "
-                    "data collator (labels of real tokens must be their ids). Warned once per model.",
-                    UserWarning,
-                    stacklevel=2,
-                )
             loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         output = MemLMCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, memory_state=state)
         return output if return_dict else output.to_tuple()
 
-    def _check_inputs(self, input_ids, inputs_embeds) -> tuple[int, int]:
-        """Raise a clear error for inputs the base model would fail on obscurely (or silently)."""
+    def _check_inputs(self, input_ids, inputs_embeds, labels, ignore_index) -> tuple[int, int]:
+        """Raise a clear error for inputs the base model would fail on obscurely (or silently); warn once
+        when no label counts. The value checks are read back in one host sync."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
@@ -442,20 +432,41 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                     f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; convert with "
                     "input_ids.long() (and check they are token ids, not embeddings or scores)."
                 )
+        batch, length = tokens.shape[:2]
+        if labels is not None and labels.shape[:2] != (batch, length):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch}, {length}) like the input.")
+        if input_ids is not None:
+            values = [input_ids.min().long(), input_ids.max().long()]
+        else:
+            values = [torch.isfinite(inputs_embeds).all().long()]
+        check_labels = labels is not None and not self._warned_no_labels
+        if check_labels:
+            values.append((labels != ignore_index).any().to(values[0].device).long())
+        values = torch.stack(values).tolist()
+        some_label_counts = values.pop() if check_labels else True
+        if input_ids is not None:
             vocab_size = self.get_input_embeddings().num_embeddings
-            low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+            low, high = values
             if low < 0 or high >= vocab_size:
                 raise ValueError(
                     f"input_ids must lie in [0, {vocab_size}) (the model's vocabulary), got values from {low} to "
                     f"{high}; was it tokenized with another tokenizer, or padded with a negative id (use "
                     "attention_mask for padding)?"
                 )
-        elif not bool(torch.isfinite(inputs_embeds).all()):
+        elif not values[0]:
             raise ValueError(
                 "inputs_embeds contains NaN or inf; it would poison the memory of its row for good. "
                 "Check what produced the embeddings."
             )
-        return tokens.shape[0], tokens.shape[1]
+        if not some_label_counts:
+            self._warned_no_labels = True
+            warnings.warn(
+                f"every label is {ignore_index} (ignored), so the loss is NaN/0 and gives no gradient; check the "
+                "data collator (labels of real tokens must be their ids). Warned once per model.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return batch, length
 
     @staticmethod
     def _token_mask(attention_mask, batch, length, device, generating):
