@@ -1,16 +1,20 @@
 """`MemLMForCausalLM`: any 🤗 causal LM with external memory blocks beside chosen decoder layers.
 
-How a call runs (DESIGN.md §4):
-  * the input is cut into segments of `config.segment_length` tokens; each segment runs through the
-    unchanged base model with local positions;
+How a call runs:
+  * each row is cut into segments of `config.segment_length` of its own real tokens (those where
+    `attention_mask` is 1), so padding on any side never moves a segment boundary; each segment runs
+    through the unchanged base model with local positions;
   * a forward hook on each chosen decoder layer adds the memory read, `h + W_o · read(h)`, reading the
-    state written by earlier segments only;
-  * after the segment, its hidden states at those layers are written into the state;
+    state written by earlier segments only (the per-call state lives in a `ContextVar`, not on the shared
+    layers, so threads can share one model);
+  * after the segment, its hidden states at those layers are written into the state (padding never is);
   * logits and loss cover all segments; the final `MemoryState` is returned to continue the stream.
 
-With `use_cache=True` (generation) the newest, partial segment stays in the base model's KV cache (the
-"window"); when the window is full its tokens are written to memory and the cache is emptied, so
-generation runs past the window with bounded RAM and the same segment boundaries as a plain forward.
+With `use_cache=True` (generation) each row's newest, partial segment stays in the base model's KV cache
+(the "window"); when a row's window is full and it has more tokens, that row's window is written to its
+memory and masked out of its attention, while other rows go on; cache columns no row attends to are
+dropped. Generation thus runs past the window with bounded RAM (about two segments of cache) and the
+same segment boundaries as a plain forward, row by row.
 
 Part of the Hub payload: flat sibling files, single-dot relative imports, torch + transformers only.
 """
