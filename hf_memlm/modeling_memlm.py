@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
@@ -34,14 +32,14 @@ from transformers.utils import ModelOutput
 
 from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
+from .memory_cache import MemLMCache
+from .memory_hooks import LayerContext, active_contexts, find_decoder_layers, has_memory_hook, install_read_hooks
 from .memory_kv import KVMemory
+from .memory_segments import gather_index, locate_outputs, plan_pieces, to_caller_columns
 from .memory_slot import SlotMemory
 from .memory_state import MemoryState
 
 MEMORY_KINDS: dict[str, type[MemoryBlock]] = {"kv": KVMemory, "slot": SlotMemory}
-# The memory contexts of the base-model call running in this thread (or task), keyed by decoder layer.
-# Kept out of the shared modules so that threads calling one model never see each other's memory.
-_ACTIVE_CONTEXTS: ContextVar[dict | None] = ContextVar("hf_memlm_active_contexts", default=None)
 
 
 @dataclass
@@ -53,92 +51,6 @@ class MemLMCausalLMOutput(ModelOutput):
     cache: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     memory_state: MemoryState | None = None
-
-
-class MemLMCache(DynamicCache):
-    """The base model's KV cache for the current window, plus the memory state, so that `generate`
-    carries, reorders (beam search) and expands (several return sequences) both together."""
-
-    def __init__(self, config=None, memory_state: MemoryState | None = None):
-        super().__init__(config=config)
-        self.memory_state = memory_state
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self.memory_state = self.memory_state.select(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self.memory_state = self.memory_state.repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self.memory_state = self.memory_state.select(indices)
-
-    def keep_columns(self, columns: torch.Tensor) -> None:
-        """Keep only the cached tokens at `columns` (1-D indices, in order), in every layer: the others were
-        written to memory by every row."""
-        for layer in self.layers:
-            if getattr(layer, "is_sliding", False):
-                raise ValueError(
-                    "hf_memlm generation does not support sliding-window cache layers; the window is already "
-                    "bounded by segment_length (set the base config's sliding_window to None)."
-                )
-            if layer.is_initialized and layer.keys is not None and layer.keys.numel():
-                layer.keys = layer.keys.index_select(-2, columns)
-                layer.values = layer.values.index_select(-2, columns)
-
-
-class _LayerContext:
-    """What the hook on one decoder layer needs during one segment: the block, its state, and a place
-    to leave the layer's output for the write that follows the segment."""
-
-    def __init__(self, block: nn.Module, state: dict[str, torch.Tensor]):
-        self.block = block
-        self.state = state
-        self.captured: torch.Tensor | None = None
-
-
-def _memory_read_hook(layer_index: int, module: nn.Module, args, output):
-    # Runs outside any activation checkpoint (transformers checkpoints `forward`, not `__call__`), so a
-    # recomputation never reads twice. No context: the base model is being called on its own.
-    contexts = _ACTIVE_CONTEXTS.get()
-    context = contexts.get(module) if contexts else None
-    if context is None:
-        return None
-    hidden = output[0] if isinstance(output, tuple) else output
-    context.captured = hidden
-    updated = hidden + context.block(hidden, context.state, mode="read").to(hidden.dtype)
-    return (updated, *output[1:]) if isinstance(output, tuple) else updated
-
-
-def _has_memory_hook(layer: nn.Module) -> bool:
-    return any(getattr(hook, "func", None) is _memory_read_hook for hook in layer._forward_hooks.values())
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The `nn.ModuleList` of decoder layers: items of a class named in `_no_split_modules`, else a list
-    with `num_hidden_layers` items of one class."""
-    no_split = set(getattr(model, "_no_split_modules", None) or [])
-    config = getattr(model, "config", None)
-    num_layers = getattr(config, "num_hidden_layers", None)
-    fallback = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        kinds = {type(item).__name__ for item in module}
-        if len(kinds) == 1 and kinds & no_split:
-            return name, module
-        if fallback is None and len(kinds) == 1 and len(module) == num_layers:
-            fallback = (name, module)
-    if fallback is not None:
-        return fallback
-    model_type = getattr(config, "model_type", type(model).__name__)
-    raise ValueError(
-        f"hf_memlm cannot find the decoder layers of a '{model_type}' model ({type(model).__name__}): no "
-        "nn.ModuleList of layers named in its `_no_split_modules` or with `num_hidden_layers` items. "
-        "Supported bases are causal LMs with a list of decoder layers (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ...)."
-    )
 
 
 class MemLMPreTrainedModel(PreTrainedModel):
@@ -176,15 +88,14 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 f"memory_layers={config.memory_layers} but the {config.text_config.model_type} base has only "
                 f"{len(layers)} decoder layers."
             )
-        if any(_has_memory_hook(layer) for layer in layers):
+        if any(has_memory_hook(layer) for layer in layers):
             raise ValueError(
                 "This base model is already wrapped by a MemLMForCausalLM (its layers carry memory hooks); "
                 "wrap a fresh copy of the base, or use the existing memory model."
             )
         memory_class = MEMORY_KINDS[config.memory_type]
         self.memory_blocks = nn.ModuleDict({str(i): memory_class(config, i) for i in config.memory_layers})
-        for index in config.memory_layers:
-            layers[index].register_forward_hook(partial(_memory_read_hook, index))
+        install_read_hooks(layers, config.memory_layers)
         self.memory_enabled = True
         self._warned_no_labels = False
         self.post_init()
@@ -329,11 +240,10 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         contexts = {}
         if self.memory_enabled:
             contexts = {
-                layers[i]: _LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers
+                layers[i]: LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers
             }
         # Per call, not per module: threads sharing this model each see only their own contexts.
-        token = _ACTIVE_CONTEXTS.set(contexts)
-        try:
+        with active_contexts(contexts):
             out = self.language_model(
                 **inputs,
                 attention_mask=base_mask,
@@ -344,8 +254,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 output_hidden_states=output_hidden,
                 return_dict=True,
             )
-        finally:
-            _ACTIVE_CONTEXTS.reset(token)
         captured = {i: contexts[layers[i]].captured for i in self.config.memory_layers} if contexts else {}
         return out, captured
 
@@ -539,13 +447,13 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 "attention_mask is 0 for every token of every row: there is nothing to compute. Mark real tokens with 1."
             )
-        pieces = _plan_pieces(real_counts, host_window.sum(-1).tolist(), self.config.segment_length, keep_window)
+        pieces = plan_pieces(real_counts, host_window.sum(-1).tolist(), self.config.segment_length, keep_window)
         wanted = length if not logits_to_keep else min(logits_to_keep, length)
-        piece_of, column_in = _locate_outputs(pieces, host_mask, wanted)
-        logits_kept, logits_index = _gather_index(pieces, piece_of, column_in, keep_all=False)
+        piece_of, column_in = locate_outputs(pieces, host_mask, wanted)
+        logits_kept, logits_index = gather_index(pieces, piece_of, column_in, keep_all=False)
         if output_hidden:
-            all_of, all_in = _locate_outputs(pieces, host_mask, length)
-            _, hidden_index = _gather_index(pieces, all_of, all_in, keep_all=True)
+            all_of, all_in = locate_outputs(pieces, host_mask, length)
+            _, hidden_index = gather_index(pieces, all_of, all_in, keep_all=True)
 
         device = mask.device
         # each row's real tokens first, in order (a stable sort moves its padding behind them)
@@ -585,8 +493,8 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 state = self._write(state, captured, piece_mask)
                 if bptt is not None and (number + 1) % bptt == 0 and number + 1 < len(pieces):
                     state = state.detach()
-        logits = _to_caller_columns(logits, logits_index)
-        hidden = tuple(_to_caller_columns(list(layer), hidden_index) for layer in zip(*hidden)) if hidden else None
+        logits = to_caller_columns(logits, logits_index)
+        hidden = tuple(to_caller_columns(list(layer), hidden_index) for layer in zip(*hidden)) if hidden else None
         return logits, hidden, MemoryState(state.memory_type, state.layers, window if keep_window else None)
 
     def _flush_rows(self, state, window, host_window, flush, cache):
@@ -655,69 +563,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         # The state now travels inside the MemLMCache; the caller's initial state must not be re-read.
         model_kwargs["memory_state"] = None
         return model_kwargs
-
-
-@dataclass
-class _Piece:
-    """One base-model call. Row b feeds its real tokens [starts[b], starts[b] + counts[b]) (numbered among
-    its real tokens only) at columns [0, counts[b]) of a piece `width` columns wide; the rest is padding.
-    `flush[b]`: row b's window is full, write it to memory before this piece."""
-
-    starts: list[int]
-    counts: list[int]
-    width: int
-    flush: list[bool]
-
-
-def _plan_pieces(real_counts: list[int], live: list[int], segment_length: int, keep_window: bool) -> list[_Piece]:
-    """The pieces of one call, given each row's number of new real tokens and of tokens already in its window."""
-    batch = len(real_counts)
-    consumed, live = [0] * batch, list(live)
-    pieces = []
-    while any(done < total for done, total in zip(consumed, real_counts)):
-        remaining = [total - done for total, done in zip(real_counts, consumed)]
-        # a full window is written only when its row has more tokens (as a row alone does)
-        flush = [live[b] >= segment_length and remaining[b] > 0 for b in range(batch)]
-        live = [0 if full else n for full, n in zip(flush, live)]
-        counts = [min(segment_length - n, r) for n, r in zip(live, remaining)]
-        pieces.append(_Piece(starts=list(consumed), counts=counts, width=max(counts), flush=flush))
-        consumed = [done + n for done, n in zip(consumed, counts)]
-        live = [n + c for n, c in zip(live, counts)] if keep_window else [0] * batch
-    return pieces
-
-
-def _locate_outputs(pieces: list[_Piece], host_mask: torch.Tensor, wanted: int):
-    """For the caller's last `wanted` columns: which piece, and which column of it, gives each one's outputs
-    (a padded column takes those of the nearest real token before it, else of the row's first real token)."""
-    real_before = host_mask.long().cumsum(-1)[:, host_mask.shape[1] - wanted :]
-    token = (real_before - 1).clamp(min=0)  # (B, wanted): the row's real token number to read
-    starts = torch.tensor([p.starts for p in pieces]).T.contiguous()  # (B, P)
-    ends = starts + torch.tensor([p.counts for p in pieces]).T
-    piece = torch.searchsorted(ends.contiguous(), token, right=True)
-    piece = torch.where(ends[:, -1:] == 0, 0, piece)  # a row without real tokens: its first piece, column 0
-    return piece, token - starts.gather(1, piece)
-
-
-def _gather_index(pieces: list[_Piece], piece: torch.Tensor, column: torch.Tensor, keep_all: bool):
-    """How many trailing columns of each piece's outputs to keep, and where each wanted output lands in the
-    concatenation of the kept columns."""
-    widths = torch.tensor([p.width for p in pieces])
-    if keep_all:
-        first = torch.zeros_like(widths)
-    else:
-        first = widths.scatter_reduce(0, piece.flatten(), column.flatten(), reduce="amin")
-    kept = widths - first
-    offsets = torch.cumsum(kept, 0) - kept
-    return kept.tolist(), offsets[piece] + column - first[piece]
-
-
-def _to_caller_columns(parts: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-    joined = torch.cat(parts, dim=1)
-    batch, wanted = index.shape
-    if joined.shape[1] == wanted and torch.equal(index, torch.arange(wanted).expand(batch, wanted)):
-        return joined  # no padding moved anything
-    index = index.to(joined.device)[..., None].expand(-1, -1, joined.shape[-1])
-    return joined.gather(1, index)
 
 
 def _run_kwargs_for(kept: int) -> int:
