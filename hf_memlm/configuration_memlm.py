@@ -22,6 +22,7 @@ class MemLMConfig(PreTrainedConfig):
 
     Args:
         text_config (`dict` or `PreTrainedConfig`): config of the base causal LM (any type `AutoConfig` knows).
+            Required: there is no default base.
         memory_type (`str`): `"kv"` (episodic store of past keys/values, top-k read) or `"slot"` (fixed
             number of slots, content-addressed read, gated erase/add write).
         memory_layers (`list[int]`): decoder-layer indices that get a memory block beside them (negative
@@ -62,6 +63,13 @@ class MemLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.text_config is None:
+            # Without this the sub-config default (a full-size Llama) would be built silently.
+            raise ValueError(
+                "MemLMConfig needs `text_config`, the config of the base causal LM (a PreTrainedConfig or its dict, "
+                "e.g. AutoConfig.from_pretrained(base).to_dict()); to wrap a pretrained model use "
+                "MemLMForCausalLM.from_base(...). A config.json of model_type 'memlm' must contain it."
+            )
         super().__post_init__(**kwargs)
         text = self.text_config
         # Tied embeddings live in the base model's config; mirror it so tools reading the top level agree.

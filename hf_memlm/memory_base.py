@@ -57,7 +57,8 @@ class MemoryBlock(nn.Module):
             if state[name].shape[0] != batch_size:
                 raise ValueError(
                     f"memory_state has batch size {state[name].shape[0]} but the input has {batch_size} rows; "
-                    "pass the state returned for this batch, or MemoryState.select(...) the matching rows."
+                    "pass the state returned for this batch (one row per input row, or a single row shared by "
+                    "all), or MemoryState.select(...) the matching rows."
                 )
 
     def reset_parameters(self, std: float) -> None:

@@ -1,25 +1,29 @@
 """`MemLMForCausalLM`: any 🤗 causal LM with external memory blocks beside chosen decoder layers.
 
-How a call runs (DESIGN.md §4):
-  * the input is cut into segments of `config.segment_length` tokens; each segment runs through the
-    unchanged base model with local positions;
+How a call runs:
+  * each row is cut into segments of `config.segment_length` of its own real tokens (those where
+    `attention_mask` is 1), so padding on any side never moves a segment boundary; each segment runs
+    through the unchanged base model with local positions;
   * a forward hook on each chosen decoder layer adds the memory read, `h + W_o · read(h)`, reading the
-    state written by earlier segments only;
-  * after the segment, its hidden states at those layers are written into the state;
+    state written by earlier segments only (the per-call state lives in a `ContextVar`, not on the shared
+    layers, so threads can share one model);
+  * after the segment, its hidden states at those layers are written into the state (padding never is);
   * logits and loss cover all segments; the final `MemoryState` is returned to continue the stream.
 
-With `use_cache=True` (generation) the newest, partial segment stays in the base model's KV cache (the
-"window"); when the window is full its tokens are written to memory and the cache is emptied, so
-generation runs past the window with bounded RAM and the same segment boundaries as a plain forward.
+With `use_cache=True` (generation) each row's newest, partial segment stays in the base model's KV cache
+(the "window"); when a row's window is full and it has more tokens, that row's window is written to its
+memory and masked out of its attention, while other rows go on; cache columns no row attends to are
+dropped. Generation thus runs past the window with bounded RAM (about two segments of cache) and the
+same segment boundaries as a plain forward, row by row.
 
 Part of the Hub payload: flat sibling files, single-dot relative imports, torch + transformers only.
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
@@ -28,12 +32,14 @@ from transformers.utils import ModelOutput
 
 from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
+from .memory_cache import MemLMCache
+from .memory_hooks import LayerContext, active_contexts, find_decoder_layers, has_memory_hook, install_read_hooks
 from .memory_kv import KVMemory
+from .memory_segments import gather_index, locate_outputs, plan_pieces, to_caller_columns
 from .memory_slot import SlotMemory
 from .memory_state import MemoryState
 
 MEMORY_KINDS: dict[str, type[MemoryBlock]] = {"kv": KVMemory, "slot": SlotMemory}
-_CONTEXT_ATTR = "_memlm_context"
 
 
 @dataclass
@@ -45,84 +51,6 @@ class MemLMCausalLMOutput(ModelOutput):
     cache: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     memory_state: MemoryState | None = None
-
-
-class MemLMCache(DynamicCache):
-    """The base model's KV cache for the current window, plus the memory state, so that `generate`
-    carries, reorders (beam search) and expands (several return sequences) both together."""
-
-    def __init__(self, config=None, memory_state: MemoryState | None = None):
-        super().__init__(config=config)
-        self.memory_state = memory_state
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self.memory_state = self.memory_state.select(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self.memory_state = self.memory_state.repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self.memory_state = self.memory_state.select(indices)
-
-    def clear(self) -> None:
-        """Drop every cached token (the window was written to memory)."""
-        length = self.get_seq_length()
-        if length:
-            self.crop(-length)
-
-
-class _LayerContext:
-    """What the hook on one decoder layer needs during one segment: the block, its state, and a place
-    to leave the layer's output for the write that follows the segment."""
-
-    def __init__(self, block: nn.Module, state: dict[str, torch.Tensor]):
-        self.block = block
-        self.state = state
-        self.captured: torch.Tensor | None = None
-
-
-def _memory_read_hook(layer_index: int, module: nn.Module, args, output):
-    # Runs outside any activation checkpoint (transformers checkpoints `forward`, not `__call__`), so a
-    # recomputation never reads twice. No context: the base model is being called on its own.
-    context = module.__dict__.get(_CONTEXT_ATTR)
-    if context is None:
-        return None
-    hidden = output[0] if isinstance(output, tuple) else output
-    context.captured = hidden
-    updated = hidden + context.block(hidden, context.state, mode="read").to(hidden.dtype)
-    return (updated, *output[1:]) if isinstance(output, tuple) else updated
-
-
-def _has_memory_hook(layer: nn.Module) -> bool:
-    return any(getattr(hook, "func", None) is _memory_read_hook for hook in layer._forward_hooks.values())
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The `nn.ModuleList` of decoder layers: items of a class named in `_no_split_modules`, else a list
-    with `num_hidden_layers` items of one class."""
-    no_split = set(getattr(model, "_no_split_modules", None) or [])
-    config = getattr(model, "config", None)
-    num_layers = getattr(config, "num_hidden_layers", None)
-    fallback = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        kinds = {type(item).__name__ for item in module}
-        if len(kinds) == 1 and kinds & no_split:
-            return name, module
-        if fallback is None and len(kinds) == 1 and len(module) == num_layers:
-            fallback = (name, module)
-    if fallback is not None:
-        return fallback
-    model_type = getattr(config, "model_type", type(model).__name__)
-    raise ValueError(
-        f"hf_memlm cannot find the decoder layers of a '{model_type}' model ({type(model).__name__}): no "
-        "nn.ModuleList of layers named in its `_no_split_modules` or with `num_hidden_layers` items. "
-        "Supported bases are causal LMs with a list of decoder layers (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ...)."
-    )
 
 
 class MemLMPreTrainedModel(PreTrainedModel):
@@ -160,16 +88,16 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 f"memory_layers={config.memory_layers} but the {config.text_config.model_type} base has only "
                 f"{len(layers)} decoder layers."
             )
-        if any(_has_memory_hook(layer) for layer in layers):
+        if any(has_memory_hook(layer) for layer in layers):
             raise ValueError(
                 "This base model is already wrapped by a MemLMForCausalLM (its layers carry memory hooks); "
                 "wrap a fresh copy of the base, or use the existing memory model."
             )
         memory_class = MEMORY_KINDS[config.memory_type]
         self.memory_blocks = nn.ModuleDict({str(i): memory_class(config, i) for i in config.memory_layers})
-        for index in config.memory_layers:
-            layers[index].register_forward_hook(partial(_memory_read_hook, index))
+        install_read_hooks(layers, config.memory_layers)
         self.memory_enabled = True
+        self._warned_no_labels = False
         self.post_init()
 
     @contextmanager
@@ -274,7 +202,24 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"memory_state window has batch size {state.window['mask'].shape[0]}, input has {batch_size}."
             )
-        return state
+        return self._match_model_placement(state)
+
+    def _match_model_placement(self, state: MemoryState) -> MemoryState:
+        """Cast a state made elsewhere (another dtype, another device) to what this model's memory blocks
+        make themselves (`init_state`), for every memory kind; window tensors follow the model."""
+        reference = self.init_memory_state(1)
+        weight = self.get_input_embeddings().weight
+
+        def place(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
+            return tensor.to(device=like.device, dtype=dtype)
+
+        layers = {
+            layer: {name: place(t, reference.layers[layer].get(name, t)) for name, t in tensors.items()}
+            for layer, tensors in state.layers.items()
+        }
+        window = {name: place(t, weight) for name, t in state.window.items()}
+        return MemoryState(state.memory_type, layers, window)
 
     def _write(self, state: MemoryState, captured: dict[int, torch.Tensor], mask: torch.Tensor) -> MemoryState:
         if not self.memory_enabled:
@@ -285,21 +230,20 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         }
         return MemoryState(state.memory_type, layers, state.window)
 
-    # -- one segment through the base model --------------------------------------------------------------
+    # -- one piece through the base model ----------------------------------------------------------------
     def _run_segment(self, inputs: dict, attention_mask, position_ids, state, cache, logits_to_keep, output_hidden):
-        # A row with no real token (padding only) would give NaNs in attention; let it attend to its padding
-        # instead. Its outputs are ignored and the memory write still uses the real mask.
+        # A row with no live token (padding only) would give NaNs in attention; let it attend to its padding
+        # instead. Its outputs are never used and the memory write still uses the real mask.
         empty_rows = ~attention_mask.any(-1, keepdim=True)
         base_mask = (attention_mask | empty_rows).long()
         layers = self.decoder_layers
         contexts = {}
         if self.memory_enabled:
             contexts = {
-                i: _LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers
+                layers[i]: LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers
             }
-        for index, context in contexts.items():
-            setattr(layers[index], _CONTEXT_ATTR, context)
-        try:
+        # Per call, not per module: threads sharing this model each see only their own contexts.
+        with active_contexts(contexts):
             out = self.language_model(
                 **inputs,
                 attention_mask=base_mask,
@@ -310,10 +254,8 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 output_hidden_states=output_hidden,
                 return_dict=True,
             )
-        finally:
-            for index in contexts:
-                layers[index].__dict__.pop(_CONTEXT_ATTR, None)
-        return out, {i: c.captured for i, c in contexts.items()}
+        captured = {i: contexts[layers[i]].captured for i in self.config.memory_layers} if contexts else {}
+        return out, captured
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(
@@ -335,6 +277,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             continue a stream. Gradients do not flow into it (it is detached). Default: empty memory.
         use_cache (`bool`): keep the newest partial segment in a KV cache for generation (see module doc).
 
+        Each row is segmented from its own first real token (`attention_mask`), so left, right or any padding
+        gives every row the outputs and memory it has alone. A padded column's logits and hidden states are
+        those of the nearest real token before it in its row (of its first real token when none is before).
         Positions are local to each segment and computed here, so `position_ids` is not accepted.
         """
         if kwargs.get("position_ids") is not None:
@@ -343,32 +288,29 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: attention is per segment and cannot be stacked.")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if tokens.dim() < 2 or tokens.shape[1] == 0:
-            raise ValueError(f"The input is empty (shape {tuple(tokens.shape)}); pass at least one token per row.")
-        batch, length = tokens.shape[:2]
-        if labels is not None and labels.shape[:2] != (batch, length):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch}, {length}) like the input.")
+        batch, length = self._check_inputs(input_ids, inputs_embeds, labels, kwargs.get("ignore_index", -100))
+        generating = cache is not None or bool(use_cache)
         mask = self._token_mask(
-            attention_mask, batch, length, tokens.device, generating=cache is not None or bool(use_cache)
+            attention_mask, batch, length, (input_ids if input_ids is not None else inputs_embeds).device, generating
         )
         output_hidden = bool(output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
-        if cache is not None or use_cache:
+        if generating:
             cache, state = self._cache_and_state(cache, memory_state, batch)
-            logits, hidden, state = self._forward_window(
-                input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden
-            )
-            cache.memory_state = state
         else:
             state = self._prepare_state(memory_state, batch)
-            logits, hidden, state = self._forward_segments(
-                input_ids, inputs_embeds, mask, state, logits_to_keep, output_hidden
-            )
+            if state.window:
+                raise ValueError(
+                    "memory_state holds a generation window (tokens still in a KV cache); continue it with "
+                    "use_cache=True and its cache, or write the window first: model.commit_window(memory_state)."
+                )
             cache = None
+        logits, hidden, state = self._forward_pieces(
+            input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden
+        )
+        if cache is not None:
+            cache.memory_state = state
 
         loss = None
         if labels is not None:
@@ -376,6 +318,67 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         output = MemLMCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, memory_state=state)
         return output if return_dict else output.to_tuple()
+
+    def _check_inputs(self, input_ids, inputs_embeds, labels, ignore_index) -> tuple[int, int]:
+        """Raise a clear error for inputs the base model would fail on obscurely (or silently); warn once
+        when no label counts. The value checks are read back in one host sync."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}.")
+        expected_dims = 2 if input_ids is not None else 3
+        if tokens.dim() != expected_dims:
+            layout = "(batch, tokens)" if input_ids is not None else "(batch, tokens, hidden)"
+            raise ValueError(
+                f"{name} must be {expected_dims}-D {layout}, got shape {tuple(tokens.shape)}; for a single sequence "
+                f"add the batch dimension ({name}[None])."
+            )
+        if tokens.shape[0] == 0:
+            raise ValueError(f"{name} has no rows (shape {tuple(tokens.shape)}); pass at least one sequence.")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"{name} has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
+        if input_ids is not None:
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise TypeError(
+                    f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; convert with "
+                    "input_ids.long() (and check they are token ids, not embeddings or scores)."
+                )
+        batch, length = tokens.shape[:2]
+        if labels is not None and labels.shape[:2] != (batch, length):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch}, {length}) like the input.")
+        if input_ids is not None:
+            values = [input_ids.min().long(), input_ids.max().long()]
+        else:
+            values = [torch.isfinite(inputs_embeds).all().long()]
+        check_labels = labels is not None and not self._warned_no_labels
+        if check_labels:
+            values.append((labels != ignore_index).any().to(values[0].device).long())
+        values = torch.stack(values).tolist()
+        some_label_counts = values.pop() if check_labels else True
+        if input_ids is not None:
+            vocab_size = self.get_input_embeddings().num_embeddings
+            low, high = values
+            if low < 0 or high >= vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, {vocab_size}) (the model's vocabulary), got values from {low} to "
+                    f"{high}; was it tokenized with another tokenizer, or padded with a negative id (use "
+                    "attention_mask for padding)?"
+                )
+        elif not values[0]:
+            raise ValueError(
+                "inputs_embeds contains NaN or inf; it would poison the memory of its row for good. "
+                "Check what produced the embeddings."
+            )
+        if not some_label_counts:
+            self._warned_no_labels = True
+            warnings.warn(
+                f"every label is {ignore_index} (ignored), so the loss is NaN/0 and gives no gradient; check the "
+                "data collator (labels of real tokens must be their ids). Warned once per model.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return batch, length
 
     @staticmethod
     def _token_mask(attention_mask, batch, length, device, generating):
@@ -396,33 +399,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         # A state crosses calls detached: back-propagation stops at the call boundary.
         return self._check_memory_state(memory_state, batch).detach()
 
-    def _forward_segments(self, input_ids, inputs_embeds, mask, state, logits_to_keep, output_hidden):
-        if state.window:
-            raise ValueError(
-                "memory_state holds a generation window (tokens still in a KV cache); continue it with "
-                "use_cache=True, or start from a state returned by a forward without cache."
-            )
-        length = mask.shape[1]
-        seg_len, bptt = self.config.segment_length, self.config.bptt_segments
-        logits, hidden = [], []
-        starts = list(range(0, length, seg_len))
-        for number, start in enumerate(starts):
-            end = min(start + seg_len, length)
-            seg_mask = mask[:, start:end]
-            positions = (seg_mask.long().cumsum(-1) - 1).clamp(min=0)
-            inputs = _slice_inputs(input_ids, inputs_embeds, start, end)
-            needed = _logits_needed(logits_to_keep, start, end, length)
-            out, captured = self._run_segment(
-                inputs, seg_mask, positions, state, None, _run_kwargs_for(needed), output_hidden
-            )
-            logits.append(_keep_logits(out.logits, needed))
-            if output_hidden:
-                hidden.append(out.hidden_states)
-            state = self._write(state, captured, seg_mask)
-            if bptt is not None and (number + 1) % bptt == 0 and end < length:
-                state = state.detach()
-        return torch.cat(logits, dim=1), _stack_hidden(hidden), state
-
     def _cache_and_state(self, cache, memory_state, batch):
         if isinstance(cache, MemLMCache) and cache.memory_state is not None:
             return cache, self._check_memory_state(cache.memory_state, batch)
@@ -432,48 +408,119 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 "got a non-empty plain cache."
             )
         state = self._prepare_state(memory_state, batch)
+        if state.window and state.window["mask"].shape[1]:
+            raise ValueError(
+                "memory_state holds a generation window (tokens whose keys/values were in the KV cache of the call "
+                "that returned it) but no MemLMCache holding them was passed. Pass that call's `.cache` "
+                "(it carries the state), or write the window to memory first: model.commit_window(memory_state)."
+            )
         return MemLMCache(config=self.config.get_text_config(), memory_state=state), state
 
-    def _forward_window(self, input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden):
-        """Feed tokens into the cached window; when the window is full, write it to memory and empty it."""
-        length = mask.shape[1]
-        seg_len = self.config.segment_length
-        logits, hidden = [], []
-        position = 0
-        while position < length:
-            if state.window_length == seg_len:
-                state = self._flush_window(state, cache)
-            take = min(seg_len - state.window_length, length - position)
-            chunk_mask = mask[:, position : position + take]
-            window_mask = torch.cat([state.window["mask"], chunk_mask], dim=1) if state.window else chunk_mask
-            positions = (window_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -take:]
-            inputs = _slice_inputs(input_ids, inputs_embeds, position, position + take)
-            needed = _logits_needed(logits_to_keep, position, position + take, length)
-            out, captured = self._run_segment(
-                inputs, window_mask, positions, state, cache, _run_kwargs_for(needed), output_hidden
+    def _forward_pieces(self, input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden):
+        """Run the call's tokens through the base model in pieces, segmenting every row by its own real tokens.
+
+        Row b's real token number k (counting only tokens where `mask` is True) belongs to segment
+        k // segment_length, whatever padding surrounds it, so a row gives the same outputs and memory
+        batched (left-, right- or otherwise padded) as alone, and padding is never written. Each piece feeds
+        every row its next real tokens (up to the end of its segment) packed to the left of the piece.
+
+        Without a cache every piece is one segment per row, written to memory right after it runs. With a
+        cache (generation) a row's current segment stays in the KV cache as its window; when the window is
+        full and the row has more tokens, the window is written to memory for that row alone and its cache
+        columns are masked out for it (and dropped once no row uses them), so the cache holds at most about
+        two segments.
+
+        Outputs come back in the caller's columns; a padded column carries the outputs of the nearest real
+        token before it in its row (of the row's first real token when none is before it), so the last
+        column of a right-padded row predicts what follows its last real token.
+        """
+        keep_window = cache is not None
+        batch, length = mask.shape
+        window = dict(state.window) if keep_window else {}
+        window.setdefault("mask", mask.new_zeros(batch, 0))
+        state = state.without_window()
+        # The call's one host sync: the padding pattern decides the pieces.
+        host = torch.cat([mask, window["mask"]], dim=1).cpu()
+        host_mask, host_window = host[:, :length], host[:, length:]
+        real_counts = host_mask.sum(-1).tolist()
+        if not any(real_counts):
+            raise ValueError(
+                "attention_mask is 0 for every token of every row: there is nothing to compute. Mark real tokens with 1."
             )
-            logits.append(_keep_logits(out.logits, needed))
+        pieces = plan_pieces(real_counts, host_window.sum(-1).tolist(), self.config.segment_length, keep_window)
+        wanted = length if not logits_to_keep else min(logits_to_keep, length)
+        piece_of, column_in = locate_outputs(pieces, host_mask, wanted)
+        logits_kept, logits_index = gather_index(pieces, piece_of, column_in, keep_all=False)
+        if output_hidden:
+            all_of, all_in = locate_outputs(pieces, host_mask, length)
+            _, hidden_index = gather_index(pieces, all_of, all_in, keep_all=True)
+
+        device = mask.device
+        # each row's real tokens first, in order (a stable sort moves its padding behind them)
+        real_first = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        bptt = self.config.bptt_segments
+        logits, hidden = [], []
+        for number, piece in enumerate(pieces):
+            if any(piece.flush):
+                state, window, host_window = self._flush_rows(state, window, host_window, piece.flush, cache)
+            columns = torch.arange(piece.width, device=device)
+            starts = torch.tensor(piece.starts, device=device)
+            counts = torch.tensor(piece.counts, device=device)
+            source = real_first.gather(1, (starts[:, None] + columns).clamp(max=length - 1))
+            piece_mask = columns[None, :] < counts[:, None]
+            if input_ids is not None:
+                inputs = {"input_ids": input_ids.gather(1, source)}
+            else:
+                index = source[..., None].expand(-1, -1, inputs_embeds.shape[-1])
+                inputs = {"inputs_embeds": inputs_embeds.gather(1, index)}
+            attention = torch.cat([window["mask"], piece_mask], dim=1) if keep_window else piece_mask
+            positions = (attention.long().cumsum(-1) - 1).clamp(min=0)[:, -piece.width :]
+            kept = logits_kept[number]
+            out, captured = self._run_segment(
+                inputs, attention, positions, state, cache, _run_kwargs_for(kept), output_hidden
+            )
+            logits.append(_keep_logits(out.logits, kept))
             if output_hidden:
                 hidden.append(out.hidden_states)
-            window = {"mask": window_mask}
-            for index, h in captured.items():
-                key = f"hidden.{index}"
-                window[key] = torch.cat([state.window[key], h], dim=1) if state.window else h
-            state = MemoryState(state.memory_type, state.layers, window)
-            position += take
-        return torch.cat(logits, dim=1), _stack_hidden(hidden), state
+            if keep_window:
+                window["mask"] = attention
+                for index, h in captured.items():
+                    key = f"hidden.{index}"
+                    window[key] = h if key not in window else torch.cat([window[key], h], dim=1)
+                host_piece = torch.arange(piece.width)[None, :] < torch.tensor(piece.counts)[:, None]
+                host_window = torch.cat([host_window, host_piece], dim=1)
+            else:
+                state = self._write(state, captured, piece_mask)
+                if bptt is not None and (number + 1) % bptt == 0 and number + 1 < len(pieces):
+                    state = state.detach()
+        logits = to_caller_columns(logits, logits_index)
+        hidden = tuple(to_caller_columns(list(layer), hidden_index) for layer in zip(*hidden)) if hidden else None
+        return logits, hidden, MemoryState(state.memory_type, state.layers, window if keep_window else None)
 
-    def _flush_window(self, state: MemoryState, cache: MemLMCache) -> MemoryState:
-        state = self.commit_window(state)
-        cache.clear()
-        return state
+    def _flush_rows(self, state, window, host_window, flush, cache):
+        """Write the windows of rows `flush` to memory (theirs only), mask them out of those rows' attention,
+        and drop cache columns that no row attends to any more."""
+        device = window["mask"].device
+        rows = torch.tensor(flush, device=device)[:, None]
+        if self.memory_enabled:
+            captured = {i: window[f"hidden.{i}"] for i in self.config.memory_layers}
+            state = self._write(state, captured, window["mask"] & rows)
+        window = {**window, "mask": window["mask"] & ~rows}
+        host_window = host_window & ~torch.tensor(flush)[:, None]
+        live = host_window.any(0)
+        if not live.all():
+            keep = live.nonzero().squeeze(1)
+            cache.keep_columns(keep.to(device))
+            window = {name: tensor.index_select(1, keep.to(tensor.device)) for name, tensor in window.items()}
+            host_window = host_window[:, live]
+        return state, window, host_window
 
     def commit_window(self, memory_state: MemoryState) -> MemoryState:
         """Write the generation window (tokens still only in the KV cache) into memory, e.g. to save a state
         after `generate`. Returns a state without window."""
         if not memory_state.window:
             return memory_state
-        if self.memory_enabled:
+        if self.memory_enabled and memory_state.window["mask"].shape[1]:
             captured = {i: memory_state.window[f"hidden.{i}"] for i in self.config.memory_layers}
             memory_state = self._write(memory_state, captured, memory_state.window["mask"])
         return memory_state.without_window()
@@ -500,6 +547,17 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beams and several return sequences repeat each prompt; repeat its memory with it (a one-row state is
+        # shared by every row anyway).
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        state = model_kwargs.get("memory_state")
+        if expand_size > 1 and isinstance(state, MemoryState) and state.batch_size > 1:
+            model_kwargs["memory_state"] = state.repeat_interleave(expand_size)
+        return input_ids, model_kwargs
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         # The state now travels inside the MemLMCache; the caller's initial state must not be re-read.
@@ -507,33 +565,13 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
-def _slice_inputs(input_ids, inputs_embeds, start, end) -> dict:
-    if input_ids is not None:
-        return {"input_ids": input_ids[:, start:end]}
-    return {"inputs_embeds": inputs_embeds[:, start:end]}
-
-
-def _logits_needed(logits_to_keep: int, start: int, end: int, length: int) -> int | None:
-    """How many trailing logits of the piece [start, end) are among the call's last `logits_to_keep`
-    (None: all of them, as `logits_to_keep=0` means)."""
-    if not logits_to_keep:
-        return None
-    return max(0, min(end - start, logits_to_keep - (length - end)))
-
-
-def _run_kwargs_for(needed: int | None) -> int:
+def _run_kwargs_for(kept: int) -> int:
     # the base model's `logits_to_keep=0` means "all", so a piece needing none still computes one
-    return 0 if needed is None else max(needed, 1)
+    return max(kept, 1)
 
 
-def _keep_logits(logits: torch.Tensor, needed: int | None) -> torch.Tensor:
-    return logits if needed is None else logits[:, logits.shape[1] - needed :]
-
-
-def _stack_hidden(per_segment: list) -> tuple[torch.Tensor, ...] | None:
-    if not per_segment:
-        return None
-    return tuple(torch.cat(layer_states, dim=1) for layer_states in zip(*per_segment))
+def _keep_logits(logits: torch.Tensor, kept: int) -> torch.Tensor:
+    return logits[:, logits.shape[1] - kept :]
 
 
 __all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMForCausalLM", "MemLMPreTrainedModel", "find_decoder_layers"]

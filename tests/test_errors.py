@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import SEGMENT, base_config, build
@@ -92,10 +94,67 @@ def test_from_base_missing_folder(tmp_path):
 
 def test_empty_input():
     model = build("llama", "kv")
-    with pytest.raises(ValueError, match="The input is empty"):
+    with pytest.raises(ValueError, match=r"input_ids has no tokens \(shape \(2, 0\)\)"):
         model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids has no rows \(shape \(0, 5\)\)"):
+        model(torch.zeros(0, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model()
+    with pytest.raises(ValueError, match="attention_mask is 0 for every token of every row"):
+        model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.zeros(2, 4))
+
+
+def test_input_of_the_wrong_rank():
+    model = build("llama", "kv")
+    with pytest.raises(
+        ValueError, match=r"input_ids must be 2-D \(batch, tokens\), got shape \(5,\).*input_ids\[None\]"
+    ):
+        model(torch.ones(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"inputs_embeds must be 3-D \(batch, tokens, hidden\), got shape \(5, 32\)"):
+        model(inputs_embeds=torch.zeros(5, 32))
+
+
+@pytest.mark.parametrize(
+    "bad_ids, message",
+    [
+        (torch.tensor([[3, 97, 4]]), r"input_ids must lie in \[0, 97\).*got values from 3 to 97"),
+        (torch.tensor([[3, -1, 4]]), r"input_ids must lie in \[0, 97\).*got values from -1 to 4"),
+    ],
+)
+def test_token_ids_out_of_range(bad_ids, message):
+    model = build("llama", "kv")
+    with pytest.raises(ValueError, match=message):
+        model(bad_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_token_ids_that_are_not_integers(dtype):
+    model = build("llama", "kv")
+    with pytest.raises(TypeError, match=f"input_ids must hold integer token ids, got dtype {dtype}"):
+        model(torch.ones(1, 4, dtype=dtype))
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_rejected_before_touching_memory(kind, bad):
+    model = build("llama", kind)
+    with torch.no_grad():
+        state = model(torch.arange(3, 3 + 2 * SEGMENT)[None]).memory_state
+        embeds = model.get_input_embeddings()(torch.arange(3, 3 + SEGMENT)[None])
+        embeds[0, 2, 5] = bad
+        with pytest.raises(ValueError, match="inputs_embeds contains NaN or inf"):
+            model(inputs_embeds=embeds, memory_state=state)
+
+
+def test_all_labels_ignored_warns_once():
+    model = build("llama", "kv")
+    ids = torch.ones(1, SEGMENT, dtype=torch.long)
+    with pytest.warns(UserWarning, match=r"every label is -100 \(ignored\)"):
+        model(ids, labels=torch.full_like(ids, -100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids, labels=torch.full_like(ids, -100))  # once per model: no second warning
+        model(ids, labels=ids)
 
 
 def test_mismatched_mask_and_labels():
@@ -173,4 +232,56 @@ def test_nested_memlm_is_rejected():
 def test_registration():
     from transformers import AutoConfig
 
-    assert AutoConfig.for_model("memlm").__class__ is hf_memlm.MemLMConfig
+    config = AutoConfig.for_model("memlm", text_config=base_config("llama"), memory_layers=[0])
+    assert config.__class__ is hf_memlm.MemLMConfig
+
+
+def test_config_without_text_config_is_an_error(tmp_path):
+    """No silent default base (it was a 6.7B Llama): the config and a config.json without it fail clearly."""
+    with pytest.raises(ValueError, match="MemLMConfig needs `text_config`"):
+        MemLMConfig()
+    with pytest.raises(ValueError, match="MemLMConfig needs `text_config`"):
+        MemLMConfig(memory_type="slot", segment_length=SEGMENT)
+    (tmp_path / "config.json").write_text('{"model_type": "memlm", "memory_type": "kv", "segment_length": 8}')
+    with pytest.raises(ValueError, match=r"A config\.json of model_type .memlm. must contain it"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_config_round_trips_without_a_default(tmp_path):
+    """save_pretrained diffs against defaults; with text_config required that must still work both ways."""
+    config = MemLMConfig(text_config=base_config("gpt2"), memory_type="slot", memory_layers=[1], segment_length=SEGMENT)
+    config.save_pretrained(tmp_path)
+    loaded = MemLMConfig.from_pretrained(tmp_path)
+    assert loaded.text_config.to_dict() == config.text_config.to_dict()
+    assert (loaded.memory_type, loaded.memory_layers, loaded.segment_length) == ("slot", [1], SEGMENT)
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_memory_state_of_another_dtype_is_cast(kind):
+    """A state in another dtype (e.g. saved from a float64 or bf16 run) is cast to the model's, for every kind."""
+    model = build("llama", kind)
+    ids = torch.arange(3, 3 + SEGMENT)[None]
+    with torch.no_grad():
+        state = model(torch.arange(10, 10 + 2 * SEGMENT)[None]).memory_state
+        expected = model(ids, memory_state=state)
+        wide = model(ids, memory_state=state.to(torch.float64))
+        narrow = model(ids, memory_state=state.to(torch.bfloat16))
+    torch.testing.assert_close(wide.logits, expected.logits)
+    assert narrow.logits.dtype == torch.float32
+    torch.testing.assert_close(narrow.logits, expected.logits, rtol=0.05, atol=0.05)
+    for out in (wide, narrow):
+        for name, tensor in out.memory_state.layers[0].items():
+            assert tensor.dtype == expected.memory_state.layers[0][name].dtype, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_memory_state_on_another_device_is_moved(kind):
+    model = build("llama", kind)
+    ids = torch.arange(3, 3 + SEGMENT)[None]
+    with torch.no_grad():
+        state = model(torch.arange(10, 10 + 2 * SEGMENT)[None]).memory_state
+        expected = model(ids, memory_state=state).logits
+        moved = model(ids, memory_state=state.to("cuda"))
+    torch.testing.assert_close(moved.logits, expected)
+    assert all(t.device.type == "cpu" for t in moved.memory_state.layers[0].values())

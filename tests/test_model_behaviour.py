@@ -254,3 +254,28 @@ def test_causal(arch_kind, wrapped):
         a, b = model(ids).logits, model(changed).logits
     torch.testing.assert_close(a[:, :cut], b[:, :cut], rtol=0, atol=1e-6)
     assert (a[:, cut:] - b[:, cut:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=3, num_return_sequences=2, do_sample=False),
+        dict(num_return_sequences=2, do_sample=True, top_k=1),  # sampling, but deterministic
+    ],
+    ids=["beams", "return-sequences"],
+)
+def test_generate_expands_a_batched_memory_state(kind, settings):
+    """Two prompts with a two-row state, with beams / several return sequences, give each prompt what it
+    gives alone with its own state row (generate repeats the prompts; the state is repeated with them)."""
+    model = build("llama", kind)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        state = model(_ids(2, 2 * SEGMENT, seed=30)).memory_state
+    prompts = _ids(2, SEGMENT + 2, seed=31)
+    common = dict(max_new_tokens=SEGMENT, pad_token_id=0, **settings)
+    batched = model.generate(prompts, memory_state=state, **common)
+    assert batched.shape[0] == 4
+    for row in range(2):
+        alone = model.generate(prompts[row : row + 1], memory_state=state.select([row]), **common)
+        assert torch.equal(batched[2 * row : 2 * row + 2], alone), f"prompt {row}"

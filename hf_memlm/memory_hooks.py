@@ -1,0 +1,94 @@
+"""Memory reads inside the base model: a forward hook beside each chosen decoder layer, and how the
+decoder layers of any causal LM are found.
+
+The hook adds `W_o · read(h)` to the layer's output and keeps `h` for the write after the segment. What it
+needs during one base-model call (the memory block, its state) is set per call in a `ContextVar`, never on
+the shared modules, so threads calling one model never see each other's memory.
+
+Part of the Hub payload: flat sibling files, single-dot relative imports, torch + transformers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial
+
+import torch
+from torch import nn
+
+# The memory contexts of the base-model call running in this thread (or task), keyed by decoder layer.
+# Kept out of the shared modules so that threads calling one model never see each other's memory.
+_ACTIVE_CONTEXTS: ContextVar[dict | None] = ContextVar("hf_memlm_active_contexts", default=None)
+
+
+class LayerContext:
+    """What the hook on one decoder layer needs during one segment: the block, its state, and a place
+    to leave the layer's output for the write that follows the segment."""
+
+    def __init__(self, block: nn.Module, state: dict[str, torch.Tensor]):
+        self.block = block
+        self.state = state
+        self.captured: torch.Tensor | None = None
+
+
+def memory_read_hook(layer_index: int, module: nn.Module, args, output):
+    # Runs outside any activation checkpoint (transformers checkpoints `forward`, not `__call__`), so a
+    # recomputation never reads twice. No context: the base model is being called on its own.
+    contexts = _ACTIVE_CONTEXTS.get()
+    context = contexts.get(module) if contexts else None
+    if context is None:
+        return None
+    hidden = output[0] if isinstance(output, tuple) else output
+    context.captured = hidden
+    updated = hidden + context.block(hidden, context.state, mode="read").to(hidden.dtype)
+    return (updated, *output[1:]) if isinstance(output, tuple) else updated
+
+
+def has_memory_hook(layer: nn.Module) -> bool:
+    return any(getattr(hook, "func", None) is memory_read_hook for hook in layer._forward_hooks.values())
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The `nn.ModuleList` of decoder layers: items of a class named in `_no_split_modules`, else a list
+    with `num_hidden_layers` items of one class."""
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    config = getattr(model, "config", None)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    fallback = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(item).__name__ for item in module}
+        if len(kinds) == 1 and kinds & no_split:
+            return name, module
+        if fallback is None and len(kinds) == 1 and len(module) == num_layers:
+            fallback = (name, module)
+    if fallback is not None:
+        return fallback
+    model_type = getattr(config, "model_type", type(model).__name__)
+    raise ValueError(
+        f"hf_memlm cannot find the decoder layers of a '{model_type}' model ({type(model).__name__}): no "
+        "nn.ModuleList of layers named in its `_no_split_modules` or with `num_hidden_layers` items. "
+        "Supported bases are causal LMs with a list of decoder layers (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ...)."
+    )
+
+
+def install_read_hooks(layers: nn.ModuleList, indices: list[int]) -> None:
+    """Put the memory read hook on `layers[i]` for each `i` in `indices`."""
+    for index in indices:
+        layers[index].register_forward_hook(partial(memory_read_hook, index))
+
+
+@contextmanager
+def active_contexts(contexts: dict[nn.Module, LayerContext]) -> Iterator[None]:
+    """Make `contexts` (decoder layer -> its context) what the hooks read, in this thread, for the block."""
+    token = _ACTIVE_CONTEXTS.set(contexts)
+    try:
+        yield
+    finally:
+        _ACTIVE_CONTEXTS.reset(token)
+
+
+__all__ = ["LayerContext", "active_contexts", "find_decoder_layers", "has_memory_hook", "install_read_hooks"]

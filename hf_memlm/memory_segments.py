@@ -1,0 +1,82 @@
+"""How a call's tokens are cut into base-model calls ("pieces"), row by row, for forward and generation.
+
+Row b's real token number k (counting only tokens where its attention mask is 1) belongs to segment
+k // segment_length, whatever padding surrounds it. A piece feeds every row its next real tokens, up to
+the end of that row's segment, packed to the left of the piece; with a generation window a row whose
+window is full is written to memory (flushed) before it goes on. The plan is made on the host from the
+padding pattern, once per call; outputs are then gathered back to the caller's columns.
+
+Part of the Hub payload: flat sibling files, single-dot relative imports, torch + transformers only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Piece:
+    """One base-model call. Row b feeds its real tokens [starts[b], starts[b] + counts[b]) (numbered among
+    its real tokens only) at columns [0, counts[b]) of a piece `width` columns wide; the rest is padding.
+    `flush[b]`: row b's window is full, write it to memory before this piece."""
+
+    starts: list[int]
+    counts: list[int]
+    width: int
+    flush: list[bool]
+
+
+def plan_pieces(real_counts: list[int], live: list[int], segment_length: int, keep_window: bool) -> list[Piece]:
+    """The pieces of one call, given each row's number of new real tokens and of tokens already in its window."""
+    batch = len(real_counts)
+    consumed, live = [0] * batch, list(live)
+    pieces = []
+    while any(done < total for done, total in zip(consumed, real_counts)):
+        remaining = [total - done for total, done in zip(real_counts, consumed)]
+        # a full window is written only when its row has more tokens (as a row alone does)
+        flush = [live[b] >= segment_length and remaining[b] > 0 for b in range(batch)]
+        live = [0 if full else n for full, n in zip(flush, live)]
+        counts = [min(segment_length - n, r) for n, r in zip(live, remaining)]
+        pieces.append(Piece(starts=list(consumed), counts=counts, width=max(counts), flush=flush))
+        consumed = [done + n for done, n in zip(consumed, counts)]
+        live = [n + c for n, c in zip(live, counts)] if keep_window else [0] * batch
+    return pieces
+
+
+def locate_outputs(pieces: list[Piece], host_mask: torch.Tensor, wanted: int):
+    """For the caller's last `wanted` columns: which piece, and which column of it, gives each one's outputs
+    (a padded column takes those of the nearest real token before it, else of the row's first real token)."""
+    real_before = host_mask.long().cumsum(-1)[:, host_mask.shape[1] - wanted :]
+    token = (real_before - 1).clamp(min=0)  # (B, wanted): the row's real token number to read
+    starts = torch.tensor([p.starts for p in pieces]).T.contiguous()  # (B, P)
+    ends = starts + torch.tensor([p.counts for p in pieces]).T
+    piece = torch.searchsorted(ends.contiguous(), token, right=True)
+    piece = torch.where(ends[:, -1:] == 0, 0, piece)  # a row without real tokens: its first piece, column 0
+    return piece, token - starts.gather(1, piece)
+
+
+def gather_index(pieces: list[Piece], piece: torch.Tensor, column: torch.Tensor, keep_all: bool):
+    """How many trailing columns of each piece's outputs to keep, and where each wanted output lands in the
+    concatenation of the kept columns."""
+    widths = torch.tensor([p.width for p in pieces])
+    if keep_all:
+        first = torch.zeros_like(widths)
+    else:
+        first = widths.scatter_reduce(0, piece.flatten(), column.flatten(), reduce="amin")
+    kept = widths - first
+    offsets = torch.cumsum(kept, 0) - kept
+    return kept.tolist(), offsets[piece] + column - first[piece]
+
+
+def to_caller_columns(parts: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    joined = torch.cat(parts, dim=1)
+    batch, wanted = index.shape
+    if joined.shape[1] == wanted and torch.equal(index, torch.arange(wanted).expand(batch, wanted)):
+        return joined  # no padding moved anything
+    index = index.to(joined.device)[..., None].expand(-1, -1, joined.shape[-1])
+    return joined.gather(1, index)
+
+
+__all__ = ["Piece", "gather_index", "locate_outputs", "plan_pieces", "to_caller_columns"]

@@ -1,0 +1,85 @@
+"""One model called from several threads at once gives each call what it gives when called alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import SEGMENT, VOCAB, build
+
+THREADS = 4
+CALLS_PER_THREAD = 6
+
+
+def _work(thread: int) -> list[tuple[torch.Tensor, dict]]:
+    """Each thread streams its own document: calls carrying the memory state from one to the next."""
+    generator = torch.Generator().manual_seed(100 + thread)
+    return [torch.randint(3, VOCAB, (2, 2 * SEGMENT + 3), generator=generator) for _ in range(CALLS_PER_THREAD)]
+
+
+def _stream(model, inputs: list[torch.Tensor], start: threading.Barrier | None = None) -> list[torch.Tensor]:
+    if start is not None:
+        start.wait()
+    logits, state = [], None
+    with torch.no_grad():
+        for ids in inputs:
+            out = model(ids, memory_state=state)
+            logits.append(out.logits)
+            state = out.memory_state
+    return logits
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_concurrent_calls_equal_serial_calls(kind):
+    model = build("llama", kind)
+    work = [_work(t) for t in range(THREADS)]
+    serial = [_stream(model, inputs) for inputs in work]
+
+    results: dict[int, list[torch.Tensor]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(THREADS)
+
+    def run(thread: int) -> None:
+        try:
+            results[thread] = _stream(model, work[thread], start)
+        except BaseException as error:  # surfaced below with the thread's number
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    wrong = [
+        (t, call)
+        for t in range(THREADS)
+        for call in range(CALLS_PER_THREAD)
+        if not torch.allclose(results[t][call], serial[t][call], rtol=1e-5, atol=1e-5)
+    ]
+    assert not wrong, f"{len(wrong)} of {THREADS * CALLS_PER_THREAD} concurrent calls differ from serial: {wrong}"
+
+
+def test_concurrent_generation_equals_serial():
+    model = build("gpt2", "kv")
+    model.generation_config.eos_token_id = None
+    prompts = [
+        torch.randint(3, VOCAB, (1, SEGMENT + 3 + t), generator=torch.Generator().manual_seed(t)) for t in range(3)
+    ]
+    settings = dict(max_new_tokens=SEGMENT + 2, do_sample=False, pad_token_id=0)
+    serial = [model.generate(p, **settings) for p in prompts]
+    results: dict[int, torch.Tensor] = {}
+    start = threading.Barrier(len(prompts))
+
+    def run(index: int) -> None:
+        start.wait()
+        results[index] = model.generate(prompts[index], **settings)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, expected in enumerate(serial):
+        assert torch.equal(results[index], expected), f"thread {index}"
