@@ -94,7 +94,7 @@ def test_load_rejects_folder_empty_and_missing(tmp_path):
     (tmp_path / "empty.safetensors").touch()
     with pytest.raises(ValueError, match=r"empty\.safetensors is empty"):
         MemoryState.load(tmp_path / "empty.safetensors")
-    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors"):
         MemoryState.load(tmp_path / "nothing.safetensors")
 
 
@@ -103,7 +103,7 @@ def test_load_rejects_truncated_files(tmp_path, keep):
     path = tmp_path / "memory.safetensors"
     _state().save(path)
     data = path.read_bytes()
-    path.write_bytes(data[:keep] if keep > 0 else data[:keep])
+    path.write_bytes(data[:keep])
     with pytest.raises(ValueError, match=r"memory\.safetensors .*truncated"):
         MemoryState.load(path)
 
