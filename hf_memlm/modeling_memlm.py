@@ -160,8 +160,8 @@ class MemLMPreTrainedModel(PreTrainedModel):
                 if name in kwargs
             }
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        if not self.should_save_on_this_rank(is_main_process):
-            return
+        if not self.should_save_on_this_rank(is_main_process) or not os.path.isdir(save_directory):
+            return  # another rank saves; or a file path, which transformers logs and ignores
         write_model_card(save_directory, self.config, num_parameters=parameter_counts(self))
         if push_to_hub:
             repo_id = hub_settings.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))

@@ -299,3 +299,12 @@ def test_the_cards_usage_snippet_runs_without_the_package(tmp_path):
     again = (tmp_path / "again" / "README.md").read_text()
     assert CARD_MARKER in again and "kv-memory" in again and "trust_remote_code=True" in again
     assert "{{" not in again and "## Use" not in again  # the built-in card, not the package's template
+
+
+def test_save_pretrained_on_other_ranks_or_onto_a_file_writes_no_card(tmp_path):
+    model = build("llama", "kv")
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1" / "README.md").exists()
+    (tmp_path / "file").write_text("x")
+    model.save_pretrained(tmp_path / "file")  # transformers logs an error and writes nothing
+    assert (tmp_path / "file").read_text() == "x"

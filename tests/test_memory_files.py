@@ -12,6 +12,7 @@ from conftest import SEGMENT, build
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import hf_memlm
 from hf_memlm import MemoryState
 
 
@@ -173,3 +174,28 @@ def test_load_rejects_out_of_range_offsets(tmp_path):
     _write_raw(path, header, b"\x00" * 8)
     with pytest.raises(ValueError, match=r"truncated: tensor 'layer\.0\.memory' ends at byte 16"):
         MemoryState.load(path)
+
+
+def test_generate_save_memory_onto_the_weights_keeps_the_model(tmp_path, capsys):
+    """`hf-memlm generate MODEL --save-memory MODEL/model.safetensors` must not destroy the model."""
+    from hf_memlm.cli import main
+    from hf_memlm.data import build_tokenizer
+    from hf_memlm.defaults import tiny_llama_config
+    from hf_memlm.modeling_memlm import MemLMForCausalLM
+
+    config = hf_memlm.MemLMConfig(text_config=tiny_llama_config(hidden_size=32), memory_layers=[0], segment_length=16)
+    MemLMForCausalLM(config).save_pretrained(tmp_path)
+    build_tokenizer("byte").save_pretrained(tmp_path)
+    document = tmp_path / "doc.txt"
+    document.write_text("The pass key is 12345. " * 8)
+    weights = tmp_path / "model.safetensors"
+    before = weights.read_bytes()
+    argv = ["generate", str(tmp_path), "--prompt", "key", "--read", str(document), "--save-memory", str(weights)]
+    try:
+        code = main([*argv, "--max-new-tokens", "2", "--device", "cpu"])
+    except ValueError as error:  # the command line may also report it as an error message and exit code 2
+        assert "refusing to overwrite" in str(error)
+    else:
+        assert code == 2 and "refusing to overwrite" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # still a loadable model
