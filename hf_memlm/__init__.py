@@ -6,6 +6,7 @@ Importing the package registers `model_type="memlm"` with `AutoConfig` and `Auto
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_memlm import MemLMConfig
+from .integrations.lora import lora_target_modules
 from .memory_state import MemoryState
 from .modeling_memlm import MemLMCache, MemLMCausalLMOutput, MemLMForCausalLM
 
@@ -18,4 +19,12 @@ AutoModelForCausalLM.register(MemLMConfig, MemLMForCausalLM, exist_ok=True)
 MemLMConfig.register_for_auto_class()
 MemLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMConfig", "MemLMForCausalLM", "MemoryState", "__version__"]
+__all__ = [
+    "MemLMCache",
+    "MemLMCausalLMOutput",
+    "MemLMConfig",
+    "MemLMForCausalLM",
+    "MemoryState",
+    "__version__",
+    "lora_target_modules",
+]

@@ -102,21 +102,23 @@ class KVMemory(MemoryBlock):
         self.topk = config.memory_topk
         self.value_shift = config.memory_value_shift
         self.storage_dtype = _DTYPES.get(config.memory_dtype) if config.memory_dtype else None
-        self.q_proj = nn.Linear(self.hidden_size, width, bias=False)
-        self.k_proj = nn.Linear(self.hidden_size, width, bias=False)
-        self.v_proj = nn.Linear(self.hidden_size, width, bias=False)
-        self.o_proj = nn.Linear(width, self.hidden_size, bias=False)
+        # Names no base model uses: PEFT matches `target_modules` by name suffix, so a memory projection
+        # called `q_proj` would silently get LoRA from LoraConfig(target_modules=["q_proj", "v_proj"]).
+        self.mem_query = nn.Linear(self.hidden_size, width, bias=False)
+        self.mem_key = nn.Linear(self.hidden_size, width, bias=False)
+        self.mem_value = nn.Linear(self.hidden_size, width, bias=False)
+        self.mem_out = nn.Linear(width, self.hidden_size, bias=False)
         # log of the per-head softmax temperature applied to cosine similarities
         self.log_scale = nn.Parameter(torch.empty(self.num_heads))
 
     def reset_parameters(self, std: float) -> None:
-        for proj in (self.q_proj, self.v_proj):
+        for proj in (self.mem_query, self.mem_value):
             init.normal_(proj.weight, mean=0.0, std=std)
         # Keys start equal to queries: a token's query then best matches stored tokens in the same context,
         # and with value shift 1 the read returns "what followed this context last time" from step 0.
         # With independent random q/k the read is noise and a from-scratch passkey model stays at chance.
-        init.copy_(self.k_proj.weight, self.q_proj.weight)
-        init.zeros_(self.o_proj.weight)
+        init.copy_(self.mem_key.weight, self.mem_query.weight)
+        init.zeros_(self.mem_out.weight)
         # Scores are cosines in [-1, 1]: a temperature of sqrt(head_dim) (4 at head_dim 16) leaves the softmax
         # over hundreds of entries almost flat; 16 lets the best match dominate from the start.
         init.constant_(self.log_scale, math.log(INITIAL_TEMPERATURE))
@@ -151,15 +153,15 @@ class KVMemory(MemoryBlock):
     def read(self, hidden_states, state):
         if state["keys"].shape[2] == 0:
             return torch.zeros_like(hidden_states)
-        queries = F.normalize(split_heads(self.q_proj(hidden_states), self.num_heads), dim=-1)
+        queries = F.normalize(split_heads(self.mem_query(hidden_states), self.num_heads), dim=-1)
         out = retrieve(queries, state["keys"], state["values"], state["valid"], self.log_scale.exp(), self.topk)
-        return self.o_proj(merge_heads(out))
+        return self.mem_out(merge_heads(out))
 
     def write(self, hidden_states, mask, state):
         batch, tokens, _ = hidden_states.shape
         store = self._store_dtype(hidden_states.dtype)
-        keys = F.normalize(split_heads(self.k_proj(hidden_states), self.num_heads), dim=-1).to(store)
-        values = split_heads(self.v_proj(hidden_states), self.num_heads).to(store)  # (B, H, T, d)
+        keys = F.normalize(split_heads(self.mem_key(hidden_states), self.num_heads), dim=-1).to(store)
+        values = split_heads(self.mem_value(hidden_states), self.num_heads).to(store)  # (B, H, T, d)
         pending_key, pending_valid = state["pending_key"], state["pending_valid"]
         if self.value_shift == 1:
             # Entry at token e pairs the key of the previous *valid* token (or the pending key carried over

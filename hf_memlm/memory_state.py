@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -100,38 +103,64 @@ class MemoryState:
 
     # -- persistence -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write to a safetensors file (e.g. `memory.safetensors`)."""
+        """Write to a safetensors file (e.g. `memory.safetensors`).
+
+        The file is written next to its destination and then renamed over it, so a crash never leaves a
+        half-written file. An existing file is replaced only if it is a MemoryState file (or empty): saving
+        onto a model's `model.safetensors`, or any other file, raises a ValueError and leaves it untouched.
+        """
+        path = Path(path)
+        _check_save_target(path)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self._tensors()}
         metadata = {
             "format": _FORMAT,
             "memory_type": self.memory_type,
             "layers": json.dumps(sorted(self.layers)),
         }
-        save_file(tensors, str(path), metadata=metadata)
+        # A unique hidden name in the same folder: the final rename stays on one file system (atomic).
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
+        try:
+            save_file(tensors, str(partial), metadata=metadata)
+            with open(partial, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> MemoryState:
-        """Read a file written by `save`."""
-        from safetensors import safe_open
+        """Read a file written by `save`.
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        Raises FileNotFoundError when `path` does not exist and ValueError, naming the file and what is
+        wrong, when it is not a readable MemoryState file (a folder, empty, truncated, another safetensors
+        file, or metadata that does not match the tensors stored).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"memory file {str(path)!r} does not exist.")
+        header, metadata = _read_header(path)
         if metadata.get("format") != _FORMAT:
             raise ValueError(
                 f"{path} is not a MemoryState file (format {metadata.get('format')!r}, expected {_FORMAT!r}); "
                 "write it with MemoryState.save()."
             )
-        flat = load_file(str(path), device=str(device))
-        layers: dict[int, dict[str, torch.Tensor]] = {int(i): {} for i in json.loads(metadata["layers"])}
-        window: dict[str, torch.Tensor] = {}
-        for key, tensor in flat.items():
-            head, _, rest = key.partition(".")
-            if head == WINDOW:
-                window[rest] = tensor
-            else:
-                layer, _, name = rest.partition(".")
-                layers[int(layer)][name] = tensor
-        return cls(metadata["memory_type"], layers, window)
+        memory_type, layer_names, window_names = _check_layout(path, metadata, header)
+        try:
+            flat = load_file(str(path), device=str(device))
+        except Exception as error:  # safetensors raises its own error type for damaged data
+            raise ValueError(f"memory file {path} cannot be read: {error}") from error
+        layers = {
+            layer: {name: flat[f"layer.{layer}.{name}"] for name in names} for layer, names in layer_names.items()
+        }
+        window = {name: flat[f"{WINDOW}.{name}"] for name in window_names}
+        state = cls(memory_type, layers, window)
+        sizes = {tensor.shape[0] if tensor.dim() else None for _, tensor in state._tensors()}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(
+                f"memory file {path} is inconsistent: its tensors do not share one batch size (first dimensions "
+                f"{sorted(s for s in sizes if s is not None)}); it was not written by MemoryState.save()."
+            )
+        return state
 
     def __repr__(self) -> str:
         parts = []
@@ -140,6 +169,115 @@ class MemoryState:
             parts.append(f"{layer}: {shapes}")
         window = f", window={self.window_length} tokens" if self.window else ""
         return f"MemoryState({self.memory_type}, layers={{{'; '.join(parts)}}}{window})"
+
+
+def _read_header(path: Path) -> tuple[dict, dict]:
+    """The safetensors header of `path` (tensor entries, metadata), checked against the file's size.
+
+    Layout: an 8-byte little-endian header length, a JSON header, then the tensor data."""
+    if path.is_dir():
+        raise ValueError(
+            f"memory file {str(path)!r} is a folder; pass the path of a file written by MemoryState.save()."
+        )
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"memory file {path} is empty; it was not (completely) written by MemoryState.save().")
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"memory file {path} is truncated ({size} bytes, shorter than a safetensors header).")
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > size - 8:
+            raise ValueError(
+                f"memory file {path} is not a safetensors file or is truncated: its header claims {header_length} "
+                f"bytes but the file holds {size - 8} after the length prefix."
+            )
+        raw = handle.read(header_length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"memory file {path} has a damaged safetensors header ({error}).") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"memory file {path} has a damaged safetensors header (not a JSON object).")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"memory file {path} has damaged metadata (not a JSON object).")
+    data_size = size - 8 - header_length
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"memory file {path} has a damaged entry for tensor {name!r}.")
+        if offsets[1] > data_size:
+            raise ValueError(
+                f"memory file {path} is truncated: tensor {name!r} ends at byte {offsets[1]} of the data but only "
+                f"{data_size} bytes are there."
+            )
+    return header, metadata
+
+
+def _check_layout(path: Path, metadata: dict, header: dict) -> tuple[str, dict[int, list[str]], list[str]]:
+    """Check the metadata (memory type, layers) against the tensors stored; return the memory type, the
+    tensor names per layer and the window's tensor names."""
+    from .modeling_memlm import MEMORY_KINDS  # imported here: modeling_memlm imports this module
+
+    memory_type = metadata.get("memory_type")
+    if memory_type not in MEMORY_KINDS:
+        raise ValueError(
+            f"memory file {path} names memory type {memory_type!r}; known types are {sorted(MEMORY_KINDS)}."
+        )
+    try:
+        listed = json.loads(metadata.get("layers", ""))
+    except json.JSONDecodeError:
+        listed = None
+    if not (
+        isinstance(listed, list) and listed and all(isinstance(i, int) and not isinstance(i, bool) for i in listed)
+    ):
+        raise ValueError(
+            f"memory file {path} has damaged metadata: 'layers' must list layer indices, got {metadata.get('layers')!r}."
+        )
+    layer_names: dict[int, list[str]] = {layer: [] for layer in listed}
+    window_names = []
+    for key in header:
+        head, _, rest = key.partition(".")
+        layer, _, name = rest.partition(".")
+        if head == WINDOW and rest:
+            window_names.append(rest)
+        elif head == "layer" and name and layer.lstrip("-").isdigit() and int(layer) in layer_names:
+            layer_names[int(layer)].append(name)
+        else:
+            raise ValueError(
+                f"memory file {path} holds tensor {key!r}, which belongs to no layer listed in its metadata "
+                f"({listed}); the file is damaged or was not written by MemoryState.save()."
+            )
+    expected = set(MEMORY_KINDS[memory_type].state_names)
+    for layer, names in layer_names.items():
+        if set(names) != expected:
+            raise ValueError(
+                f"memory file {path} does not match its metadata: layer {layer} holds tensors {sorted(names)} but "
+                f"'{memory_type}' memory stores {sorted(expected)}."
+            )
+    return memory_type, layer_names, window_names
+
+
+def _check_save_target(path: Path) -> None:
+    """Refuse to replace anything but an earlier MemoryState file (or an empty file)."""
+    if path.is_dir():
+        raise ValueError(
+            f"cannot save memory to {str(path)!r}: it is a folder; give a file path such as memory.safetensors."
+        )
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save memory to {str(path)!r}: folder {str(path.parent)!r} does not exist.")
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        _, metadata = _read_header(path)
+    except ValueError:
+        metadata = {}
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(
+            f"refusing to overwrite {path}: it exists and is not a MemoryState file (it may hold model weights); "
+            "save the memory under another name, such as memory.safetensors, or delete the file first."
+        )
 
 
 __all__ = ["MemoryState"]

@@ -323,7 +323,7 @@ def saved_model(tmp_path_factory):
     model = hf_memlm.MemLMForCausalLM(config)
     with torch.no_grad():
         for block in model.memory_blocks.values():
-            block.o_proj.weight.normal_(std=0.3)
+            block.mem_out.weight.normal_(std=0.3)
     model.save_pretrained(folder)
     build_tokenizer("byte").save_pretrained(folder)
     return folder

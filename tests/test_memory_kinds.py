@@ -24,7 +24,7 @@ def _identity_kv(capacity=64, topk=None, shift=0, sharp=50.0) -> KVMemory:
     """A kv block whose projections are identities, so stored values are the written hidden states."""
     block = KVMemory(_config(memory_type="kv", memory_size=capacity, memory_topk=topk, memory_value_shift=shift), 0)
     with torch.no_grad():
-        for proj in (block.q_proj, block.k_proj, block.v_proj, block.o_proj):
+        for proj in (block.mem_query, block.mem_key, block.mem_value, block.mem_out):
             proj.weight.copy_(torch.eye(HIDDEN))
         block.log_scale.fill_(math.log(sharp))
     return block

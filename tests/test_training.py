@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from memory_names import memory_output_projection
 from transformers import AutoModelForCausalLM, LlamaConfig, default_data_collator
 
 import hf_memlm
@@ -221,7 +222,7 @@ def test_lora_with_memory_trains_memory_saves_and_reloads_tensor_by_tensor(tmp_p
     trained_copy = wrapper.modules_to_save["default"]
     for name, param in trained_copy.named_parameters():
         assert param.requires_grad and param.grad is not None, f"memory {name} is not in the graph"
-    assert trained_copy.o_proj.weight.grad.abs().sum() > 0
+    assert trained_copy.mem_out.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in wrapper.original_module.parameters())
     model.zero_grad()
 
@@ -281,7 +282,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind, monkey
     def loss_and_grads(checkpointing: bool):
         model = tiny_memlm(kind, seed=3)
         with torch.no_grad():  # non-zero output projection, so the memory read matters
-            model.memory_blocks["0"].o_proj.weight.normal_(0, 0.3)
+            memory_output_projection(model.memory_blocks["0"]).weight.normal_(0, 0.3)
         if checkpointing:
             model.activation_checkpointing_enable()
         model.train()
