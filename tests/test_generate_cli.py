@@ -155,7 +155,8 @@ def test_generate_checks_every_input_before_the_work(kv_model, slot_model, tmp_p
     assert f"--read file '{tmp_path / 'missing.txt'}' does not exist" in capsys.readouterr().err
 
     assert generate(slot_model, "--prompt", PROMPT, "--memory-size", 4096) == 2
-    assert "--memory-size apply to kv memory, but" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--memory-size (kv memory settings) cannot be used here: '{slot_model}' holds 'slot' memory" in err
     assert generate(kv_model, "--prompt", PROMPT, "--memory-size", 4) == 2
     assert "memory_topk=8 is larger than memory_size=4: top-k cannot read more entries" in capsys.readouterr().err
     with pytest.raises(SystemExit):

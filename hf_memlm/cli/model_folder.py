@@ -100,12 +100,13 @@ def memory_overrides(args, config: dict, folder: Path) -> dict:
     flags = " and ".join(f"--{name.replace('_', '-')}" for name in overrides)
     if config.get("model_type") != "memlm":
         raise ValueError(
-            f"{flags} apply to a memory LM, but {str(folder)!r} holds a {config.get('model_type')!r} model."
+            f"{flags} (memory settings) cannot be used here: {str(folder)!r} holds a "
+            f"{config.get('model_type')!r} model, not a memory LM."
         )
     if config.get("memory_type") != "kv":
         raise ValueError(
-            f"{flags} apply to kv memory, but {str(folder)!r} holds {config.get('memory_type')!r} memory, whose "
-            "size (num_slots) is fixed by its weights."
+            f"{flags} (kv memory settings) cannot be used here: {str(folder)!r} holds "
+            f"{config.get('memory_type')!r} memory, whose size (num_slots) is fixed by its weights."
         )
     size = overrides.get("memory_size", config.get("memory_size"))
     topk = overrides.get("memory_topk", config.get("memory_topk"))
