@@ -3,6 +3,8 @@
 Loads the model with `AutoModelForCausalLM` (and the tokenizer saved beside it), generates the task data
 with `hf_memlm.data` (seeded), evaluates with memory, with memory disabled and (retrieval tasks) the base
 model alone reading its own window, prints the table and writes <task>.json, <task>.md and <task>.png.
+`--memory-size` / `--memory-topk` change the kv memory's settings at load time (e.g. to evaluate lengths
+beyond the saved memory_size). The folder, its weights, the settings and --output-dir are checked first.
 """
 
 from __future__ import annotations
