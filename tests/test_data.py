@@ -21,7 +21,7 @@ from hf_memlm.data import (
     make_recall_dataset,
     pack_documents,
 )
-from hf_memlm.data.tasks import PASSKEY_NEEDLE_PREFIX, PASSKEY_NEEDLE_SUFFIX
+from hf_memlm.data.tasks import PASSKEY_NEEDLE_PREFIX, PASSKEY_NEEDLE_SUFFIX, PASSKEY_QUESTION
 from hf_memlm.recipes.defaults import tiny_llama_config
 
 L, S = 64, 6  # segment_length, num_segments used by most task tests
@@ -213,7 +213,13 @@ def _check_answers(example, tokenizer, segment_length, num_segments):
         assert distance == start - written and distance_segments == start // segment_length - written // segment_length
         expected_spans.append((start, start + length))
     labelled = [position for begin, end in _labelled_spans(labels) for position in range(begin, end)]
-    assert labelled == [position for begin, end in expected_spans for position in range(begin, end)]
+    expected = [position for begin, end in expected_spans for position in range(begin, end)]
+    if "question_start" in example:  # passkey: the reply is the space before the key, the key, the end marker
+        (start, end), reply_end = expected_spans[0], expected_spans[0][1] + 1
+        assert ids[end] == tokenizer.eos_token_id
+        space_apart = tokenizer.decode(ids[start - 1 : start]) == " "  # byte tokens; a BPE merges it ("Ġ48213")
+        expected = list(range(start - 1 if space_apart else start, reply_end))
+    assert labelled == expected
 
 
 TASKS = [
@@ -255,8 +261,10 @@ def test_passkey_needle_placement(byte_tokenizer):
         assert bytes(example["input_ids"][start : start + len(needle)]) == needle
         assert start // L == (start + len(needle) - 1) // L == 1 == example["needle_segment"]
         assert example["distance_segments"] == S - 1 - 1
-        assert bytes(example["input_ids"][-45:]).decode().endswith(f"The pass key is {example['answer']}")
-        assert len(example["answer"]) == example["answer_length"] == 5  # the space before the key is not labelled
+        ending = example["input_ids"][-46:]
+        assert ending[-1] == byte_tokenizer.eos_token_id  # the end marker closes the reply
+        assert bytes(ending[:-1]).decode().endswith(f"What is the pass key? The pass key is {example['answer']}")
+        assert len(example["answer"]) == example["answer_length"] == 5  # the answer (scored) is the key alone
     random_depth = make_passkey_dataset(byte_tokenizer, 30, L, S)
     assert set(random_depth["needle_segment"]) <= set(range(S - 1)) and len(set(random_depth["needle_segment"])) > 2
     assert len({tuple(ids[L : L + 16]) for ids in random_depth["input_ids"]}) > 20  # filler read from random offsets
@@ -264,6 +272,54 @@ def test_passkey_needle_placement(byte_tokenizer):
     assert in_window["distance_segments"] == [0, 0, 0]
     for example in in_window:
         _check_answers(example, byte_tokenizer, 128, 2)
+
+
+def test_passkey_reply_is_what_the_model_must_produce(byte_tokenizer):
+    """The labels cover " 48213<eos>": the space before the key (given in the question, the model could not
+    answer a prompt without it) and the end marker after it; the answer columns keep the key alone."""
+    for example in make_passkey_dataset(byte_tokenizer, 4, L, S):
+        reply = [token for token in example["labels"] if token != IGNORE_INDEX]
+        assert reply == list(f" {example['answer']}".encode()) + [byte_tokenizer.eos_token_id]
+        start, length = example["answer_start"], example["answer_length"]
+        assert bytes(example["input_ids"][start : start + length]).decode() == example["answer"]
+    for example in make_passkey_dataset(byte_tokenizer, 2, L, S, end_marker=False):
+        reply = [token for token in example["labels"] if token != IGNORE_INDEX]
+        assert reply == list(f" {example['answer']}".encode())
+        assert bytes(example["input_ids"][-6:]).decode() == f" {example['answer']}"
+
+
+def test_passkey_question_at_random_positions_of_the_last_segment(byte_tokenizer):
+    question = PASSKEY_QUESTION.encode()
+    dataset = make_passkey_dataset(byte_tokenizer, 60, L, S, question_position="random", seed=5)
+    starts = dataset["question_start"]
+    reply_length = 1 + 5 + 1
+    assert all((S - 1) * L <= start <= S * L - len(question) - reply_length for start in starts)
+    assert min(starts) - (S - 1) * L <= 2 and S * L - len(question) - reply_length - max(starts) <= 2  # both ends
+    for example in dataset:
+        _check_answers(example, byte_tokenizer, L, S)
+        start = example["question_start"]
+        assert bytes(example["input_ids"][start : start + len(question)]) == question
+        assert example["answer_start"] == start + len(question) + 1
+    # the default asks at the very end, as before
+    assert make_passkey_dataset(byte_tokenizer, 3, L, S)["question_start"] == [S * L - len(question) - reply_length] * 3
+    # a needle in the last segment is asked about after it
+    shared = make_passkey_dataset(byte_tokenizer, 20, 128, 2, needle_segment=1, question_position="random")
+    for example in shared:
+        needle_end = example["needle_start"] + len(f"{PASSKEY_NEEDLE_PREFIX} 00000{PASSKEY_NEEDLE_SUFFIX}")
+        assert needle_end <= example["question_start"]
+        _check_answers(example, byte_tokenizer, 128, 2)
+
+
+def test_passkey_reply_options_are_checked(byte_tokenizer):
+    with pytest.raises(ValueError, match=r"question_position='middle' is unknown; choose one of \('end', 'random'\)"):
+        make_passkey_dataset(byte_tokenizer, 2, L, S, question_position="middle")
+    with pytest.raises(ValueError, match="end_marker must be true or false, got 'yes'"):
+        make_passkey_dataset(byte_tokenizer, 2, L, S, end_marker="yes")
+    no_eos = build_tokenizer("byte")
+    no_eos.eos_token = None
+    with pytest.raises(ValueError, match=r"this tokenizer has no eos_token; set one .* or pass end_marker=False"):
+        make_passkey_dataset(no_eos, 2, L, S)
+    assert len(make_passkey_dataset(no_eos, 2, L, S, end_marker=False)) == 2
 
 
 def test_recall_pairs_and_queries(byte_tokenizer):
@@ -297,7 +353,7 @@ def test_task_error_messages(byte_tokenizer):
         make_passkey_dataset(byte_tokenizer, 2, L, S, needle_segment=-1)
     with pytest.raises(ValueError, match="needle_segment=5 is the last segment"):
         make_passkey_dataset(byte_tokenizer, 2, L, S, needle_segment=5)
-    with pytest.raises(ValueError, match="question and answer take 44 tokens but segment_length=32"):
+    with pytest.raises(ValueError, match="question and answer take 45 tokens but segment_length=32"):
         make_passkey_dataset(byte_tokenizer, 2, 32, S)
     with pytest.raises(ValueError, match="filler='poetry' is unknown"):
         make_passkey_dataset(byte_tokenizer, 2, L, S, filler="poetry")

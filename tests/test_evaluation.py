@@ -424,3 +424,35 @@ def test_cli_eval_reports_bad_input(saved_model, tmp_path, capsys):
         (no_tokenizer / name).write_bytes((saved_model / name).read_bytes())
     assert run_cli(no_tokenizer, "--task", "passkey", "--output-dir", tmp_path, "--no-progress") == 2
     assert "no tokenizer could be loaded" in capsys.readouterr().err
+
+
+def test_cli_eval_memory_settings_are_changed_at_load_time(saved_model, tmp_path):
+    out = tmp_path / "report"
+    common = ["--task", "passkey", "--num-examples", 2, "--num-segments", 2, "--no-baselines", "--no-progress"]
+    assert run_cli(saved_model, *common, "--check-generate", 0, "--output-dir", out, "--memory-size", 1024) == 0
+    model = json.loads((out / "passkey.json").read_text())["model"]
+    assert (model["memory_size"], model["memory_topk"]) == (1024, 8)  # saved: 256 and 8
+    assert run_cli(saved_model, *common, "--check-generate", 0, "--output-dir", out, "--memory-topk", "none") == 0
+    model = json.loads((out / "passkey.json").read_text())["model"]
+    assert (model["memory_size"], model["memory_topk"]) == (256, None)
+
+
+def test_cli_eval_checks_paths_and_settings_before_the_work(saved_model, tmp_path, capsys):
+    report_file = tmp_path / "report.txt"
+    report_file.write_text("keep me")
+    assert run_cli(saved_model, "--task", "passkey", "--output-dir", report_file, "--no-progress") == 2
+    assert f"--output-dir '{report_file}' is an existing file, not a folder" in capsys.readouterr().err
+    assert report_file.read_text() == "keep me"
+
+    assert run_cli(saved_model, "--task", "passkey", "--output-dir", tmp_path / "r", "--memory-size", 4) == 2
+    assert "memory_topk=8 is larger than memory_size=4" in capsys.readouterr().err
+    assert run_cli(saved_model, "--task", "passkey", "--output-dir", tmp_path / "r", "--memory-size", 0) == 2
+    assert "--memory-size=0 must be at least 1" in capsys.readouterr().err
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (no_weights / name).write_bytes((saved_model / name).read_bytes())
+    assert run_cli(no_weights, "--task", "passkey", "--output-dir", tmp_path / "r") == 2
+    assert "has a config.json but no weights" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -131,7 +131,7 @@ def test_a_readme_the_user_wrote_is_kept(tmp_path, caplog):
 
 def test_card_with_training_and_the_evaluation_report(tmp_path):
     from hf_memlm.data import build_tokenizer
-    from hf_memlm.defaults import tiny_llama_config
+    from hf_memlm.recipes.defaults import tiny_llama_config
     from hf_memlm.evaluation import evaluate_retrieval, format_markdown, retrieval_dataset
 
     config = hf_memlm.MemLMConfig(text_config=tiny_llama_config(), memory_layers=[0], segment_length=64)
@@ -269,7 +269,7 @@ def test_the_cards_usage_snippet_runs_without_the_package(tmp_path):
     """In a process that cannot import hf_memlm: the card's snippet runs, and saving again from the copied
     payload (which has no template next to it) writes the built-in card."""
     from hf_memlm.data import build_tokenizer
-    from hf_memlm.defaults import tiny_llama_config
+    from hf_memlm.recipes.defaults import tiny_llama_config
 
     folder = tmp_path / "model"
     config = hf_memlm.MemLMConfig(

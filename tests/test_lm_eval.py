@@ -13,7 +13,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 import hf_memlm  # noqa: E402
 from hf_memlm.data import build_tokenizer  # noqa: E402
-from hf_memlm.defaults import tiny_llama_config  # noqa: E402
+from hf_memlm.recipes.defaults import tiny_llama_config  # noqa: E402
 
 SEGMENT = 16
 WINDOW = 32  # the base model's max_position_embeddings: what lm-eval's `hf` model truncates contexts to

@@ -3,14 +3,17 @@
 Loads the model with `AutoModelForCausalLM` (and the tokenizer saved beside it), generates the task data
 with `hf_memlm.data` (seeded), evaluates with memory, with memory disabled and (retrieval tasks) the base
 model alone reading its own window, prints the table and writes <task>.json, <task>.md and <task>.png.
+`--memory-size` / `--memory-topk` change the kv memory's settings at load time (e.g. to evaluate lengths
+beyond the saved memory_size). The folder, its weights, the settings and --output-dir are checked first.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from .model_folder import add_memory_arguments, check_output_dir, check_weights, memory_overrides, read_saved_config
 
 RETRIEVAL_TASKS = ("passkey", "recall", "copy")
 TASKS = (*RETRIEVAL_TASKS, "perplexity")
@@ -79,6 +82,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_memory_arguments(parser)
 
 
 def run(args) -> int:
@@ -100,6 +104,11 @@ def _run(args) -> int:
     if args.task == "perplexity" and len(args.num_segments) != 1:
         raise EvalInputError(f"--task perplexity takes one --num-segments value, got {args.num_segments}.")
     model_dir = check_model_dir(args.model_dir)
+    try:
+        overrides = memory_overrides(args, read_saved_config(model_dir), model_dir)
+        check_output_dir(args.output_dir, "--output-dir")
+    except ValueError as error:
+        raise EvalInputError(str(error)) from error
     task_options = parse_task_options(args.task_option)
 
     import torch
@@ -122,7 +131,8 @@ def _run(args) -> int:
         transformers_logging.disable_progress_bar()
         datasets.disable_progress_bars()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), **overrides)
+    model = model.to(device).eval()
     tokenizer = load_tokenizer(args.tokenizer, model_dir, model)
     segment_length = model.config.segment_length
     progress = not args.no_progress
@@ -171,29 +181,18 @@ def _run(args) -> int:
 
 
 def check_model_dir(path) -> Path:
-    """The folder exists and holds a saved memlm model (config.json with model_type 'memlm')."""
+    """The folder exists and holds a saved memlm model (config.json with model_type 'memlm') with its weights."""
     folder = Path(path)
-    if not folder.exists():
-        raise EvalInputError(f"model folder {folder} does not exist; pass a folder written by model.save_pretrained().")
-    if not folder.is_dir():
-        raise EvalInputError(
-            f"{folder} is a file, not a model folder; pass the folder written by model.save_pretrained()."
-        )
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise EvalInputError(
-            f"{folder} has no config.json, so it holds no saved model; pass a folder written by "
-            "model.save_pretrained()."
-        )
     try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise EvalInputError(f"{config_path} is not a valid JSON config: {error}") from error
-    if model_type != "memlm":
-        raise EvalInputError(
-            f"{folder} holds a {model_type!r} model, not a memlm model; wrap it first with "
-            "MemLMForCausalLM.from_base(...) (and train it), then save_pretrained()."
-        )
+        model_type = read_saved_config(folder).get("model_type")
+        if model_type != "memlm":
+            raise ValueError(
+                f"{folder} holds a {model_type!r} model, not a memlm model; wrap it first with "
+                "MemLMForCausalLM.from_base(...) (and train it), then save_pretrained()."
+            )
+        check_weights(folder)
+    except ValueError as error:
+        raise EvalInputError(str(error)) from error
     return folder
 
 

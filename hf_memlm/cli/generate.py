@@ -1,32 +1,53 @@
-"""`hf-memlm generate MODEL_DIR --prompt TEXT [--memory FILE] [--read FILE]`: generate text with a saved
+"""`hf-memlm generate MODEL_DIR --prompt TEXT [--read FILE] [--memory FILE]`: answer a prompt with a saved
 memory LM, optionally after reading a document into its memory.
 
-  --read FILE          read the text file into memory first (segment by segment; any length)
+  --read FILE          read the UTF-8 text file into memory first (segment by segment; any length)
   --memory FILE        start from a memory saved earlier (memory.safetensors); --read adds to it
   --save-memory FILE   save the memory after reading, to answer more prompts later without re-reading
+  --memory-size N      keep N entries (one per token read) instead of the saved model's memory_size
 
-The generated text is printed to stdout; progress and notes go to stderr.
+Only the generated text is printed to stdout, up to the model's end marker (its eos token, from the saved
+generation_config, as `model.generate` stops): `--max-new-tokens` is a ceiling. Progress and notes (such
+as how much of a long document the memory had to forget) go to stderr. Every input is checked before
+the model is loaded: errors name the flag and the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from .model_folder import (
+    add_memory_arguments,
+    check_memory_output,
+    check_weights,
+    memory_overrides,
+    read_saved_config,
+    read_text_file,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 256  # a ceiling: a model trained with an end marker stops well before it
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="generate text with a saved memory LM, optionally after reading a document into memory",
+        help="answer a prompt with a saved memory LM, optionally after reading a document into memory",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model_dir", help="folder written by `hf-memlm train` (model + tokenizer)")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--read", metavar="FILE", help="text file to read into memory before generating")
+    parser.add_argument("--read", metavar="FILE", help="UTF-8 text file to read into memory before generating")
     parser.add_argument("--memory", metavar="FILE", help="memory saved earlier (MemoryState safetensors file)")
     parser.add_argument("--save-memory", metavar="FILE", help="save the memory (after --read) to this file")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"at most this many new tokens; generation stops earlier at the end marker (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=50)
@@ -35,64 +56,78 @@ def add_parser(subparsers) -> None:
         "--read-chunk-segments",
         type=int,
         default=16,
-        help="segments per forward call while reading (bounds RAM: logits of one chunk)",
+        help="segments per step of the progress bar while reading",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_memory_arguments(parser)
 
 
 def run(args) -> int:
-    from pathlib import Path
+    try:
+        return _run(args)
+    except ValueError as error:
+        return _fail(str(error))
 
-    if not Path(args.model_dir).is_dir():
-        return _fail(f"model folder {args.model_dir!r} does not exist.")
-    for flag, path in (("--read", args.read), ("--memory", args.memory)):
-        if path is not None and not Path(path).is_file():
-            return _fail(f"{flag} file {path!r} does not exist.")
+
+def _run(args) -> int:
+    folder = Path(args.model_dir)
+    config = read_saved_config(folder)
+    check_weights(folder)
+    is_memory_model = config.get("model_type") == "memlm"
+    if not is_memory_model and (args.read or args.memory or args.save_memory):
+        raise ValueError(
+            f"{args.model_dir!r} holds a {config.get('model_type')!r} model, not a memory LM; --read/--memory/"
+            "--save-memory need one."
+        )
+    overrides = memory_overrides(args, config, folder)
     if args.max_new_tokens < 1:
-        return _fail(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
     if args.read_chunk_segments < 1:
-        return _fail(f"--read-chunk-segments={args.read_chunk_segments} must be at least 1.")
+        raise ValueError(f"--read-chunk-segments={args.read_chunk_segments} must be at least 1.")
+    if args.memory is not None and not Path(args.memory).is_file():
+        raise ValueError(f"--memory file {args.memory!r} does not exist.")
+    if args.save_memory:
+        if not (args.read or args.memory):
+            raise ValueError("--save-memory needs something in memory: pass --read FILE (and/or --memory FILE).")
+        check_memory_output(args.save_memory, "--save-memory")
+    document = read_text_file(args.read, "--read") if args.read else None
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_memlm import MemLMForCausalLM, MemoryState
+    from hf_memlm import MemoryState
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, **overrides).to(device).eval()
     except (OSError, ValueError) as error:
-        return _fail(f"cannot load a model and tokenizer from {args.model_dir!r}: {error}")
-    uses_memory = args.read or args.memory or args.save_memory
-    if not isinstance(model, MemLMForCausalLM) and uses_memory:
-        return _fail(f"{args.model_dir!r} holds a {type(model).__name__}, not a memory LM; --read/--memory need one.")
+        raise ValueError(f"cannot load a model and tokenizer from {args.model_dir!r}: {error}") from error
 
     state = None
     if args.memory:
         try:
             state = MemoryState.load(args.memory, device=device)
         except (OSError, ValueError) as error:
-            return _fail(f"--memory {args.memory!r}: {error}")
-    if args.read:
-        text = Path(args.read).read_text(encoding="utf-8")
-        if not text:
-            return _fail(f"--read file {args.read!r} is empty.")
-        try:
-            state = read_into_memory(model, tokenizer, text, state, args.read_chunk_segments)
-        except ValueError as error:  # e.g. a --memory made by another model
-            return _fail(str(error))
+            raise ValueError(f"--memory {args.memory!r}: {error}") from error
+    if document is not None:
+        ids = tokenizer(document, return_tensors="pt")["input_ids"]
+        before = 0 if state is None else int(state.num_entries().max())
+        # a --memory made by another model is reported here (ValueError naming what differs)
+        after_state = read_into_memory(model, tokenizer, ids, state, args.read_chunk_segments)
+        note = overflow_note(model, args.read, ids.shape[1], before, after_state, state is None)
+        if note:
+            print(note, file=sys.stderr)
+        state = after_state
     if args.save_memory:
-        if state is None:
-            return _fail("--save-memory needs something in memory: pass --read FILE (and/or --memory FILE).")
         state.save(args.save_memory)
         print(f"memory saved to {args.save_memory}", file=sys.stderr)
 
     # a prompt that continues a remembered document carries no new beginning-of-text token
     encoded = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=state is None).to(device)
     if encoded["input_ids"].shape[1] == 0:
-        return _fail("--prompt is empty after tokenization; give some text.")
+        raise ValueError("--prompt is empty after tokenization; give some text.")
     settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     if args.do_sample:
         settings.update(temperature=args.temperature, top_k=args.top_k)
@@ -100,28 +135,69 @@ def run(args) -> int:
         settings["pad_token_id"] = tokenizer.pad_token_id
     if state is not None:
         settings["memory_state"] = state
-    try:
-        with torch.no_grad():
-            output = model.generate(**encoded, **settings)
-    except ValueError as error:
-        return _fail(str(error))
-    new_tokens = output[0, encoded["input_ids"].shape[1] :]
-    print(tokenizer.decode(new_tokens, skip_special_tokens=True))
+    with torch.no_grad():
+        output = model.generate(**encoded, **settings)
+    new_tokens = output[0, encoded["input_ids"].shape[1] :].tolist()
+    answer, stopped = until_end_marker(new_tokens, model.generation_config.eos_token_id)
+    print(tokenizer.decode(answer, skip_special_tokens=True))
+    if not stopped and len(new_tokens) >= args.max_new_tokens:
+        print(
+            f"(stopped at --max-new-tokens={args.max_new_tokens} before any end marker; raise it for more)",
+            file=sys.stderr,
+        )
     return 0
 
 
-def read_into_memory(model, tokenizer, text: str, state=None, chunk_segments: int = 16):
-    """Stream `text` through the model segment by segment; returns the memory state after it."""
+def until_end_marker(tokens: list[int], eos_token_id) -> tuple[list[int], bool]:
+    """The tokens before the first end marker (`eos_token_id`: an id, a list of ids or None), and whether
+    one was produced."""
+    markers = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    for position, token in enumerate(tokens):
+        if token in markers:
+            return tokens[:position], True
+    return tokens, False
+
+
+def read_into_memory(model, tokenizer, text, state=None, chunk_segments: int = 16):
+    """Read `text` (a string, or token ids of shape (1, tokens)) into memory with `model.memorize`, segment
+    by segment; returns the memory state after it (the same as a forward over the text would)."""
     import torch
     from tqdm.auto import tqdm
 
-    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
-    chunk = model.config.segment_length * chunk_segments
+    ids = tokenizer(text, return_tensors="pt")["input_ids"] if isinstance(text, str) else text
+    ids = ids.to(model.device)
+    chunk = model.config.segment_length * chunk_segments  # whole segments: the boundaries of one forward
     with torch.no_grad():
         for start in tqdm(range(0, ids.shape[1], chunk), desc="Reading into memory", unit="chunk", file=sys.stderr):
-            # logits_to_keep=1: reading needs the memory, not the logits of every token
-            state = model(ids[:, start : start + chunk], memory_state=state, logits_to_keep=1).memory_state
+            state = model.memorize(ids[:, start : start + chunk], memory_state=state)
     return state
+
+
+def overflow_note(model, path: str, tokens_read: int, entries_before: int, state, fresh: bool) -> str | None:
+    """What a kv memory had to forget while reading `tokens_read` tokens, and how to keep it; None if nothing."""
+    config = model.config
+    if config.memory_type != "kv":
+        return None
+    capacity = config.memory_size
+    # every token read becomes an entry, except the first of a fresh stream when a key waits for the next
+    # token's value (memory_value_shift=1)
+    entries_needed = entries_before + tokens_read - (config.memory_value_shift if fresh else 0)
+    forgotten = entries_needed - int(state.num_entries().max())
+    if forgotten <= 0:
+        return None
+    # the oldest entries go first: those of a --memory read earlier, then the start of this text
+    from_text = max(0, forgotten - entries_before)
+    what = (
+        f"the first {from_text:,} tokens ({from_text / tokens_read:.0%}) of {path!r} are no longer in memory"
+        if from_text
+        else f"the oldest {forgotten:,} entries of the --memory state are no longer in memory"
+    )
+    suggested = -(-entries_needed // 1024) * 1024  # rounded up to a multiple of 1024
+    return (
+        f"hf-memlm generate: note: the memory keeps memory_size={capacity:,} entries (one per token) and "
+        f"{entries_needed:,} were needed: {what}. To keep all of it, pass --memory-size {suggested} (in Python: "
+        f"AutoModelForCausalLM.from_pretrained(folder, memory_size={suggested}))."
+    )
 
 
 def _fail(message: str) -> int:

@@ -1,11 +1,14 @@
 """Synthetic long-context tasks, generated offline from a seed: passkey retrieval, associative recall, copy.
 
 Every example is exactly `num_segments * segment_length` tokens (no padding), `labels` are -100 except on the
-answer tokens, and the question with its answer always lies in the last segment. Whatever is asked for is written
-earlier inside one segment, never split by a segment boundary.
+tokens the model must produce, and the question with its answer always lies in the last segment. Whatever is asked
+for is written earlier inside one segment, never split by a segment boundary.
 
 Columns shared by all tasks:
-    input_ids, labels        token ids; labels == input_ids on answer tokens, -100 elsewhere (the model shifts)
+    input_ids, labels        token ids; labels == input_ids on the reply, -100 elsewhere (the model shifts). The
+                             reply is the answer; for passkey it also holds the space before the key and the
+                             end-of-text marker after it, which the model learns to produce but which are not
+                             part of the answer (the evaluation scores the answer alone)
     answer                   the expected text; decode(input_ids[answer_start : answer_start + answer_length])
                              gives it (for passkey with a BPE tokenizer, with a leading space: `.strip()` it)
     answer_start             position of the first answer token (generate from input_ids[:answer_start])
@@ -39,7 +42,8 @@ from .layout import (
 
 PASSKEY_NEEDLE_PREFIX = " The pass key is"  # + " 48213"
 PASSKEY_NEEDLE_SUFFIX = ". Remember it. "
-PASSKEY_QUESTION = " What is the pass key? The pass key is"  # + " 48213" (the labelled answer)
+PASSKEY_QUESTION = " What is the pass key? The pass key is"  # + " 48213<eos>" (the labelled reply)
+QUESTION_POSITIONS = ("end", "random")
 RECALL_KEY_END = ":"  # a pair is " <key>:<value>", a query the same with the loss on <value>
 COPY_OPEN, COPY_CLOSE = " [", "] "  # the source string, written early
 COPY_QUESTION = " Copy: ["  # + the string again (the labelled answer)
@@ -74,8 +78,10 @@ def make_passkey_dataset(
     seed: int = 0,
     text: str | None = None,
     key_digits: int = 5,
+    end_marker: bool = True,
+    question_position: str = "end",
 ):
-    """Passkey retrieval: "The pass key is 48213. Remember it." hidden in filler, asked for at the very end.
+    """Passkey retrieval: "The pass key is 48213. Remember it." hidden in filler, asked for in the last segment.
 
     Args:
         needle_segment: segment holding the needle: an int (0 = first), a list of ints to draw from per example,
@@ -84,14 +90,28 @@ def make_passkey_dataset(
         filler: `"natural"` (consecutive text of `text`, default the bundled book excerpt, from a random offset)
             or `"synthetic"` (repeated "The grass is green. ..." sentences).
         key_digits: digits of the random key (no leading zero).
+        end_marker: put the tokenizer's end-of-text token (`eos_token`) after the key in the reply, so that a
+            trained model ends its answer with it and `generate` stops there. Needs a tokenizer with an eos token.
+        question_position: `"end"`: the question and its reply end the example (the last tokens of the last
+            segment). `"random"`: they start at a random position of the last segment (after the needle when
+            the needle is there too), filler after them; from the first position of a segment (as a prompt
+            after a document read into memory is) to its end. Train with `"random"` for a model that answers
+            wherever the question is asked.
 
-    The example ends with "... What is the pass key? The pass key is 48213"; the labels are on the key tokens only.
-    A tokenizer that merges the space into the number (BPE: "Ġ48213") gets the space labelled with it; a tokenizer
-    that keeps it apart (byte) does not. Extra columns: `needle_start` (first needle token), `needle_segment`.
+    The question reads "... What is the pass key? The pass key is" and the labelled reply is " 48213<eos>": the
+    space before the key (a token of its own for a byte tokenizer, merged into the number by a BPE: "Ġ48213"), the
+    key, and the end marker. `answer_start` / `answer_length` mark the key alone, which is what the evaluation's
+    exact match scores. Extra columns: `needle_start` (first needle token), `needle_segment`, `question_start`.
     """
     _check_sizes(num_examples, segment_length, num_segments)
     if isinstance(key_digits, bool) or not isinstance(key_digits, int) or not 1 <= key_digits <= 18:
         raise ValueError(f"key_digits must be an integer from 1 to 18, got {key_digits!r}.")
+    if question_position not in QUESTION_POSITIONS:
+        raise ValueError(
+            f"make_passkey_dataset: question_position={question_position!r} is unknown; choose one of "
+            f"{QUESTION_POSITIONS}."
+        )
+    marker = _end_marker(tokenizer, end_marker)
     segment_choices = resolve_segments(needle_segment, num_segments, "needle_segment")
     filler_stream = FillerStream(tokenizer, filler, text)
     prefix, suffix = encode(tokenizer, PASSKEY_NEEDLE_PREFIX), encode(tokenizer, PASSKEY_NEEDLE_SUFFIX)
@@ -104,8 +124,8 @@ def make_passkey_dataset(
         key = str(int(rng.integers(10 ** (key_digits - 1), 10**key_digits)))
         space, key_ids = _split_leading_space(tokenizer, key)
         needle = np.concatenate([prefix, space, key_ids, suffix])
-        asked = np.concatenate([question, space])
-        question_and_answer = len(asked) + len(key_ids)
+        reply = np.concatenate([space, key_ids, marker])
+        question_and_answer = len(question) + len(reply)
         if question_and_answer > segment_length:
             raise ValueError(
                 f"make_passkey_dataset: the question and answer take {question_and_answer} tokens but "
@@ -126,19 +146,42 @@ def make_passkey_dataset(
             question_and_answer=question_and_answer,
             names=("make_passkey_dataset", "needle_segment", "needle", "question and answer"),
         )
-        answer_start = layout.write(total - question_and_answer, asked)
-        layout.write_answer(answer_start, key_ids)
+        question_start = total - question_and_answer
+        if question_position == "random":
+            earliest = (num_segments - 1) * segment_length
+            if segment == num_segments - 1:
+                earliest = needle_start + len(needle)  # the needle shares the last segment: ask after it
+            question_start = int(rng.integers(earliest, question_start + 1))
+        reply_start = layout.write(question_start, question)
+        layout.write_answer(reply_start, reply)
+        answer_start = reply_start + len(space)
         row = {"input_ids": layout.tokens, "labels": layout.labels}
         key_start = needle_start + len(prefix) + len(space)
         row.update(_answer_columns(key, answer_start, len(key_ids), key_start, segment_length))
-        row.update(needle_start=needle_start, needle_segment=segment)
+        row.update(needle_start=needle_start, needle_segment=segment, question_start=question_start)
         rows.append(row)
     return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
 
 
+def _end_marker(tokenizer, wanted) -> np.ndarray:
+    """The end-of-text token ids that close a reply (none when `wanted` is False)."""
+    if not isinstance(wanted, bool):
+        raise ValueError(f"make_passkey_dataset: end_marker must be true or false, got {wanted!r}.")
+    if not wanted:
+        return np.zeros(0, dtype=np.int64)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(
+            "make_passkey_dataset: end_marker=True ends each reply with the tokenizer's end-of-text token, but "
+            "this tokenizer has no eos_token; set one (tokenizer.eos_token = ...) or pass end_marker=False."
+        )
+    return np.asarray([eos], dtype=np.int64)
+
+
 def _split_leading_space(tokenizer, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(space ids, key ids) of " <key>": the space stays outside the answer when the tokenizer keeps it apart
-    (byte tokenizer), so only the key is labelled; a BPE that merges it into the key ("Ġ48213") keeps it inside."""
+    (byte tokenizer; it is still labelled, as part of the reply); a BPE that merges it into the key ("Ġ48213")
+    keeps it inside."""
     spaced, space, bare = encode(tokenizer, " " + key), encode(tokenizer, " "), encode(tokenizer, key)
     if len(space) and spaced.tolist() == space.tolist() + bare.tolist():
         return space, bare

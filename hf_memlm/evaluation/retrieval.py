@@ -1,7 +1,8 @@
 """Retrieval accuracy (passkey, associative recall, copy) by distance, teacher-forced, with baselines.
 
-An *answer* is one labelled span (`labels != -100`): the key of a passkey example, one queried value of
-a recall example, the copied string of a copy example. An answer is right (exact match) when every one
+An *answer* is one span of the dataset's `answer_start` / `answer_length` (or, without those columns, one
+run of labelled tokens, `labels != -100`): the key of a passkey example, one queried value of a recall
+example, the copied string of a copy example. An answer is right (exact match) when every one
 of its tokens is the argmax prediction given the true tokens before it. For a greedy decoder this is the same as exact match of the generated answer: if every token is the
 argmax given the true prefix, greedy decoding from the prompt produces those tokens one by one, and at
 the first wrong token it produces something else. (Recall examples with several queries: each answer is
@@ -179,8 +180,10 @@ def _find_answers(examples: list[dict]) -> list[dict]:
 
 
 def _declared_spans(example: dict, labels: list[int], index: int) -> list[tuple[int, int]]:
-    """Answers as declared by `answer_start` / `answer_length` (hf_memlm.data), checked against the labels;
-    without those columns, the runs of labelled tokens."""
+    """Answers as declared by `answer_start` / `answer_length` (hf_memlm.data), checked to be labelled;
+    without those columns, the runs of labelled tokens. Labelled tokens outside the declared answers (the
+    space before a passkey and the end-of-text marker after it) are what the model learns to produce around
+    the answer; they are not scored."""
     runs = answer_spans(labels)
     if example.get("answer_start") is None or example.get("answer_length") is None:
         return runs
@@ -191,11 +194,12 @@ def _declared_spans(example: dict, labels: list[int], index: int) -> list[tuple[
         raise ValueError(f"example {index}: answer_start lists {len(starts)} answers but answer_length {len(lengths)}.")
     spans = [(int(start), int(start) + int(length)) for start, length in zip(starts, lengths)]
     declared = sorted(position for start, end in spans for position in range(start, end))
-    labelled = [position for start, end in runs for position in range(start, end)]
-    if declared != labelled:
+    labelled = {position for start, end in runs for position in range(start, end)}
+    unlabelled = [position for position in declared if position not in labelled]
+    if unlabelled or len(set(declared)) != len(declared):
         raise ValueError(
             f"example {index}: answer_start/answer_length mark positions {declared[:8]}... but the labels mark "
-            f"{labelled[:8]}...; every answer token must be labelled and nothing else."
+            f"{sorted(labelled)[:8]}...; every answer token must be labelled, and answers must not overlap."
         )
     return spans
 
@@ -391,11 +395,13 @@ def _mean(values: list[float]) -> float | None:
 def describe_model(model) -> dict:
     config = model.config
     text = config.get_text_config()
+    capacity = {"memory_size": config.memory_size, "memory_topk": config.memory_topk}
     return {
         "base_model_type": text.model_type,
         "memory_type": config.memory_type,
         "memory_layers": list(config.memory_layers),
         "segment_length": config.segment_length,
+        **(capacity if config.memory_type == "kv" else {"num_slots": config.num_slots}),
         "parameters": sum(p.numel() for p in model.parameters()),
         "memory_parameters": sum(p.numel() for p in model.memory_blocks.parameters()),
         "name_or_path": getattr(config, "_name_or_path", "") or "",

@@ -1,0 +1,182 @@
+"""What `hf-memlm generate` and `hf-memlm eval` check before any work: a saved model folder with its weights,
+memory settings that may change at load time, and output paths that would not destroy anything.
+
+Every check raises `ValueError` with a message that names the flag or path and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# What `save_pretrained` writes (single file or sharded, safetensors or pickle).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# The `safetensors` metadata format tag that `MemoryState.save` writes (versioned after the slash).
+MEMORY_FILE_FORMAT_PREFIX = "hf_memlm.MemoryState/"
+
+
+def read_saved_config(folder: Path) -> dict:
+    """`config.json` of a saved model folder (see `check_weights` for the weights)."""
+    if not folder.exists():
+        raise ValueError(
+            f"model folder {str(folder)!r} does not exist; pass a folder written by model.save_pretrained()."
+        )
+    if not folder.is_dir():
+        raise ValueError(
+            f"{str(folder)!r} is a file, not a model folder; pass the folder written by model.save_pretrained()."
+        )
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(
+            f"{str(folder)!r} has no config.json, so it holds no saved model; pass a folder written by "
+            "model.save_pretrained()."
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not a valid JSON config: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a valid JSON config: it holds a {type(config).__name__}.")
+    return config
+
+
+def check_weights(folder: Path) -> None:
+    """The folder holds saved weights: without them `from_pretrained` would initialise a model at random."""
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(
+            f"{str(folder)!r} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:3])}): loading it would "
+            "give a randomly initialised model. Pass the folder where the model was saved (model.save_pretrained "
+            "or `hf-memlm train` writes model.safetensors there)."
+        )
+
+
+def add_memory_arguments(parser) -> None:
+    """`--memory-size` and `--memory-topk`: kv memory settings that are safe to change when loading."""
+    group = parser.add_argument_group(
+        "memory settings (kv memory; changed at load time, the weights stay the same)",
+        "In Python: AutoModelForCausalLM.from_pretrained(folder, memory_size=..., memory_topk=...).",
+    )
+    group.add_argument(
+        "--memory-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="entries kept per sequence, one per token read; older ones are forgotten (default: as saved)",
+    )
+    group.add_argument(
+        "--memory-topk",
+        type=_topk_value,
+        default=None,
+        metavar="K",
+        help="read only the K best-matching entries per head, or 'none' for all of them (default: as saved)",
+    )
+
+
+def _topk_value(text: str):
+    if text.lower() in ("none", "all", "null"):
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}") from None
+
+
+def memory_overrides(args, config: dict, folder: Path) -> dict:
+    """The `from_pretrained` keyword arguments for the memory flags given, checked against the saved config."""
+    overrides = {}
+    if args.memory_size is not None:
+        overrides["memory_size"] = args.memory_size
+    if args.memory_topk is not None:
+        overrides["memory_topk"] = None if args.memory_topk == "none" else args.memory_topk
+    if not overrides:
+        return overrides
+    flags = " and ".join(f"--{name.replace('_', '-')}" for name in overrides)
+    if config.get("model_type") != "memlm":
+        raise ValueError(
+            f"{flags} (memory settings) cannot be used here: {str(folder)!r} holds a "
+            f"{config.get('model_type')!r} model, not a memory LM."
+        )
+    if config.get("memory_type") != "kv":
+        raise ValueError(
+            f"{flags} (kv memory settings) cannot be used here: {str(folder)!r} holds "
+            f"{config.get('memory_type')!r} memory, whose size (num_slots) is fixed by its weights."
+        )
+    size = overrides.get("memory_size", config.get("memory_size"))
+    topk = overrides.get("memory_topk", config.get("memory_topk"))
+    if "memory_size" in overrides and size < 1:
+        raise ValueError(f"--memory-size={size} must be at least 1.")
+    if "memory_topk" in overrides and topk is not None and topk < 1:
+        raise ValueError(f"--memory-topk={topk} must be at least 1 (or 'none' to read every entry).")
+    if topk is not None and size is not None and topk > size:
+        raise ValueError(
+            f"memory_topk={topk} is larger than memory_size={size}: top-k cannot read more entries than the memory "
+            "holds. Lower --memory-topk or raise --memory-size."
+        )
+    return overrides
+
+
+def check_memory_output(path: str, flag: str) -> None:
+    """A path where a `MemoryState` may be written: not a folder, its folder exists, and an existing file there
+    is a saved memory (replaced), never anything else (model weights, a document, ...)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(
+            f"{flag} {path!r} is a folder; give a file name such as {str(target / 'memory.safetensors')!r}."
+        )
+    if not target.parent.is_dir():
+        raise ValueError(f"{flag} {path!r}: the folder {str(target.parent)!r} does not exist; create it first.")
+    if target.exists() and not is_memory_file(target):
+        raise ValueError(
+            f"{flag} {path!r} already holds a file that is not a saved memory (MemoryState.save writes "
+            "safetensors with format metadata); it is left as it is. Choose another file name."
+        )
+
+
+def is_memory_file(path: Path) -> bool:
+    """True when `path` is a safetensors file written by `MemoryState.save` (read from its header only)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # any unreadable file is "not a saved memory"
+        return False
+    return str(metadata.get("format", "")).startswith(MEMORY_FILE_FORMAT_PREFIX)
+
+
+def check_output_dir(path: str, flag: str) -> Path:
+    """A folder for reports: it may exist (files are added to it) but must not be a file."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {path!r} is an existing file, not a folder; choose a folder for the reports.")
+    for parent in folder.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{flag} {path!r}: {str(parent)!r} is a file, so no folder can be made under it.")
+    return folder
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """The UTF-8 text of `path`, or a ValueError naming it (missing, a folder, not UTF-8, empty)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(
+            f"{flag} file {path!r} does not exist." if not file.exists() else f"{flag} {path!r} is a folder."
+        )
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{flag} file {path!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            "convert it first, e.g. `iconv -f latin1 -t utf-8`."
+        ) from None
+    if not text:
+        raise ValueError(f"{flag} file {path!r} is empty.")
+    return text
