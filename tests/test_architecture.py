@@ -12,6 +12,7 @@ See docs/architecture.md.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,23 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_memlm"
 LAYERS = {"payload": 0, "data": 1, "training": 1, "evaluation": 1, "integrations": 1, "recipes": 2, "cli": 3}
 PAYLOAD_MAY_IMPORT = {"torch", "transformers", "safetensors", "__future__"}
-# the standard library, as far as the payload uses it
-STDLIB = {
-    "contextlib",
-    "contextvars",
-    "dataclasses",
-    "functools",
-    "json",
-    "math",
-    "os",
-    "collections",
-    "typing",
-    "warnings",
-    "re",
-    "pathlib",
-    "tempfile",
-    "threading",
-}
+STDLIB = set(sys.stdlib_module_names)
 
 
 def layer_of(path: Path) -> str:
