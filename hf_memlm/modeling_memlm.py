@@ -102,7 +102,8 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
 
     @contextmanager
     def memory_disabled(self):
-        """Run the same weights with memory switched off (no reads, no writes): the no-memory baseline."""
+        """Run the same weights with memory switched off (no reads, no writes): the no-memory baseline.
+        A switch on the model, so it holds for every thread calling this model meanwhile."""
         previous, self.memory_enabled = self.memory_enabled, False
         try:
             yield self
