@@ -70,8 +70,26 @@ def gather_index(pieces: list[Piece], piece: torch.Tensor, column: torch.Tensor,
     return kept.tolist(), offsets[piece] + column - first[piece]
 
 
-def to_caller_columns(parts: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+def unpadded_kept(pieces: list[Piece], length: int, wanted: int) -> list[int] | None:
+    """When no row has padding and every row feeds the same tokens to every piece, the pieces tile the
+    caller's columns in order: how many trailing outputs of each piece are among the last `wanted` columns.
+    None otherwise (outputs must be gathered)."""
+    if any(count != piece.width for piece in pieces for count in piece.counts):
+        return None
+    if sum(piece.width for piece in pieces) != length:
+        return None
+    kept, end = [], 0
+    for piece in pieces:
+        end += piece.width
+        kept.append(max(0, min(piece.width, wanted - (length - end))))
+    return kept
+
+
+def to_caller_columns(parts: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor:
+    """Concatenate the pieces' outputs and gather them to the caller's columns (`index`; None: in order)."""
     joined = torch.cat(parts, dim=1)
+    if index is None:
+        return joined
     batch, wanted = index.shape
     if joined.shape[1] == wanted and torch.equal(index, torch.arange(wanted).expand(batch, wanted)):
         return joined  # no padding moved anything
@@ -79,4 +97,4 @@ def to_caller_columns(parts: list[torch.Tensor], index: torch.Tensor) -> torch.T
     return joined.gather(1, index)
 
 
-__all__ = ["Piece", "gather_index", "locate_outputs", "plan_pieces", "to_caller_columns"]
+__all__ = ["Piece", "gather_index", "locate_outputs", "plan_pieces", "to_caller_columns", "unpadded_kept"]

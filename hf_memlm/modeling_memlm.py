@@ -35,7 +35,7 @@ from .memory_base import MemoryBlock
 from .memory_cache import MemLMCache
 from .memory_hooks import LayerContext, active_contexts, find_decoder_layers, has_memory_hook, install_read_hooks
 from .memory_kv import KVMemory
-from .memory_segments import gather_index, locate_outputs, plan_pieces, to_caller_columns
+from .memory_segments import gather_index, locate_outputs, plan_pieces, to_caller_columns, unpadded_kept
 from .memory_slot import SlotMemory
 from .memory_state import MemoryState
 
@@ -167,7 +167,8 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
 
     @contextmanager
     def memory_disabled(self):
-        """Run the same weights with memory switched off (no reads, no writes): the no-memory baseline."""
+        """Run the same weights with memory switched off (no reads, no writes): the no-memory baseline.
+        A switch on the model, so it holds for every thread calling this model meanwhile."""
         previous, self.memory_enabled = self.memory_enabled, False
         try:
             yield self
@@ -244,7 +245,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         }
         return MemoryState(self.config.memory_type, layers)
 
-    def _check_memory_state(self, state, batch_size: int) -> MemoryState:
+    def _check_memory_state(self, state, batch_size: int, place: bool = True) -> MemoryState:
         if not isinstance(state, MemoryState):
             raise TypeError(
                 f"memory_state must be a hf_memlm.MemoryState (the `.memory_state` of an earlier output), "
@@ -267,7 +268,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"memory_state window has batch size {state.window['mask'].shape[0]}, input has {batch_size}."
             )
-        return self._match_model_placement(state)
+        return self._match_model_placement(state) if place else state
 
     def _match_model_placement(self, state: MemoryState) -> MemoryState:
         """Cast a state made elsewhere (another dtype, another device) to what this model's memory blocks
@@ -466,7 +467,8 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
 
     def _cache_and_state(self, cache, memory_state, batch):
         if isinstance(cache, MemLMCache) and cache.memory_state is not None:
-            return cache, self._check_memory_state(cache.memory_state, batch)
+            # the state this model left in its cache: already in the model's dtype and on its device
+            return cache, self._check_memory_state(cache.memory_state, batch, place=False)
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "MemLMForCausalLM needs its own MemLMCache (returned in `.cache`) to continue from cached tokens; "
@@ -514,11 +516,14 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             )
         pieces = plan_pieces(real_counts, host_window.sum(-1).tolist(), self.config.segment_length, keep_window)
         wanted = length if not logits_to_keep else min(logits_to_keep, length)
-        piece_of, column_in = locate_outputs(pieces, host_mask, wanted)
-        logits_kept, logits_index = gather_index(pieces, piece_of, column_in, keep_all=False)
-        if output_hidden:
-            all_of, all_in = locate_outputs(pieces, host_mask, length)
-            _, hidden_index = gather_index(pieces, all_of, all_in, keep_all=True)
+        logits_kept = unpadded_kept(pieces, length, wanted)
+        logits_index = hidden_index = None  # None: the pieces' outputs are already in the caller's columns
+        if logits_kept is None:
+            piece_of, column_in = locate_outputs(pieces, host_mask, wanted)
+            logits_kept, logits_index = gather_index(pieces, piece_of, column_in, keep_all=False)
+            if output_hidden:
+                all_of, all_in = locate_outputs(pieces, host_mask, length)
+                _, hidden_index = gather_index(pieces, all_of, all_in, keep_all=True)
 
         device = mask.device
         # each row's real tokens first, in order (a stable sort moves its padding behind them)

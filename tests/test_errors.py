@@ -285,3 +285,19 @@ def test_memory_state_on_another_device_is_moved(kind):
         moved = model(ids, memory_state=state.to("cuda"))
     torch.testing.assert_close(moved.logits, expected)
     assert all(t.device.type == "cpu" for t in moved.memory_state.layers[0].values())
+
+
+def test_generation_window_without_its_cache():
+    """A state returned mid-generation still has tokens only in that call's KV cache: continuing it without
+    the cache is refused with both ways out named."""
+    model = build("llama", "kv")
+    with torch.no_grad():
+        out = model(torch.arange(3, 3 + SEGMENT + 3)[None], use_cache=True)
+        ids = torch.arange(3, 8)[None]
+        with pytest.raises(ValueError, match=r"no MemLMCache holding them was passed.*commit_window"):
+            model(ids, memory_state=out.memory_state, use_cache=True)
+        with pytest.raises(ValueError, match=r"holds a generation window.*commit_window"):
+            model(ids, memory_state=out.memory_state)
+        continued = model(ids, cache=out.cache, use_cache=True)
+        committed = model(ids, memory_state=model.commit_window(out.memory_state))
+    assert continued.logits.shape == committed.logits.shape == (1, 5, 97)

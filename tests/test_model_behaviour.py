@@ -281,3 +281,19 @@ def test_generate_expands_a_batched_memory_state(kind, settings):
     for row in range(2):
         alone = model.generate(prompts[row : row + 1], memory_state=state.select([row]), **common)
         assert torch.equal(batched[2 * row : 2 * row + 2], alone), f"prompt {row}"
+
+
+@pytest.mark.parametrize("bptt, reaches_first_segment", [(None, True), (1, False)])
+def test_bptt_segments_cuts_gradients_between_segments(bptt, reaches_first_segment):
+    """With `bptt_segments=1` the last segment's loss sends no gradient into the first segment's inputs
+    (the state is detached after every segment); without it the gradient flows through memory."""
+    model = build("llama", "kv")
+    model.config.bptt_segments = bptt
+    ids = _ids(2, 3 * SEGMENT)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row: its segments start 3 columns later
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+    logits[:, -1].sum().backward()
+    first_segment = embeds.grad[0, :SEGMENT].abs().sum(), embeds.grad[1, 3 : 3 + SEGMENT].abs().sum()
+    assert all((grad > 0) == reaches_first_segment for grad in first_segment)
