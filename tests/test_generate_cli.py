@@ -137,6 +137,10 @@ def test_generate_checks_every_input_before_the_work(kv_model, slot_model, tmp_p
     assert f"--save-memory '{weights}' already holds a file that is not a saved memory" in err
     assert "Reading into memory" not in err and weights.read_bytes() == before
 
+    assert generate(kv_model, "--prompt", PROMPT, "--memory", weights) == 2
+    assert f"--memory file '{weights}' is not a saved memory" in capsys.readouterr().err
+    assert generate(kv_model, "--prompt", "", "--read", document) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
     assert generate(kv_model, "--prompt", PROMPT, "--read", document, "--save-memory", tmp_path) == 2
     assert f"--save-memory '{tmp_path}' is a folder" in capsys.readouterr().err
     assert generate(kv_model, "--prompt", PROMPT, "--read", document, "--save-memory", tmp_path / "no" / "m") == 2

@@ -22,6 +22,7 @@ from .model_folder import (
     add_memory_arguments,
     check_memory_output,
     check_weights,
+    is_memory_file,
     memory_overrides,
     read_saved_config,
     read_text_file,
@@ -84,8 +85,16 @@ def _run(args) -> int:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
     if args.read_chunk_segments < 1:
         raise ValueError(f"--read-chunk-segments={args.read_chunk_segments} must be at least 1.")
-    if args.memory is not None and not Path(args.memory).is_file():
-        raise ValueError(f"--memory file {args.memory!r} does not exist.")
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give some text to continue.")
+    if args.memory is not None:
+        if not Path(args.memory).is_file():
+            raise ValueError(f"--memory file {args.memory!r} does not exist.")
+        if not is_memory_file(Path(args.memory)):
+            raise ValueError(
+                f"--memory file {args.memory!r} is not a saved memory (write one with --save-memory or "
+                "MemoryState.save)."
+            )
     if args.save_memory:
         if not (args.read or args.memory):
             raise ValueError("--save-memory needs something in memory: pass --read FILE (and/or --memory FILE).")
