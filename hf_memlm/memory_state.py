@@ -110,7 +110,7 @@ class MemoryState:
         onto a model's `model.safetensors`, or any other file, raises a ValueError and leaves it untouched.
         """
         path = Path(path)
-        _check_save_target(path)
+        check_save_target(path)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self._tensors()}
         metadata = {
             "format": _FORMAT,
@@ -259,8 +259,22 @@ def _check_layout(path: Path, metadata: dict, header: dict) -> tuple[str, dict[i
     return memory_type, layer_names, window_names
 
 
-def _check_save_target(path: Path) -> None:
-    """Refuse to replace anything but an earlier MemoryState file (or an empty file)."""
+def is_memory_file(path: str | os.PathLike) -> bool:
+    """True when `path` is a file written by `MemoryState.save` (only its header is read)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        _, metadata = _read_header(path)
+    except ValueError:
+        return False
+    return metadata.get("format") == _FORMAT
+
+
+def check_save_target(path: str | os.PathLike) -> None:
+    """Refuse to replace anything but an earlier MemoryState file (or an empty file): raises ValueError (a
+    folder, another file) or FileNotFoundError (no such folder), naming the path."""
+    path = Path(path)
     if path.is_dir():
         raise ValueError(
             f"cannot save memory to {str(path)!r}: it is a folder; give a file path such as memory.safetensors."
@@ -269,15 +283,11 @@ def _check_save_target(path: Path) -> None:
         raise FileNotFoundError(f"cannot save memory to {str(path)!r}: folder {str(path.parent)!r} does not exist.")
     if not path.exists() or path.stat().st_size == 0:
         return
-    try:
-        _, metadata = _read_header(path)
-    except ValueError:
-        metadata = {}
-    if metadata.get("format") != _FORMAT:
+    if not is_memory_file(path):
         raise ValueError(
             f"refusing to overwrite {path}: it exists and is not a MemoryState file (it may hold model weights); "
             "save the memory under another name, such as memory.safetensors, or delete the file first."
         )
 
 
-__all__ = ["MemoryState"]
+__all__ = ["MemoryState", "check_save_target", "is_memory_file"]

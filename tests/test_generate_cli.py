@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
+from memory_names import memory_output_projection
 from transformers import AutoModelForCausalLM
 
 import hf_memlm
 from hf_memlm.cli import main
-from hf_memlm.data import build_tokenizer
-from hf_memlm.data import default_text
+from hf_memlm.data import build_tokenizer, default_text
 from hf_memlm.recipes.defaults import tiny_llama_config
 
 PROMPT = " What is the pass key? The pass key is"
@@ -35,7 +35,7 @@ def _save(folder, memory_type: str, seed: int = 0):
     model = hf_memlm.MemLMForCausalLM(config).eval()
     with torch.no_grad():  # non-zero memory output: what was read changes the answer
         for block in model.memory_blocks.values():
-            block.o_proj.weight.normal_(std=0.3)
+            memory_output_projection(block).weight.normal_(std=0.3)
     model.save_pretrained(folder)
     build_tokenizer("byte").save_pretrained(folder)
     return folder

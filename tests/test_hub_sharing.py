@@ -131,8 +131,8 @@ def test_a_readme_the_user_wrote_is_kept(tmp_path, caplog):
 
 def test_card_with_training_and_the_evaluation_report(tmp_path):
     from hf_memlm.data import build_tokenizer
-    from hf_memlm.recipes.defaults import tiny_llama_config
     from hf_memlm.evaluation import evaluate_retrieval, format_markdown, retrieval_dataset
+    from hf_memlm.recipes.defaults import tiny_llama_config
 
     config = hf_memlm.MemLMConfig(text_config=tiny_llama_config(), memory_layers=[0], segment_length=64)
     model = hf_memlm.MemLMForCausalLM(config).eval()

@@ -180,8 +180,8 @@ def test_generate_save_memory_onto_the_weights_keeps_the_model(tmp_path, capsys)
     """`hf-memlm generate MODEL --save-memory MODEL/model.safetensors` must not destroy the model."""
     from hf_memlm.cli import main
     from hf_memlm.data import build_tokenizer
-    from hf_memlm.recipes.defaults import tiny_llama_config
     from hf_memlm.modeling_memlm import MemLMForCausalLM
+    from hf_memlm.recipes.defaults import tiny_llama_config
 
     config = hf_memlm.MemLMConfig(text_config=tiny_llama_config(hidden_size=32), memory_layers=[0], segment_length=16)
     MemLMForCausalLM(config).save_pretrained(tmp_path)

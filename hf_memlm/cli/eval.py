@@ -10,12 +10,14 @@ beyond the saved memory_size). The folder, its weights, the settings and --outpu
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from hf_memlm.data import TASK_BUILDERS
+
+from .common import fail
 from .model_folder import add_memory_arguments, check_output_dir, check_weights, memory_overrides, read_saved_config
 
-RETRIEVAL_TASKS = ("passkey", "recall", "copy")
+RETRIEVAL_TASKS = tuple(TASK_BUILDERS)  # the synthetic tasks of hf_memlm.data
 TASKS = (*RETRIEVAL_TASKS, "perplexity")
 
 
@@ -89,13 +91,10 @@ def run(args) -> int:
     try:
         return _run(args)
     except EvalInputError as error:
-        print(f"hf-memlm eval: error: {error}", file=sys.stderr)
-        return 2
+        return fail("eval", str(error))
 
 
 def _run(args) -> int:
-    if args.task not in TASKS:
-        raise EvalInputError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}.")
     for name in ("num_examples", "batch_size"):
         if getattr(args, name) <= 0:
             raise EvalInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")

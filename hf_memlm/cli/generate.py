@@ -18,11 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import fail
 from .model_folder import (
     add_memory_arguments,
     check_memory_output,
     check_weights,
-    is_memory_file,
     memory_overrides,
     read_saved_config,
     read_text_file,
@@ -67,7 +67,7 @@ def run(args) -> int:
     try:
         return _run(args)
     except ValueError as error:
-        return _fail(str(error))
+        return fail("generate", str(error))
 
 
 def _run(args) -> int:
@@ -88,9 +88,11 @@ def _run(args) -> int:
     if not args.prompt:
         raise ValueError("--prompt is empty; give some text to continue.")
     if args.memory is not None:
+        from hf_memlm.memory_state import is_memory_file
+
         if not Path(args.memory).is_file():
             raise ValueError(f"--memory file {args.memory!r} does not exist.")
-        if not is_memory_file(Path(args.memory)):
+        if not is_memory_file(args.memory):
             raise ValueError(
                 f"--memory file {args.memory!r} is not a saved memory (write one with --save-memory or "
                 "MemoryState.save)."
@@ -207,8 +209,3 @@ def overflow_note(model, path: str, tokens_read: int, entries_before: int, state
         f"{entries_needed:,} were needed: {what}. To keep all of it, pass --memory-size {suggested} (in Python: "
         f"AutoModelForCausalLM.from_pretrained(folder, memory_size={suggested}))."
     )
-
-
-def _fail(message: str) -> int:
-    print(f"hf-memlm generate: error: {message}", file=sys.stderr, flush=True)
-    return 2

@@ -16,8 +16,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-# The `safetensors` metadata format tag that `MemoryState.save` writes (versioned after the slash).
-MEMORY_FILE_FORMAT_PREFIX = "hf_memlm.MemoryState/"
 
 
 def read_saved_config(folder: Path) -> dict:
@@ -125,30 +123,12 @@ def memory_overrides(args, config: dict, folder: Path) -> dict:
 def check_memory_output(path: str, flag: str) -> None:
     """A path where a `MemoryState` may be written: not a folder, its folder exists, and an existing file there
     is a saved memory (replaced), never anything else (model weights, a document, ...)."""
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(
-            f"{flag} {path!r} is a folder; give a file name such as {str(target / 'memory.safetensors')!r}."
-        )
-    if not target.parent.is_dir():
-        raise ValueError(f"{flag} {path!r}: the folder {str(target.parent)!r} does not exist; create it first.")
-    if target.exists() and not is_memory_file(target):
-        raise ValueError(
-            f"{flag} {path!r} already holds a file that is not a saved memory (MemoryState.save writes "
-            "safetensors with format metadata); it is left as it is. Choose another file name."
-        )
+    from hf_memlm.memory_state import check_save_target
 
-
-def is_memory_file(path: Path) -> bool:
-    """True when `path` is a safetensors file written by `MemoryState.save` (read from its header only)."""
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception:  # any unreadable file is "not a saved memory"
-        return False
-    return str(metadata.get("format", "")).startswith(MEMORY_FILE_FORMAT_PREFIX)
+        check_save_target(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"{flag}: {error}") from None
 
 
 def check_output_dir(path: str, flag: str) -> Path:

@@ -78,9 +78,6 @@ class ExampleLayout:
         self.labels[start:end] = ids
         return end
 
-    def segment_of(self, position: int) -> int:
-        return position // self.segment_length
-
 
 def random_start_in_segment(rng, segment: int, segment_length: int, length: int, end_limit: int | None = None) -> int:
     """A random start so that `length` tokens lie inside `segment` (and end by `end_limit`): never split by a boundary."""
