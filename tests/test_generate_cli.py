@@ -134,7 +134,7 @@ def test_generate_checks_every_input_before_the_work(kv_model, slot_model, tmp_p
     before = weights.read_bytes()
     assert generate(kv_model, "--prompt", PROMPT, "--read", document, "--save-memory", weights) == 2
     err = capsys.readouterr().err
-    assert f"--save-memory '{weights}' already holds a file that is not a saved memory" in err
+    assert f"--save-memory: refusing to overwrite {weights}: it exists and is not a MemoryState file" in err
     assert "Reading into memory" not in err and weights.read_bytes() == before
 
     assert generate(kv_model, "--prompt", PROMPT, "--memory", weights) == 2
@@ -142,9 +142,9 @@ def test_generate_checks_every_input_before_the_work(kv_model, slot_model, tmp_p
     assert generate(kv_model, "--prompt", "", "--read", document) == 2
     assert "--prompt is empty" in capsys.readouterr().err
     assert generate(kv_model, "--prompt", PROMPT, "--read", document, "--save-memory", tmp_path) == 2
-    assert f"--save-memory '{tmp_path}' is a folder" in capsys.readouterr().err
+    assert f"--save-memory: cannot save memory to '{tmp_path}': it is a folder" in capsys.readouterr().err
     assert generate(kv_model, "--prompt", PROMPT, "--read", document, "--save-memory", tmp_path / "no" / "m") == 2
-    assert "does not exist; create it first" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Élisabeth Bennet".encode("latin-1"))
