@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,9 @@ from .memory_slot import SlotMemory
 from .memory_state import MemoryState
 
 MEMORY_KINDS: dict[str, type[MemoryBlock]] = {"kv": KVMemory, "slot": SlotMemory}
+# The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
+# baseline computed in one thread never turns memory off for another thread serving the same model.
+_DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
 
 
 @dataclass
@@ -161,19 +165,24 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         memory_class = MEMORY_KINDS[config.memory_type]
         self.memory_blocks = nn.ModuleDict({str(i): memory_class(config, i) for i in config.memory_layers})
         install_read_hooks(layers, config.memory_layers)
-        self.memory_enabled = True
         self._warned_no_labels = False
         self.post_init()
+
+    @property
+    def memory_enabled(self) -> bool:
+        """False inside `memory_disabled()` (in the thread that entered it)."""
+        return id(self) not in _DISABLED_MODELS.get()
 
     @contextmanager
     def memory_disabled(self):
         """Run the same weights with memory switched off (no reads, no writes): the no-memory baseline.
-        A switch on the model, so it holds for every thread calling this model meanwhile."""
-        previous, self.memory_enabled = self.memory_enabled, False
+        It holds for calls made by the thread (or asyncio task) that entered it; other threads calling this
+        model meanwhile keep their memory."""
+        token = _DISABLED_MODELS.set(_DISABLED_MODELS.get() | {id(self)})
         try:
             yield self
         finally:
-            self.memory_enabled = previous
+            _DISABLED_MODELS.reset(token)
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod

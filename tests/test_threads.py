@@ -83,3 +83,33 @@ def test_concurrent_generation_equals_serial():
         thread.join()
     for index, expected in enumerate(serial):
         assert torch.equal(results[index], expected), f"thread {index}"
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_memory_disabled_in_one_thread_leaves_other_threads_their_memory(kind):
+    model = build("llama", kind)
+    ids = torch.randint(3, VOCAB, (2, 3 * SEGMENT), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        with_memory = model(ids).logits
+        with model.memory_disabled():
+            without_memory = model(ids).logits
+    assert not torch.allclose(with_memory, without_memory, atol=1e-4)  # memory matters for these inputs
+    inside, outside = threading.Event(), threading.Event()
+    results = {}
+
+    def baseline() -> None:
+        with torch.no_grad(), model.memory_disabled():
+            inside.set()
+            outside.wait(timeout=30)
+            results["disabled"] = model(ids).logits
+
+    thread = threading.Thread(target=baseline)
+    thread.start()
+    inside.wait(timeout=30)
+    with torch.no_grad():
+        results["enabled"] = model(ids).logits  # while the other thread holds memory_disabled()
+    outside.set()
+    thread.join()
+    assert torch.allclose(results["enabled"], with_memory, atol=1e-6)
+    assert torch.allclose(results["disabled"], without_memory, atol=1e-6)
+    assert model.memory_enabled
