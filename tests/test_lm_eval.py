@@ -234,3 +234,27 @@ def test_the_documented_command_line(memory_model_folder, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "hf-memlm" in done.stdout and "memlm_passkey_local" in done.stdout
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+@pytest.mark.slow
+def test_the_passkey_script_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    folder = tmp_path / "model"
+    config = hf_memlm.MemLMConfig(
+        text_config=tiny_llama_config(hidden_size=32, max_positions=128), memory_layers=[0], segment_length=64
+    )
+    hf_memlm.MemLMForCausalLM(config).save_pretrained(folder)
+    build_tokenizer("byte").save_pretrained(folder)
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "lm_eval_passkey.py"
+    spec = importlib.util.spec_from_file_location("lm_eval_passkey", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = [str(folder), "--num-segments", "9", "--num-examples", "4", "--output-dir", str(tmp_path / "out")]
+    scores = script.main([*argv, "--batch-size", "2"])
+    assert set(scores) == {"hf", "hf-memlm", "hf_memlm.evaluation"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    assert "| lm-eval `--model hf-memlm` |" in capsys.readouterr().out
+    assert len((tmp_path / "out" / "passkey.jsonl").read_text().splitlines()) == 4
