@@ -105,7 +105,9 @@ def test_keep_newest_orders_oldest_first():
 
 def _slot(num_slots=4, heads=1, shift=0) -> SlotMemory:
     """A slot block with random (non-zero) weights; one head by default so slots are whole rows."""
-    block = SlotMemory(_config(memory_type="slot", num_slots=num_slots, memory_heads=heads, memory_value_shift=shift), 0)
+    block = SlotMemory(
+        _config(memory_type="slot", num_slots=num_slots, memory_heads=heads, memory_value_shift=shift), 0
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in block.parameters():
@@ -153,7 +155,7 @@ def test_slot_state_size_is_constant_over_a_long_stream():
     block = _slot(num_slots=6, heads=2)
     state = block.init_state(2, "cpu", torch.float32)
     shapes = {name: tensor.shape for name, tensor in state.items()}
-    for step in range(20):
+    for _ in range(20):
         state = block.write(torch.randn(2, 8, HIDDEN), torch.ones(2, 8, dtype=torch.bool), state)
         assert {name: tensor.shape for name, tensor in state.items()} == shapes
     assert state["memory"].abs().max() < 1e3 and torch.isfinite(state["memory"]).all()
@@ -161,7 +163,9 @@ def test_slot_state_size_is_constant_over_a_long_stream():
 
 def test_slot_padded_tokens_do_not_write():
     block = _slot(num_slots=4, shift=1)
-    state = block.write(torch.randn(1, 3, HIDDEN), torch.ones(1, 3, dtype=torch.bool), block.init_state(1, "cpu", torch.float32))
+    state = block.write(
+        torch.randn(1, 3, HIDDEN), torch.ones(1, 3, dtype=torch.bool), block.init_state(1, "cpu", torch.float32)
+    )
     hidden = torch.randn(1, 5, HIDDEN)
     hidden[0, 3:] = float("nan")  # garbage in padded positions
     mask = torch.tensor([[True, True, True, False, False]])
