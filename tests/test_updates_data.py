@@ -9,7 +9,7 @@ import pytest
 from hf_memlm.data import TASK_BUILDERS, build_tokenizer, make_update_dataset
 from hf_memlm.data.updates import UPDATE_PLACES
 
-STATEMENT = re.compile(r" (\w+) went to the (\w+)\.")
+STATEMENT = re.compile(r" (\w+) is in the (\w+)\.")
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,34 @@ def test_bad_settings_are_named(tokenizer, kwargs, message):
     settings.update(kwargs)
     with pytest.raises(ValueError, match=re.escape(message)):
         make_update_dataset(tokenizer, **settings)
+
+
+def test_cli_eval_update_end_to_end(tokenizer, tmp_path, capsys):
+    """`hf-memlm eval --task update` scores the latest place, by distance, with the baselines."""
+    import json
+
+    import torch
+
+    import hf_memlm
+    from hf_memlm.cli import main
+    from hf_memlm.defaults import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = hf_memlm.MemLMConfig(
+        text_config=tiny_llama_config(vocab_size=260, hidden_size=32, num_layers=2),
+        memory_type="slot",
+        memory_layers=[0],
+        segment_length=64,
+        memory_heads=2,
+        num_slots=16,
+    )
+    hf_memlm.MemLMForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    argv = ["eval", tmp_path / "model", "--task", "update", "--num-examples", 2, "--num-segments", 4, 5]
+    argv += ["--task-option", "num_entities=2", "--task-option", "max_updates=3", "--output-dir", tmp_path / "out"]
+    assert main([str(a) for a in [*argv, "--no-progress"]]) == 0
+    results = json.loads((tmp_path / "out" / "update.json").read_text())
+    assert results["task"] == "update" and results["num_examples"] == 4
+    for answer in results["answers"]:  # the scored tokens are the latest place
+        assert tokenizer.decode(answer["target"]) == answer["answer_text"]
+    assert "| distance (segments) |" in capsys.readouterr().out

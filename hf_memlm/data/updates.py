@@ -1,6 +1,6 @@
 """Fact updates: entities change state over the stream; the question asks for the latest state.
 
-    "... Mary went to the kitchen. ... (segments later) ... Mary went to the garden. ... Where is Mary? Mary is
+    "... Mary is in the kitchen. ... (segments later) ... Mary is in the garden. ... Where is Mary? Mary is
     in the garden"
 
 A memory that only accumulates answers with whatever it stored first or most often; the right answer needs
@@ -16,7 +16,7 @@ from .tasks import _answer_columns, _check_sizes, _split_leading_space
 
 UPDATE_ENTITIES = ("Mary", "John", "Sandra", "Daniel", "Alice", "Peter", "Emma", "Oliver")
 UPDATE_PLACES = ("kitchen", "garden", "office", "hallway", "bedroom", "bathroom", "cellar", "library")
-UPDATE_STATEMENT = " {entity} went to the"  # + " kitchen" + "."
+UPDATE_STATEMENT = " {entity} is in the"  # + " kitchen" + "."; the question repeats these words
 UPDATE_QUESTION = " Where is {entity}? {entity} is in the"  # + " garden" (the labelled answer)
 
 
@@ -34,7 +34,7 @@ def make_update_dataset(
     seed: int = 0,
     text: str | None = None,
 ):
-    """Fact updates: `num_entities` people each move `min_updates`..`max_updates` times ("Mary went to the
+    """Fact updates: `num_entities` people each move `min_updates`..`max_updates` times ("Mary is in the
     kitchen."), the moves spread over the segments before the last in stream order; the last segment ends with
     " Where is Mary? Mary is in the garden" for one of them, the loss on the latest place only.
 
