@@ -24,7 +24,7 @@ class MemLMConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`): config of the base causal LM (any type `AutoConfig` knows).
             Required: there is no default base.
         memory_type (`str`): `"kv"` (episodic store of past keys/values, top-k read) or `"slot"` (fixed
-            number of slots, content-addressed read, gated erase/add write).
+            number of slots, softmax-addressed read, erase/add write).
         memory_layers (`list[int]`): decoder-layer indices that get a memory block beside them (negative
             indices count from the end; stored normalised). Default: the middle layer.
         segment_length (`int`): tokens per segment, the window the base model attends over. Longer inputs
@@ -37,7 +37,7 @@ class MemLMConfig(PreTrainedConfig):
         memory_size (`int`): stored entries per sequence before FIFO eviction (`kv` memory).
         memory_topk (`int` or `None`): read only the top-k entries per head when more are stored (`kv`);
             `None` reads all with an exact softmax.
-        memory_value_shift (`int`): `kv` memory pairs the key of token `j` with the value of token
+        memory_value_shift (`int`): memory pairs the key of token `j` with the value of token
             `j + memory_value_shift` (1 = "what followed this context", which trains much faster than 0).
         memory_dtype (`str` or `None`): storage dtype of the `kv` entries (default: the model's dtype).
         memory_init_std (`float` or `None`): std of the memory projections at init (default: the base

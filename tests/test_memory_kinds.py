@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import base_config
 
@@ -102,36 +103,102 @@ def test_keep_newest_orders_oldest_first():
     assert index[1, 0].item() == 2 and kept[1].tolist() == [True, False]
 
 
-def test_slot_full_erase_clears_and_add_writes():
+def _slot(num_slots=4, heads=1, shift=0) -> SlotMemory:
+    """A slot block with random (non-zero) weights; one head by default so slots are whole rows."""
+    block = SlotMemory(
+        _config(memory_type="slot", num_slots=num_slots, memory_heads=heads, memory_value_shift=shift), 0
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return block
+
+
+def test_slot_write_is_the_seed_erase_add_applied_token_by_token():
+    """apply_write equals M <- M * (1 - w_t e_t^T) + w_t a_t^T for t = 1..T with e_t = beta_t 1, a_t = beta_t v_t."""
+    generator = torch.Generator().manual_seed(0)
+    memory = torch.randn(2, 5, 3, generator=generator)
+    weights = torch.softmax(3 * torch.randn(2, 7, 5, generator=generator), dim=-1)  # (B, T, N)
+    beta = torch.rand(2, 7, 1, generator=generator)
+    values = torch.randn(2, 7, 3, generator=generator)
+    expected = memory.clone()
+    for t in range(7):
+        w, erase, add = weights[:, t, :, None], beta[:, t, None] * torch.ones(3), beta[:, t, None] * values[:, t, None]
+        expected = expected * (1 - w * erase) + w * add
+    torch.testing.assert_close(SlotMemory.apply_write(memory, weights * beta, values), expected)
+
+
+def test_slot_full_write_erases_then_adds_and_the_latest_write_wins():
     memory = torch.randn(1, 4, 6)
-    weights = torch.zeros(1, 1, 4)
-    weights[0, 0, 2] = 1.0  # one token writes slot 2 with full weight
-    cleared = SlotMemory.apply_write(memory, weights, erase=torch.ones(1, 1, 6), add=torch.zeros(1, 1, 6))
-    assert torch.equal(cleared[0, 2], torch.zeros(6))
-    torch.testing.assert_close(cleared[0, [0, 1, 3]], memory[0, [0, 1, 3]])
-    value = torch.randn(1, 1, 6)
-    written = SlotMemory.apply_write(cleared, weights, erase=torch.ones(1, 1, 6), add=value)
-    torch.testing.assert_close(written[0, 2], value[0, 0])
-    torch.testing.assert_close(written[0, [0, 1, 3]], memory[0, [0, 1, 3]])
+    gates = torch.zeros(1, 2, 4)
+    gates[0, :, 2] = 1.0  # two tokens write slot 2 with full strength, in order
+    values = torch.randn(1, 2, 6)
+    written = SlotMemory.apply_write(memory, gates, values)
+    torch.testing.assert_close(written[0, 2], values[0, 1], rtol=0, atol=1e-5)  # the old content and token 0 are gone
+    torch.testing.assert_close(written[0, [0, 1, 3]], memory[0, [0, 1, 3]], rtol=0, atol=0)
+    assert written.shape == memory.shape
 
 
-def test_slot_erase_is_bounded_when_many_tokens_write_one_slot():
-    memory = torch.ones(1, 2, 3)
-    weights = torch.zeros(1, 5, 2)
-    weights[0, :, 0] = 1.0
-    out = SlotMemory.apply_write(memory, weights, erase=torch.ones(1, 5, 3), add=torch.zeros(1, 5, 3))
-    assert torch.equal(out[0, 0], torch.zeros(3))  # not negative: the erase total is clamped at 1
+def test_slot_contents_stay_bounded_when_many_tokens_write_one_slot():
+    """A slot holds a weighted average of what was written to it: 200 writes never pile up beyond |v|."""
+    gates = torch.zeros(1, 200, 3)
+    gates[0, :, 0] = 0.5
+    values = torch.rand(1, 200, 4) * 2 - 1  # in [-1, 1]
+    written = SlotMemory.apply_write(torch.zeros(1, 3, 4), gates, values)
+    assert written[0, 0].abs().max() <= 1.0
+    assert written[0, 0].abs().max() > 0.1  # and it does hold something (mostly the newest values)
+    assert torch.equal(written[0, 1:], torch.zeros(2, 4))
+
+
+def test_slot_state_size_is_constant_over_a_long_stream():
+    block = _slot(num_slots=6, heads=2)
+    state = block.init_state(2, "cpu", torch.float32)
+    shapes = {name: tensor.shape for name, tensor in state.items()}
+    for _ in range(20):
+        state = block.write(torch.randn(2, 8, HIDDEN), torch.ones(2, 8, dtype=torch.bool), state)
+        assert {name: tensor.shape for name, tensor in state.items()} == shapes
+    assert state["memory"].abs().max() < 1e3 and torch.isfinite(state["memory"]).all()
 
 
 def test_slot_padded_tokens_do_not_write():
-    block = SlotMemory(_config(memory_type="slot", num_slots=4), 0)
-    torch.nn.init.normal_(block.initial_slots)
-    for p in (block.write_key_proj.weight, block.erase_proj.weight, block.add_proj.weight, block.slot_key_proj.weight):
-        torch.nn.init.normal_(p)
-    state = block.init_state(1, "cpu", torch.float32)
-    hidden = torch.randn(1, 3, HIDDEN)
-    hidden[0, 2] = float("nan")  # garbage in a padded position
-    mask = torch.tensor([[True, True, False]])
-    out = block.write(hidden, mask, state)["memory"]
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, block.write(hidden[:, :2], mask[:, :2], state)["memory"])
+    block = _slot(num_slots=4, shift=1)
+    state = block.write(
+        torch.randn(1, 3, HIDDEN), torch.ones(1, 3, dtype=torch.bool), block.init_state(1, "cpu", torch.float32)
+    )
+    hidden = torch.randn(1, 5, HIDDEN)
+    hidden[0, 3:] = float("nan")  # garbage in padded positions
+    mask = torch.tensor([[True, True, True, False, False]])
+    padded = block.write(hidden, mask, state)
+    unpadded = block.write(hidden[:, :3], mask[:, :3], state)
+    for name, tensor in padded.items():
+        assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), name
+        torch.testing.assert_close(tensor, unpadded[name], msg=name)
+
+
+@pytest.mark.parametrize("shared_offset", [0.0, 50.0])
+def test_slot_read_returns_the_value_written_at_the_same_address(shared_offset):
+    """Value shift 1: reading with the context of token j returns the value of token j+1, also when every hidden
+    state carries one large shared component (keys are centred on the stream's mean before addressing)."""
+    block = _slot(num_slots=8, shift=1)
+    addresses = torch.nn.functional.normalize(torch.randn(8, HIDDEN), dim=-1)
+    addresses[:, 0] = 0.0  # the shared component lies along feature 0, outside the slot addresses ...
+    addresses = torch.nn.functional.normalize(addresses, dim=-1)
+    no_offset = torch.eye(HIDDEN)
+    no_offset[0, 0] = 0.0  # ... and outside the stored values
+    with torch.no_grad():
+        block.address_proj.weight.copy_(torch.eye(HIDDEN))
+        block.add_proj.weight.copy_(no_offset)
+        block.readout_proj.weight.copy_(torch.eye(HIDDEN))
+        block.erase_proj.weight.zero_()
+        block.erase_proj.bias.fill_(20.0)  # beta = 1: every write replaces what the slot held
+        block.log_temperature.fill_(math.log(16.0))  # the initial temperature
+        block.slot_addresses.copy_(addresses[None])
+    order = [3, 5, 1, 6, 0, 2]
+    hidden = addresses[order][None] * 4
+    hidden[..., 0] += shared_offset
+    state = block.write(hidden, torch.ones(1, len(order), dtype=torch.bool), block.init_state(1, "cpu", torch.float32))
+    for j in range(len(order) - 1):
+        read = block.read(hidden[:, j : j + 1], state)[0, 0]
+        similarity = torch.nn.functional.cosine_similarity(read, addresses[order[j + 1]], dim=0)
+        assert similarity > 0.9, (j, similarity)

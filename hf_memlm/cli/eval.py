@@ -1,4 +1,4 @@
-"""`hf-memlm eval MODEL_DIR --task passkey|recall|copy|perplexity --output-dir DIR`: measure a saved memory LM.
+"""`hf-memlm eval MODEL_DIR --task passkey|recall|copy|update|perplexity --output-dir DIR`: measure a saved memory LM.
 
 Loads the model with `AutoModelForCausalLM` (and the tokenizer saved beside it), generates the task data
 with `hf_memlm.data` (seeded), evaluates with memory, with memory disabled and (retrieval tasks) the base

@@ -6,14 +6,20 @@
     books = load_text_corpus("/path/to/books")                # column "text", one row per document
     train = pack_documents(books, tokenizer, segment_length=128, num_segments=8)
     passkey = make_passkey_dataset(tokenizer, 1000, segment_length=128, num_segments=8)
+    updates = make_update_dataset(tokenizer, 1000, segment_length=128, num_segments=8)  # latest fact wins
 
 The column conventions of the synthetic tasks are documented in `hf_memlm.data.tasks`.
 """
 
 from .corpus import default_text, load_text_corpus, pack_documents
 from .layout import FILLER_KINDS, IGNORE_INDEX, SYNTHETIC_FILLER
-from .tasks import TASK_BUILDERS, make_copy_dataset, make_passkey_dataset, make_recall_dataset
+from .tasks import TASK_BUILDERS as _TASK_BUILDERS
+from .tasks import make_copy_dataset, make_passkey_dataset, make_recall_dataset
 from .tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_tokenizer, check_tokenizer_fits, tokenizer_size
+from .updates import make_update_dataset
+
+# the generators by task name (the `data.task` / `--task` values)
+TASK_BUILDERS = {**_TASK_BUILDERS, "update": make_update_dataset}
 
 __all__ = [
     "BYTE_VOCAB_SIZE",
@@ -29,6 +35,7 @@ __all__ = [
     "make_copy_dataset",
     "make_passkey_dataset",
     "make_recall_dataset",
+    "make_update_dataset",
     "pack_documents",
     "tokenizer_size",
 ]
