@@ -406,6 +406,24 @@ class KVMemory(MemoryBlock):
             out = retrieve_selected(queries, state["keys"], state["values"], scale, found, selected_valid)
         return self.mem_out(merge_heads(out))
 
+    def select_entries(self, hidden_states, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries a top-k read of `hidden_states` attends to: positions (B, H, T, k) into the state's
+        entries, and whether each pick is a real entry (False for padding picks, or where fewer were found).
+
+        Exact top-k, or the approximate index's picks where a read would use it. Needs `memory_topk`.
+        """
+        if self.topk is None:
+            raise ValueError("select_entries needs memory_topk: with memory_topk=None a read attends to every entry.")
+        queries = F.normalize(split_heads(self.mem_query(hidden_states), self.num_heads), dim=-1)
+        with torch.no_grad():
+            index = self._search_index(state)
+            if index is not None:
+                return index.search(queries, self.topk)
+            keys, valid = state["keys"].to(queries.dtype), state["valid"]
+            scores = torch.matmul(queries, keys.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], -math.inf)
+            top_scores, top_index = scores.topk(min(self.topk, keys.shape[2]), dim=-1)
+            return top_index, top_scores > -math.inf
+
     def uses_index(self, state) -> bool:
         """Whether a read of `state` goes through the approximate index (else it is exact)."""
         return self._search_index(state) is not None
