@@ -288,3 +288,34 @@ def test_remote_code_loads_and_reads_without_faiss(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow  # 4,096 segments through a tiny model: about a minute on a quiet 2-core machine
+def test_streaming_a_million_tokens_keeps_rss_bounded_by_the_capacity():
+    psutil = pytest.importorskip("psutil")
+    torch.manual_seed(0)
+    segment, capacity = 256, 16384
+    config = MemLMConfig(
+        text_config=base_config("llama"),
+        memory_type="kv",
+        memory_layers=[0],
+        segment_length=segment,
+        memory_heads=2,
+        memory_size=capacity,
+    )
+    model = MemLMForCausalLM(config).eval()
+    data = torch.tensor(list(default_text().encode("utf-8")), dtype=torch.long) % 97
+    process = psutil.Process()
+    state, rss_when_full = None, None
+    with torch.no_grad():
+        for number in range(1_000_000 // segment + 1):
+            start = (number * segment) % (data.numel() - segment)
+            state = model(input_ids=data[start : start + segment][None], memory_state=state).memory_state
+            if number == 2 * capacity // segment:  # full for a while: buffers and index at their size
+                rss_when_full = process.memory_info().rss
+    assert int(state.num_entries()[0]) == capacity
+    stored = state.layers[0]["keys"]
+    assert stored.shape[2] == capacity
+    growth = process.memory_info().rss - rss_when_full
+    state_size = sum(t.numel() * t.element_size() for t in state.layers[0].values())
+    assert growth < max(64 * 2**20, 2 * state_size), f"RSS grew {growth / 2**20:.0f} MiB after the memory was full"
