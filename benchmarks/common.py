@@ -47,11 +47,11 @@ def base_config(hidden_size: int = 256, num_layers: int = 4, segment_length: int
     )
 
 
-def build_models(config: LlamaConfig, segment_length: int, kinds=("kv", "slot"), seed: int = 0):
+def build_models(config: LlamaConfig, segment_length: int, kinds=("kv", "slot"), seed: int = 0, **settings):
     """The base model and, per memory kind, a memory model around an identical copy of it.
 
     Only `memory_type` and `segment_length` are set: every other memory setting is `MemLMConfig`'s default
-    (memory beside the middle layer). The memory output projection starts at zero, so the memory models
+    (memory beside the middle layer), unless `settings` names some. The memory output projection starts at zero, so the memory models
     compute what the base computes, at the memory's cost.
     """
     torch.manual_seed(seed)
@@ -60,7 +60,8 @@ def build_models(config: LlamaConfig, segment_length: int, kinds=("kv", "slot"),
     for kind in kinds:
         copy = AutoModelForCausalLM.from_config(config)
         copy.load_state_dict(base.state_dict())
-        models[kind] = MemLMForCausalLM.from_base(copy, memory_type=kind, segment_length=segment_length).eval()
+        models[kind] = MemLMForCausalLM.from_base(copy, memory_type=kind, segment_length=segment_length, **settings)
+        models[kind] = models[kind].eval()
     return models
 
 
