@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import base_config, environment, markdown_table, text_tokens, write_results
+from common import base_config, environment, markdown_table, passkey_scores, text_tokens, write_results
 from transformers import AutoModelForCausalLM
 
 from hf_memlm import MemLMForCausalLM
@@ -54,41 +54,7 @@ def bytes_per_token(hidden, layers, segment, segments) -> list[dict]:
 
 
 def passkey_by_dtype(folder: str, num_examples: int | None) -> list[dict]:
-    import yaml
-
-    import hf_memlm  # noqa: F401  (registers the memlm auto classes)
-    from hf_memlm.cli.eval import load_tokenizer
-    from hf_memlm.evaluation import evaluate_retrieval, retrieval_dataset
-
-    with open(f"{folder}/train_config.yaml") as handle:
-        evaluation = yaml.safe_load(handle)["evaluation"]
-    rows = []
-    for dtype in DTYPES:
-        model = AutoModelForCausalLM.from_pretrained(folder, memory_dtype=dtype).eval()
-        tokenizer = load_tokenizer(None, folder, model)
-        dataset = retrieval_dataset(
-            "passkey",
-            tokenizer,
-            num_examples or evaluation["num_examples"],
-            model.config.segment_length,
-            evaluation["num_segments"],
-            evaluation["seed"],
-            evaluation.get("options"),
-        )
-        results = evaluate_retrieval(
-            model, dataset, batch_size=evaluation.get("batch_size", 20), baselines=False, task="passkey", progress=False
-        )
-        by_distance = {
-            row["distance_segments"]: row["metrics"]["memory"]["exact_match"] for row in results["by_distance_segments"]
-        }
-        rows.append(
-            {
-                "memory_dtype": dtype,
-                "exact_match": results["overall"]["metrics"]["memory"]["exact_match"],
-                **{f"distance_{d}": v for d, v in by_distance.items()},
-            }
-        )
-    return rows
+    return [{"memory_dtype": dtype, **passkey_scores(folder, num_examples, memory_dtype=dtype)[0]} for dtype in DTYPES]
 
 
 def main(argv=None) -> dict:

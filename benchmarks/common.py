@@ -153,3 +153,34 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def passkey_scores(folder: str, num_examples: int | None = None, **load_kwargs) -> tuple[dict, object, object]:
+    """Passkey exact match of the model in `folder` (trained by `hf-memlm train configs/passkey_cpu.yaml`),
+    loaded with `AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)`, on the evaluation its
+    training config names (memory condition only). Returns (scores, model, dataset)."""
+    import yaml
+
+    from hf_memlm.cli.eval import load_tokenizer
+    from hf_memlm.evaluation import evaluate_retrieval, retrieval_dataset
+
+    with open(Path(folder) / "train_config.yaml") as handle:
+        evaluation = yaml.safe_load(handle)["evaluation"]
+    model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs).eval()
+    tokenizer = load_tokenizer(None, Path(folder), model)
+    dataset = retrieval_dataset(
+        "passkey",
+        tokenizer,
+        num_examples or evaluation["num_examples"],
+        model.config.segment_length,
+        evaluation["num_segments"],
+        evaluation["seed"],
+        evaluation.get("options"),
+    )
+    results = evaluate_retrieval(
+        model, dataset, batch_size=evaluation.get("batch_size", 20), baselines=False, task="passkey", progress=False
+    )
+    scores = {"exact_match": results["overall"]["metrics"]["memory"]["exact_match"]}
+    for row in results["by_distance_segments"]:
+        scores[f"distance_{row['distance_segments']}"] = row["metrics"]["memory"]["exact_match"]
+    return scores, model, dataset
