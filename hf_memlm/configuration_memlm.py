@@ -13,6 +13,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 MEMORY_TYPES = ("slot", "kv")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
+MEMORY_SEARCHES = ("auto", "exact")
 
 
 class MemLMConfig(PreTrainedConfig):
@@ -42,6 +43,12 @@ class MemLMConfig(PreTrainedConfig):
         memory_dtype (`str` or `None`): storage dtype of the `kv` entries (default: the model's dtype).
         memory_init_std (`float` or `None`): std of the memory projections at init (default: the base
             model's `initializer_range`). The output projection always starts at zero.
+        memory_search (`str`): how a `kv` top-k read finds its entries. `"exact"`: score every stored entry.
+            `"auto"` (default): exact while a row holds at most `memory_search_threshold` entries, then an
+            approximate nearest-neighbour index (faiss IVF, `pip install hf-memlm[faiss]`; without faiss,
+            exact with a warning). The index only selects entries: scores and values stay differentiable.
+        memory_search_threshold (`int`): stored entries per row above which `"auto"` search uses the index.
+        memory_search_probes (`int`): index lists searched per query (more: higher recall, slower reads).
     """
 
     model_type = "memlm"
@@ -60,6 +67,9 @@ class MemLMConfig(PreTrainedConfig):
     memory_value_shift: int = 1
     memory_dtype: str | None = None
     memory_init_std: float | None = None
+    memory_search: str = "auto"
+    memory_search_threshold: int = 4096
+    memory_search_probes: int = 32
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -110,6 +120,12 @@ class MemLMConfig(PreTrainedConfig):
             not isinstance(self.memory_init_std, (int, float)) or self.memory_init_std <= 0
         ):
             raise ValueError(f"MemLMConfig: memory_init_std={self.memory_init_std!r} must be a positive number.")
+        if self.memory_search not in MEMORY_SEARCHES:
+            raise ValueError(
+                f"MemLMConfig: memory_search={self.memory_search!r} is unknown; choose one of {MEMORY_SEARCHES}."
+            )
+        _check_positive_int("memory_search_threshold", self.memory_search_threshold)
+        _check_positive_int("memory_search_probes", self.memory_search_probes)
         if self.memory_head_dim is None:
             if hidden % self.memory_heads:
                 raise ValueError(

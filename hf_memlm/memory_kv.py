@@ -5,11 +5,17 @@ Each row keeps up to `memory_size` entries, oldest evicted first (FIFO). An entr
 retrieves "what followed it" (kNN-LM style), which trains far faster than same-token values.
 Keys and queries are L2-normalised; a learned per-head temperature sharpens the softmax.
 Anchors: Memorizing Transformers (Wu et al. 2022), LongLLaMA / Focused Transformer.
+
+Reads over large memories: with `memory_search="auto"` a row holding more than `memory_search_threshold`
+entries is searched through a faiss IVF index per (row, head) (`_SearchIndex`), kept up to date by
+writes; below the threshold, without faiss, or off CPU, the read is the exact top-k.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,13 @@ from .memory_base import MemoryBlock, merge_heads, split_heads
 # Cap on one chunk of the (batch, heads, queries, entries) score tensor, in elements.
 _SCORE_CHUNK_ELEMENTS = 1 << 25
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# An IVF index is built with lists for `_LOOKAHEAD` times the entries it holds (at most the capacity),
+# `_ENTRIES_PER_LIST` each when full, and re-clustered once a row has grown `_LOOKAHEAD`-fold, so a
+# search scans at most `probes * _ENTRIES_PER_LIST` entries per query however large the memory grows.
+_LOOKAHEAD = 4
+_ENTRIES_PER_LIST = 256
+# k-means on a sample of this many points per list is enough to place the lists.
+_TRAINING_POINTS_PER_LIST = 64
 # Initial softmax temperature on cosine scores (learned per head afterwards); see `reset_parameters`.
 INITIAL_TEMPERATURE = 16.0
 
@@ -44,34 +57,55 @@ def retrieve(
     keys = keys.to(queries.dtype)
     values = values.to(queries.dtype)
     has_entries = valid.any(-1)
+    every_row_has_entries = bool(has_entries.all())
+    # The temperature is applied to the (T, d) queries, not to the (T, S) scores.
+    scaled = queries * scale.view(1, heads, 1, 1).to(queries.dtype)
     if topk is None or topk >= stored:
         # Exact softmax over every entry through the fused kernel (no (B, H, T, S) score tensor kept).
         # A row with no entry may attend to its (zeroed) first slot so the kernel sees no empty row;
         # its read is replaced by 0 below.
-        attend = (valid | ~has_entries[:, None])[:, None, None, :]
-        scaled = queries * scale.view(1, heads, 1, 1).to(queries.dtype)
+        attend = None if bool(valid.all()) else (valid | ~has_entries[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(scaled, keys, values, attn_mask=attend, scale=1.0)
-        return torch.where(has_entries[:, None, None, None], out, torch.zeros_like(out))
-    invalid = ~valid[:, None, None, :]  # (B, 1, 1, S)
-    chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, batch * heads * stored))
-    outputs = []
-    for start in range(0, tokens, chunk):
-        q = queries[:, :, start : start + chunk]
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * scale.view(1, heads, 1, 1)
-        scores = scores.masked_fill(invalid, torch.finfo(scores.dtype).min)
-        top_scores, top_index = scores.topk(topk, dim=-1)  # (B, H, t, k)
-        weights = torch.softmax(top_scores, dim=-1)
-        # Masked entries can enter the top-k of rows with fewer than k entries: give them no weight.
-        top_valid = valid[:, None, None, :].expand(-1, heads, q.shape[2], -1).gather(-1, top_index)
-        weights = weights * top_valid
-        # gather from the (B, H, S, dv) store with flat indices: its backward is a scatter into the
-        # store, not into a (B, H, t, S, dv) expansion
-        flat_index = top_index.reshape(batch, heads, -1, 1).expand(-1, -1, -1, values.shape[-1])
-        gathered = values.gather(2, flat_index).view(batch, heads, q.shape[2], topk, values.shape[-1])
-        out = torch.matmul(weights.unsqueeze(-2), gathered).squeeze(-2)
-        outputs.append(out)
-    out = torch.cat(outputs, dim=2)
+    else:
+        all_valid = bool(valid.all())
+        invalid = ~valid[:, None, None, :]  # (B, 1, 1, S)
+        chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, batch * heads * stored))
+        outputs = []
+        for start in range(0, tokens, chunk):
+            scores = torch.matmul(scaled[:, :, start : start + chunk], keys.transpose(-1, -2))
+            if not all_valid:
+                scores = scores.masked_fill(invalid, torch.finfo(scores.dtype).min)
+            top_scores, top_index = scores.topk(topk, dim=-1)  # (B, H, t, k)
+            entry_valid = None if all_valid else valid[:, None, None, :].expand_as(scores).gather(-1, top_index)
+            outputs.append(attend_selected(top_scores, top_index, values, entry_valid))
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    if every_row_has_entries:
+        return out
     return torch.where(has_entries[:, None, None, None], out, torch.zeros_like(out))
+
+
+def attend_selected(
+    scores: torch.Tensor, index: torch.Tensor, values: torch.Tensor, selected_valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax over the selected entries' `scores` (B, H, t, k) and the weighted sum of their values.
+
+    `index` (B, H, t, k) are entry positions in `values` (B, H, S, dv); `selected_valid` (same shape as
+    `index`, or None when all are valid) gives padding picks no weight. A query with no valid pick reads 0.
+    """
+    batch, heads, tokens, count = index.shape
+    stored, width = values.shape[2], values.shape[3]
+    if selected_valid is not None:
+        scores = scores.masked_fill(~selected_valid, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    if selected_valid is not None:
+        weights = weights * selected_valid
+    # Row gather from the flattened (B*H*S, dv) store: its backward is a scatter into the store, and no
+    # (B, H, t*k, dv) index tensor is built.
+    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * stored
+    flat = (index + offsets).reshape(-1)
+    gathered = F.embedding(flat, values.reshape(-1, width)).view(batch * heads * tokens, count, width)
+    out = torch.bmm(weights.reshape(batch * heads * tokens, 1, count), gathered)
+    return out.view(batch, heads, tokens, width)
 
 
 def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +126,212 @@ def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
     return order, kept
 
 
+def _import_faiss():
+    """faiss if installed, else None (it is an optional dependency: `pip install hf-memlm[faiss]`)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+_FAISS_MISSING_WARNED = False
+
+
+def _warn_faiss_missing(threshold: int) -> None:
+    global _FAISS_MISSING_WARNED
+    if not _FAISS_MISSING_WARNED:
+        _FAISS_MISSING_WARNED = True
+        warnings.warn(
+            f"kv memory holds more than memory_search_threshold={threshold} entries per row, but faiss is not "
+            "installed: reads fall back to exact search, whose cost grows with the memory. Install it with "
+            "`pip install hf-memlm[faiss]` (or `pip install faiss-cpu`), or set memory_search='exact' to "
+            "silence this warning.",
+            stacklevel=3,
+        )
+
+
+def _as_float32_numpy(tensor: torch.Tensor):
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+class _SearchIndex:
+    """faiss IVF indexes (inner product on the unit keys) over one `kv` memory state, one per (row, head).
+
+    Entry `p` of row `r` has the id `first_id[r] + p`; a write appends ids and evicts the smallest ones, so
+    the index follows the state without being rebuilt. It belongs to exactly one state's keys tensor
+    (`matches`), and holds that tensor so its storage cannot be freed and reused by another state.
+    """
+
+    def __init__(self, faiss, keys: torch.Tensor, counts: list[int], probes: int, capacity: int):
+        self.faiss = faiss
+        self.probes = probes
+        self.capacity = capacity
+        self.heads = keys.shape[1]
+        self.first_id = [0] * len(counts)
+        self.counts = list(counts)
+        self.built_lists = [0] * len(counts)
+        self.indexes: list[list] = [[] for _ in counts]
+        self._bind(keys)
+        for row in range(len(counts)):
+            self._build_row(row, keys)
+
+    def _bind(self, keys: torch.Tensor) -> None:
+        self.keys = keys
+        self.fingerprint = (keys.data_ptr(), tuple(keys.shape), keys.stride())
+
+    def matches(self, keys: torch.Tensor, counts: list[int]) -> bool:
+        """True when this index was built for `keys` (the same tensor, a detached alias of it, unchanged)."""
+        fingerprint = (keys.data_ptr(), tuple(keys.shape), keys.stride())
+        return fingerprint == self.fingerprint and counts == self.counts
+
+    def _build_row(self, row: int, keys: torch.Tensor) -> None:
+        faiss, count = self.faiss, self.counts[row]
+        dim = keys.shape[-1]
+        lists = self._lists_for(count)
+        data = _as_float32_numpy(keys[row, :, :count])  # (H, count, d)
+        ids = torch.arange(self.first_id[row], self.first_id[row] + count, dtype=torch.int64).numpy()
+        self.indexes[row] = []
+        for head in range(self.heads):
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+            index.cp.niter = 10
+            index.cp.max_points_per_centroid = _TRAINING_POINTS_PER_LIST
+            index.cp.min_points_per_centroid = 1  # no warning when a row has few entries per list
+            index.train(data[head])
+            index.add_with_ids(data[head], ids)
+            index.nprobe = min(self.probes, lists)
+            self.indexes[row].append((index, quantizer))  # the quantizer must outlive the index
+        self.built_lists[row] = lists
+
+    def _lists_for(self, count: int) -> int:
+        return max(1, min(self.capacity, _LOOKAHEAD * count) // _ENTRIES_PER_LIST)
+
+    def refresh(self, keys: torch.Tensor) -> None:
+        """Re-cluster the rows that grew enough to need `_LOOKAHEAD` times more lists."""
+        for row, count in enumerate(self.counts):
+            if self._lists_for(count) >= _LOOKAHEAD * self.built_lists[row]:
+                self._build_row(row, keys)
+
+    def advance(self, new_keys: torch.Tensor, added: list[int], new_counts: list[int]) -> bool:
+        """Follow a write: row `r` appended its newest `added[r]` entries (the last ones of `new_keys`'s
+        valid prefix) and evicted its oldest. Returns False (index unusable) when it cannot follow."""
+        for row, (count, new, new_count) in enumerate(zip(self.counts, added, new_counts, strict=True)):
+            if new > new_count:  # one write replaced everything
+                return False
+            evicted = count + new - new_count
+            if new:
+                data = _as_float32_numpy(new_keys[row, :, new_count - new : new_count])
+                start = self.first_id[row] + count
+                ids = torch.arange(start, start + new, dtype=torch.int64).numpy()
+                for head, (index, _) in enumerate(self.indexes[row]):
+                    index.add_with_ids(data[head], ids)
+            if evicted:
+                selector = self.faiss.IDSelectorRange(self.first_id[row], self.first_id[row] + evicted)
+                for index, _ in self.indexes[row]:
+                    index.remove_ids(selector)
+                self.first_id[row] += evicted
+        self.counts = list(new_counts)
+        self._bind(new_keys)
+        return True
+
+    def search(self, queries: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entry positions (B, H, T, k) of the approximate top-k of each query, and which are real picks."""
+        self.faiss.omp_set_num_threads(torch.get_num_threads())
+        batch, heads, tokens, _ = queries.shape
+        found = torch.empty(batch, heads, tokens, topk, dtype=torch.int64)
+        data = _as_float32_numpy(queries)
+        for row in range(batch):
+            for head, (index, _) in enumerate(self.indexes[row]):
+                _, labels = index.search(data[row, head], topk)
+                found[row, head] = torch.from_numpy(labels) - self.first_id[row]
+        selected_valid = found >= 0  # faiss pads with -1 when the probed lists hold fewer than k entries
+        return found.clamp(min=0).to(queries.device), selected_valid.to(queries.device)
+
+
+# The index of each block's newest state, outside the module so that copying or pickling a model never
+# touches faiss objects; it goes away with the block.
+_SEARCH_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _AppendBuffers:
+    """Key and value buffers (B, H, size, d) holding a run of entries at [start, end), with room after it."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, size: int):
+        batch, heads, stored, dim = keys.shape
+        self.keys = keys.new_empty(batch, heads, size, dim)
+        self.values = values.new_empty(batch, heads, size, values.shape[3])
+        self.keys[:, :, :stored] = keys
+        self.values[:, :, :stored] = values
+        self.end = stored
+
+    def room(self) -> int:
+        return self.keys.shape[2] - self.end
+
+    def _ends_here(self, view: torch.Tensor, buffer: torch.Tensor) -> bool:
+        if view.dtype != buffer.dtype or view.device != buffer.device or view.shape[:2] != buffer.shape[:2]:
+            return False
+        if view.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr():
+            return False
+        if view.stride() != buffer.stride() or view.shape[3] != buffer.shape[3]:
+            return False
+        offset = view.storage_offset() - buffer.storage_offset()
+        return offset % buffer.stride(2) == 0 and offset // buffer.stride(2) + view.shape[2] == self.end
+
+    def ends_with(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """True when `keys`/`values` are views of these buffers ending at the newest entry."""
+        return self._ends_here(keys, self.keys) and self._ends_here(values, self.values)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, live: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `keys`/`values` after the newest entry; return views of the newest `live` entries."""
+        added = keys.shape[2]
+        self.keys[:, :, self.end : self.end + added] = keys
+        self.values[:, :, self.end : self.end + added] = values
+        self.end += added
+        return self.keys[:, :, self.end - live : self.end], self.values[:, :, self.end - live : self.end]
+
+
+# The growable buffers of each block's newest state (see `KVMemory._append_in_place`).
+_APPEND_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _valid_counts(valid: torch.Tensor) -> list[int] | None:
+    """Entries per row when each row's valid entries form a prefix (as writes leave them), else None."""
+    counts = valid.sum(-1)
+    prefix = torch.arange(valid.shape[1], device=valid.device)[None, :] < counts[:, None]
+    return counts.tolist() if torch.equal(prefix, valid) else None
+
+
+def retrieve_selected(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    index: torch.Tensor,
+    selected_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of `queries` (B, H, T, d) over the entries at positions `index` (B, H, T, k) only.
+
+    Scores are recomputed from the selected keys, so the read is differentiable in queries, keys and
+    values exactly like the exact top-k read; the search that chose `index` is not.
+    """
+    batch, heads, tokens, count = index.shape
+    stored, dim, width = keys.shape[2], keys.shape[3], values.shape[3]
+    scaled = queries * scale.view(1, heads, 1, 1).to(queries.dtype)
+    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * stored
+    flat = (index + offsets).reshape(-1)
+    # Gather in the storage dtype, then cast only the k picks per query (not the whole store).
+    selected_keys = F.embedding(flat, keys.reshape(-1, dim)).to(queries.dtype)
+    selected_values = F.embedding(flat, values.reshape(-1, width)).to(queries.dtype)
+    rows = batch * heads * tokens
+    scores = torch.bmm(selected_keys.view(rows, count, dim), scaled.reshape(rows, dim, 1)).view(index.shape)
+    if not bool(selected_valid.all()):
+        scores = scores.masked_fill(~selected_valid, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1) * selected_valid
+    out = torch.bmm(weights.view(rows, 1, count), selected_values.view(rows, count, width))
+    return out.view(batch, heads, tokens, width)
+
+
 class KVMemory(MemoryBlock):
     state_names = ("keys", "values", "valid", "pending_key", "pending_valid")
 
@@ -102,6 +342,9 @@ class KVMemory(MemoryBlock):
         self.topk = config.memory_topk
         self.value_shift = config.memory_value_shift
         self.storage_dtype = _DTYPES.get(config.memory_dtype) if config.memory_dtype else None
+        self.search = config.memory_search
+        self.search_threshold = config.memory_search_threshold
+        self.search_probes = config.memory_search_probes
         # Names no base model uses: PEFT matches `target_modules` by name suffix, so a memory projection
         # called `q_proj` would silently get LoRA from LoraConfig(target_modules=["q_proj", "v_proj"]).
         self.mem_query = nn.Linear(self.hidden_size, width, bias=False)
@@ -154,8 +397,92 @@ class KVMemory(MemoryBlock):
         if state["keys"].shape[2] == 0:
             return torch.zeros_like(hidden_states)
         queries = F.normalize(split_heads(self.mem_query(hidden_states), self.num_heads), dim=-1)
-        out = retrieve(queries, state["keys"], state["values"], state["valid"], self.log_scale.exp(), self.topk)
+        scale = self.log_scale.exp()
+        index = self._search_index(state)
+        if index is None:
+            out = retrieve(queries, state["keys"], state["values"], state["valid"], scale, self.topk)
+        else:
+            found, selected_valid = index.search(queries, self.topk)
+            out = retrieve_selected(queries, state["keys"], state["values"], scale, found, selected_valid)
         return self.mem_out(merge_heads(out))
+
+    def select_entries(self, hidden_states, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries a top-k read of `hidden_states` attends to: positions (B, H, T, k) into the state's
+        entries, and whether each pick is a real entry (False for padding picks, or where fewer were found).
+
+        Exact top-k, or the approximate index's picks where a read would use it. Needs `memory_topk`.
+        """
+        if self.topk is None:
+            raise ValueError("select_entries needs memory_topk: with memory_topk=None a read attends to every entry.")
+        queries = F.normalize(split_heads(self.mem_query(hidden_states), self.num_heads), dim=-1)
+        with torch.no_grad():
+            index = self._search_index(state)
+            if index is not None:
+                return index.search(queries, self.topk)
+            keys, valid = state["keys"].to(queries.dtype), state["valid"]
+            scores = torch.matmul(queries, keys.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], -math.inf)
+            top_scores, top_index = scores.topk(min(self.topk, keys.shape[2]), dim=-1)
+            return top_index, top_scores > -math.inf
+
+    def uses_index(self, state) -> bool:
+        """Whether a read of `state` goes through the approximate index (else it is exact)."""
+        return self._search_index(state) is not None
+
+    def _search_index(self, state) -> _SearchIndex | None:
+        """The approximate index for `state`, built or refreshed if needed; None where the read is exact."""
+        keys = state["keys"]
+        if self.topk is None or self.search == "exact" or keys.shape[2] <= self.search_threshold:
+            return None
+        faiss = _import_faiss()
+        if faiss is None:
+            _warn_faiss_missing(self.search_threshold)
+            return None
+        if keys.device.type != "cpu":
+            return None  # faiss-cpu would copy the whole store to the host per read; exact is faster there
+        counts = _valid_counts(state["valid"])
+        if counts is None or max(counts) <= self.search_threshold:
+            return None
+        index = _SEARCH_INDEXES.get(self)
+        if index is None or not index.matches(keys, counts):
+            index = _SearchIndex(faiss, keys, counts, self.search_probes, self.capacity)
+            _SEARCH_INDEXES[self] = index
+        index.refresh(keys)
+        return index
+
+    def _append_in_place(self, state, entry_keys, entry_values, drop: int):
+        """Without autograd, append to this block's growable buffers instead of copying the whole store.
+
+        The new state's keys/values are views of a buffer with room after them; appending writes only past
+        the old state's end, so the old state still reads what it held. Returns None when the old state
+        does not end where its buffer's last write ended (it is not the newest state, e.g. a branch, or
+        it was made elsewhere) and no buffer could be used, or when gradients are being recorded.
+        """
+        if torch.is_grad_enabled():
+            return None  # in-place writes would invalidate tensors saved for backward
+        added = entry_keys.shape[2]
+        if added > self.capacity:
+            return None
+        buffers = _APPEND_BUFFERS.get(self)
+        keys, values = state["keys"], state["values"]
+        live = keys.shape[2] - drop + added
+        if buffers is None or not buffers.ends_with(keys, values) or buffers.room() < added:
+            room = max(self.capacity // 4, added)
+            size = max(live, min(2 * live, self.capacity + room), 1024)
+            buffers = _AppendBuffers(keys[:, :, drop:], values[:, :, drop:], size)
+            _APPEND_BUFFERS[self] = buffers
+        return buffers.append(entry_keys, entry_values, live)
+
+    def _follow_write(self, state, new_state, entry_valid) -> None:
+        """Move this block's index from `state` to `new_state` (adding and evicting what the write did)."""
+        index = _SEARCH_INDEXES.get(self)
+        if index is None:
+            return
+        counts = _valid_counts(state["valid"])
+        new_counts = _valid_counts(new_state["valid"])
+        if counts is None or not index.matches(state["keys"], counts):
+            return  # it indexes another state, which may still be read
+        if new_counts is None or not index.advance(new_state["keys"], entry_valid.sum(-1).tolist(), new_counts):
+            del _SEARCH_INDEXES[self]  # rebuilt by the next read that needs it
 
     def write(self, hidden_states, mask, state):
         batch, tokens, _ = hidden_states.shape
@@ -184,18 +511,38 @@ class KVMemory(MemoryBlock):
         else:
             entry_keys, entry_valid = keys, mask
 
-        all_keys = torch.cat([state["keys"], entry_keys], dim=2)
-        all_values = torch.cat([state["values"], values], dim=2)
         all_valid = torch.cat([state["valid"], entry_valid], dim=1)
-        index, kept = keep_newest(all_valid, self.capacity)
-        gather_index = index[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
-        # Zero the padding entries: a padded token's hidden state may be garbage (even NaN) and 0 * NaN
-        # would leak into reads.
-        keep = kept[:, None, :, None]
-        return {
-            "keys": torch.where(keep, all_keys.gather(2, gather_index), 0.0),
-            "values": torch.where(keep, all_values.gather(2, gather_index), 0.0),
-            "valid": kept,
-            "pending_key": pending_key,
-            "pending_valid": pending_valid,
-        }
+        total = all_valid.shape[1]
+        if bool(all_valid.all()):
+            # Every entry is real: eviction is a slice of the oldest, no sort and no gather.
+            drop = max(0, total - self.capacity)
+            appended = self._append_in_place(state, entry_keys, values, drop)
+            if appended is None:
+                all_keys = torch.cat([state["keys"], entry_keys], dim=2)[:, :, drop:]
+                all_values = torch.cat([state["values"], values], dim=2)[:, :, drop:]
+            else:
+                all_keys, all_values = appended
+            new_state = {
+                "keys": all_keys,
+                "values": all_values,
+                "valid": all_valid[:, drop:],
+                "pending_key": pending_key,
+                "pending_valid": pending_valid,
+            }
+        else:
+            all_keys = torch.cat([state["keys"], entry_keys], dim=2)
+            all_values = torch.cat([state["values"], values], dim=2)
+            index, kept = keep_newest(all_valid, self.capacity)
+            gather_index = index[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
+            # Zero the padding entries: a padded token's hidden state may be garbage (even NaN) and 0 * NaN
+            # would leak into reads.
+            keep = kept[:, None, :, None]
+            new_state = {
+                "keys": torch.where(keep, all_keys.gather(2, gather_index), 0.0),
+                "values": torch.where(keep, all_values.gather(2, gather_index), 0.0),
+                "valid": kept,
+                "pending_key": pending_key,
+                "pending_valid": pending_valid,
+            }
+        self._follow_write(state, new_state, entry_valid)
+        return new_state

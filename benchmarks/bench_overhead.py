@@ -1,0 +1,126 @@
+"""Memory overhead: tokens/s of each memory model relative to its base model on the same segments.
+
+Figures of the memory-at-scale issue: `kv` and `slot` inference tokens/s vs the base model (target
+>= 0.90x), plus the training step (forward + backward) ratio. The base model runs each segment on its own
+(its window); the memory model runs the whole input in one call and reads/writes memory between segments.
+Base and memory runs are interleaved in one process; each ratio is median(base time) / median(memory time).
+
+    python benchmarks/bench_overhead.py            # the issue's setting (Llama 256 wide, 4 layers, ...)
+    python benchmarks/bench_overhead.py --quick    # a tiny model, seconds (CI smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import (
+    base_config,
+    build_models,
+    environment,
+    interleaved,
+    markdown_table,
+    median,
+    text_tokens,
+    write_results,
+)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and few repeats (smoke test)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per model (default 7; quick 3)")
+    parser.add_argument("--segments", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--kinds", default="kv,slot")
+    parser.add_argument("--no-training", action="store_true", help="inference figures only")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/overhead[_quick].json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hidden, layers, segment = (64, 2, 32) if args.quick else (256, 4, 256)
+    repeats = args.repeats or (3 if args.quick else 7)
+    kinds = tuple(kind for kind in args.kinds.split(",") if kind)
+
+    models = build_models(base_config(hidden, layers, segment), segment, kinds)
+    tokens = text_tokens(args.segments * segment, args.batch)
+    segments = tokens.split(segment, dim=1)
+
+    def infer_base():
+        with torch.no_grad():
+            for piece in segments:
+                models["base"](input_ids=piece)
+
+    def infer(kind):
+        def run():
+            with torch.no_grad():
+                models[kind](input_ids=tokens)
+
+        return run
+
+    def train_base():
+        for piece in segments:
+            models["base"](input_ids=piece, labels=piece).loss.backward()
+        models["base"].zero_grad(set_to_none=True)
+
+    def train(kind):
+        def run():
+            models[kind](input_ids=tokens, labels=tokens).loss.backward()
+            models[kind].zero_grad(set_to_none=True)
+
+        return run
+
+    figures = {}
+    modes = [("inference", infer_base, infer)] + ([] if args.no_training else [("training", train_base, train)])
+    for mode, base_fn, kind_fn in modes:
+        wall, cpu = interleaved({"base": base_fn, **{kind: kind_fn(kind) for kind in kinds}}, repeats)
+        count = tokens.numel()
+        figures[mode] = {
+            name: {
+                "median_wall_s": median(wall[name]),
+                "median_cpu_s": median(cpu[name]),
+                "tokens_per_s": count / median(wall[name]),
+                "wall_s": wall[name],
+                "cpu_s": cpu[name],
+            }
+            for name in wall
+        }
+        for kind in kinds:
+            figures[mode][kind]["ratio_vs_base"] = median(wall["base"]) / median(wall[kind])
+            figures[mode][kind]["cpu_ratio_vs_base"] = median(cpu["base"]) / median(cpu[kind])
+
+    setting = {
+        "base": f"llama hidden {hidden}, {layers} layers",
+        "segment_length": segment,
+        "segments": args.segments,
+        "batch": args.batch,
+        "repeats": repeats,
+        "dtype": "float32",
+        "memory_settings": "MemLMConfig defaults (memory_type and segment_length set)",
+    }
+    payload = {"benchmark": "overhead", "quick": args.quick, "setting": setting, "environment": environment()}
+    payload["figures"] = figures
+    rows = [
+        [
+            mode,
+            kind,
+            f"{figures[mode][kind]['tokens_per_s']:.0f}",
+            f"{figures[mode]['base']['tokens_per_s']:.0f}",
+            f"{figures[mode][kind]['ratio_vs_base']:.2f}x",
+            f"{figures[mode][kind]['cpu_ratio_vs_base']:.2f}x",
+        ]
+        for mode in figures
+        for kind in kinds
+    ]
+    table = markdown_table(
+        ["mode", "memory", "memory tokens/s", "base tokens/s", "ratio (wall)", "ratio (CPU time)"], rows
+    )
+    payload["table"] = table
+    path = write_results("overhead_quick" if args.quick else "overhead", payload, args.output)
+    print(table)
+    print(f"written {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

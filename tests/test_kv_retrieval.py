@@ -1,0 +1,321 @@
+"""`kv` reads over large memories: the exact top-k read, the approximate (faiss) index and its fallback,
+the in-place append used when streaming without gradients, and the retrieval settings' errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import base_config
+
+import hf_memlm.memory_kv as kv
+from hf_memlm import MemLMConfig, MemLMForCausalLM
+from hf_memlm.defaults import default_text
+from hf_memlm.memory_kv import KVMemory, retrieve
+
+HIDDEN = 32
+
+
+def _block(seed=0, **settings) -> KVMemory:
+    options = dict(memory_type="kv", memory_layers=[0], memory_heads=2, segment_length=64, memory_size=8192)
+    options.update(settings)
+    torch.manual_seed(seed)
+    block = KVMemory(MemLMConfig(text_config=base_config("llama"), **options), 0)
+    block.reset_parameters(0.5)
+    with torch.no_grad():
+        block.mem_out.weight.normal_(0.0, 0.5)
+    return block
+
+
+def _clustered_hidden(generator, rows, tokens, clusters=64, noise=0.3):
+    centres = F.normalize(torch.randn(clusters, HIDDEN, generator=generator), dim=-1) * 3
+    pick = torch.randint(0, clusters, (rows, tokens), generator=generator)
+    return centres[pick] + noise * torch.randn(rows, tokens, HIDDEN, generator=generator)
+
+
+def _write_all(block, hidden, segment=256, state=None):
+    rows = hidden.shape[0]
+    state = state or block.init_state(rows, "cpu", torch.float32)
+    for piece in hidden.split(segment, dim=1):
+        state = block(piece, state, mode="write", mask=torch.ones(piece.shape[:2], dtype=torch.bool))
+    return state
+
+
+def _recall(selected, selected_valid, exact):
+    """Share of the exact top-k entries that the selection contains, over all queries and heads."""
+    hits = ((selected.unsqueeze(-1) == exact.unsqueeze(-2)) & selected_valid.unsqueeze(-1)).any(-2)
+    return hits.float().mean().item()
+
+
+def _reference_read(queries, keys, values, valid, scale, topk):
+    """Top-k attention written the obvious way (dense scores, mask, top-k, softmax, weighted sum)."""
+    scores = (queries * scale.view(1, -1, 1, 1)) @ keys.transpose(-1, -2)
+    scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
+    top, index = scores.topk(min(topk, keys.shape[2]), dim=-1)
+    weights = torch.nan_to_num(torch.softmax(top, dim=-1))
+    picked = values[:, :, None].expand(-1, -1, queries.shape[2], -1, -1)
+    picked = picked.gather(3, index[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
+    return (weights[..., None] * picked).sum(-2)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_exact_topk_read_and_gradients_match_the_reference(padded):
+    generator = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(2, 3, 7, 8, generator=generator), dim=-1).requires_grad_()
+    keys = F.normalize(torch.randn(2, 3, 40, 8, generator=generator), dim=-1).requires_grad_()
+    values = torch.randn(2, 3, 40, 5, generator=generator).requires_grad_()
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    if padded:
+        valid[1, 25:] = False
+    scale = torch.tensor([4.0, 8.0, 16.0])
+    ours = retrieve(queries, keys, values, valid, scale, topk=6)
+    reference = _reference_read(queries, keys, values, valid, scale, 6)
+    torch.testing.assert_close(ours, reference)
+    grads = torch.autograd.grad(ours.square().sum(), (queries, keys, values))
+    expected = torch.autograd.grad(reference.square().sum(), (queries, keys, values))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_full_segments_evict_oldest_in_order(grad):
+    # every token real: the write evicts by slicing (and appends in place without autograd)
+    block = _block(memory_size=10, memory_topk=4, memory_value_shift=0)
+    state = block.init_state(2, "cpu", torch.float32)
+    written = []
+    with torch.set_grad_enabled(grad):
+        for _ in range(5):
+            hidden = torch.randn(2, 4, HIDDEN)
+            state = block(hidden, state, mode="write", mask=torch.ones(2, 4, dtype=torch.bool))
+            written.append(block.mem_value(hidden).detach())
+    assert state["keys"].shape[2] == 10 and bool(state["valid"].all())
+    expected = torch.cat(written, dim=1)[:, -10:].view(2, 10, 2, 16).transpose(1, 2)
+    torch.testing.assert_close(state["values"].detach(), expected)
+
+
+def test_streaming_without_grad_leaves_earlier_states_as_they_were():
+    block = _block(memory_value_shift=0)
+    generator = torch.Generator().manual_seed(1)
+    first, second, other = (torch.randn(1, 16, HIDDEN, generator=generator) for _ in range(3))
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    with torch.no_grad():
+        start = block(first, block.init_state(1, "cpu", torch.float32), mode="write", mask=mask)
+        snapshot = {name: t.clone() for name, t in start.items()}
+        continued = block(second, start, mode="write", mask=mask)
+        branch = block(other, start, mode="write", mask=mask)  # a second continuation of the same state
+    for name in snapshot:
+        assert torch.equal(start[name], snapshot[name]), name
+    assert torch.equal(
+        continued["values"][:, :, 16:], block.mem_value(second).detach().view(1, 16, 2, 16).transpose(1, 2)
+    )
+    assert torch.equal(branch["values"][:, :, 16:], block.mem_value(other).detach().view(1, 16, 2, 16).transpose(1, 2))
+    # and the same states as with autograd on (plain concatenation)
+    with torch.enable_grad():
+        reference = block(second, start, mode="write", mask=mask)
+    torch.testing.assert_close(continued["keys"], reference["keys"].detach())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(memory_search="faiss"), "memory_search='faiss' is unknown"),
+        (dict(memory_search_threshold=0), "memory_search_threshold=0 must be a positive integer"),
+        (dict(memory_search_probes=2.5), "memory_search_probes=2.5 must be a positive integer"),
+    ],
+)
+def test_retrieval_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        MemLMConfig(text_config=base_config("llama"), **settings)
+
+
+def test_select_entries_needs_topk():
+    block = _block(memory_topk=None)
+    state = _write_all(block, torch.randn(1, 8, HIDDEN), segment=8)
+    with pytest.raises(ValueError, match="select_entries needs memory_topk"):
+        block.select_entries(torch.randn(1, 2, HIDDEN), state)
+
+
+def _block_faiss(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+
+
+def test_exact_reads_are_identical_with_and_without_faiss(monkeypatch):
+    torch.manual_seed(0)
+    config = MemLMConfig(
+        text_config=base_config("llama"), memory_type="kv", memory_layers=[0], segment_length=16, memory_heads=2
+    )
+    model = MemLMForCausalLM(config).eval()
+    with torch.no_grad():
+        model.memory_blocks["0"].mem_out.weight.normal_(0.0, 0.5)
+    tokens = torch.randint(0, 97, (2, 16 * 6))
+    with torch.no_grad():
+        installed = model(input_ids=tokens).logits
+        _block_faiss(monkeypatch)
+        missing = model(input_ids=tokens).logits
+    assert torch.equal(installed, missing)
+
+
+def test_without_faiss_a_large_memory_reads_exactly_with_a_warning(monkeypatch):
+    block = _block(memory_search_threshold=100)
+    exact = _block(memory_search="exact")
+    exact.load_state_dict(block.state_dict())
+    generator = torch.Generator().manual_seed(2)
+    state = _write_all(block, _clustered_hidden(generator, 1, 512))
+    queries = _clustered_hidden(generator, 1, 8)
+    _block_faiss(monkeypatch)
+    monkeypatch.setattr(kv, "_FAISS_MISSING_WARNED", False)
+    with pytest.warns(UserWarning, match="faiss is not installed"):
+        fallback = block(queries, state, mode="read")
+    assert not block.uses_index(state)
+    assert torch.equal(fallback, exact(queries, state, mode="read"))
+
+
+# -- with faiss ----------------------------------------------------------------------------------------
+
+
+def _recall_against_exact(block, state, queries) -> float:
+    exact = _block(memory_search="exact", memory_size=block.capacity)
+    exact.load_state_dict(block.state_dict())
+    assert block.uses_index(state) and not exact.uses_index(state)
+    selected, selected_valid = block.select_entries(queries, state)
+    reference, _ = exact.select_entries(queries, state)
+    return _recall(selected, selected_valid, reference)
+
+
+def test_approximate_selection_recalls_the_exact_top_k_on_clustered_keys():
+    pytest.importorskip("faiss")
+    block = _block(memory_search_threshold=1024)
+    generator = torch.Generator().manual_seed(3)
+    state = _write_all(block, _clustered_hidden(generator, 2, 6144))
+    assert _recall_against_exact(block, state, _clustered_hidden(generator, 2, 64)) >= 0.95
+
+
+def test_approximate_selection_recalls_the_exact_top_k_on_model_keys_of_text():
+    pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    config = MemLMConfig(
+        text_config=base_config("llama"), memory_type="kv", memory_layers=[0], segment_length=64, memory_heads=2
+    )
+    model = MemLMForCausalLM(config).eval()
+    data = torch.tensor(list(default_text().encode("utf-8")[:6400]), dtype=torch.long) % 97
+    with torch.no_grad():  # the hidden states the memory block sees: layer 0's output
+        hidden = model.language_model(input_ids=data.view(100, 64), output_hidden_states=True).hidden_states[1]
+    hidden = hidden.reshape(1, 6400, HIDDEN)
+    block = _block(memory_search_threshold=1024)
+    block.load_state_dict(model.memory_blocks["0"].state_dict())
+    state = _write_all(block, hidden[:, :6144])
+    assert _recall_against_exact(block, state, hidden[:, 6144:]) >= 0.95
+
+
+def test_index_follows_writes_and_evictions():
+    pytest.importorskip("faiss")
+    block = _block(memory_search_threshold=512, memory_size=2048)
+    generator = torch.Generator().manual_seed(4)
+    state = None
+    with torch.no_grad():
+        for _ in range(12):  # 3072 entries written into 2048: the oldest third evicted
+            state = _write_all(block, _clustered_hidden(generator, 2, 256), state=state)
+            block(_clustered_hidden(generator, 2, 4), state, mode="read")  # reads keep the index in use
+    assert state["keys"].shape[2] == 2048
+    assert _recall_against_exact(block, state, _clustered_hidden(generator, 2, 64)) >= 0.95
+
+
+def test_approximate_read_is_the_exact_read_over_its_picks_and_differentiable():
+    pytest.importorskip("faiss")
+    block = _block(memory_search_threshold=256, memory_topk=8)
+    generator = torch.Generator().manual_seed(5)
+    state = _write_all(block, _clustered_hidden(generator, 1, 1024, noise=0.05))
+    keys = state["keys"].clone().requires_grad_()
+    values = state["values"].clone().requires_grad_()
+    leaf_state = dict(state, keys=keys, values=values)
+    queries = _clustered_hidden(generator, 1, 16, noise=0.05)
+    picks, picks_valid = block.select_entries(queries, state)
+    read = block(queries, leaf_state, mode="read")  # the index built for `state` serves its alias too
+    assert block.uses_index(leaf_state)
+    # the same attention written out over the picked entries
+    q = F.normalize(block.mem_query(queries).view(1, 16, 2, 16).transpose(1, 2), dim=-1)
+    scale = block.log_scale.exp().view(1, 2, 1, 1)
+    picked_keys = keys[0][torch.arange(2)[:, None, None], picks[0]]  # (H, T, k, d)
+    picked_values = values[0][torch.arange(2)[:, None, None], picks[0]]
+    scores = (picked_keys @ (q[0] * scale[0]).unsqueeze(-1)).squeeze(-1).masked_fill(~picks_valid[0], -math.inf)
+    expected = (torch.softmax(scores, -1).unsqueeze(-1) * picked_values).sum(-2)
+    expected = block.mem_out(expected.unsqueeze(0).transpose(1, 2).reshape(1, 16, 32))
+    torch.testing.assert_close(read, expected)
+    grad_keys, grad_values = torch.autograd.grad(read.square().sum(), (keys, values))
+    assert grad_keys.abs().sum() > 0 and grad_values.abs().sum() > 0
+    picked = torch.zeros(2, keys.shape[2], dtype=torch.bool)
+    picked[torch.arange(2)[:, None, None], picks[0]] = True
+    assert torch.equal(grad_values[0].abs().sum(-1) > 0, picked)  # gradients reach exactly the picks
+
+
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~10 s on a quiet 2-core machine
+def test_remote_code_loads_and_reads_without_faiss(tmp_path):
+    # The Hub payload must work where neither hf_memlm nor faiss is installed (exact search + warning).
+    torch.manual_seed(0)
+    config = MemLMConfig(
+        text_config=base_config("llama"),
+        memory_type="kv",
+        memory_layers=[0],
+        segment_length=16,
+        memory_heads=2,
+        memory_search_threshold=32,
+    )
+    model = MemLMForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import sys, warnings
+        sys.modules["hf_memlm"] = None
+        sys.modules["faiss"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                out = model(input_ids=torch.randint(0, 97, (1, 16 * 5)))
+        assert torch.isfinite(out.logits).all()
+        assert any("faiss is not installed" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        print("ok")
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow  # 4,096 segments through a tiny model: about a minute on a quiet 2-core machine
+def test_streaming_a_million_tokens_keeps_rss_bounded_by_the_capacity():
+    psutil = pytest.importorskip("psutil")
+    torch.manual_seed(0)
+    segment, capacity = 256, 16384
+    config = MemLMConfig(
+        text_config=base_config("llama"),
+        memory_type="kv",
+        memory_layers=[0],
+        segment_length=segment,
+        memory_heads=2,
+        memory_size=capacity,
+    )
+    model = MemLMForCausalLM(config).eval()
+    data = torch.tensor(list(default_text().encode("utf-8")), dtype=torch.long) % 97
+    process = psutil.Process()
+    state, rss_when_full = None, None
+    with torch.no_grad():
+        for number in range(1_000_000 // segment + 1):
+            start = (number * segment) % (data.numel() - segment)
+            state = model(input_ids=data[start : start + segment][None], memory_state=state).memory_state
+            if number == 2 * capacity // segment:  # full for a while: buffers and index at their size
+                rss_when_full = process.memory_info().rss
+    assert int(state.num_entries()[0]) == capacity
+    stored = state.layers[0]["keys"]
+    assert stored.shape[2] == capacity
+    growth = process.memory_info().rss - rss_when_full
+    state_size = sum(t.numel() * t.element_size() for t in state.layers[0].values())
+    assert growth < max(64 * 2**20, 2 * state_size), f"RSS grew {growth / 2**20:.0f} MiB after the memory was full"
