@@ -20,6 +20,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_memlm"
 LAYERS = {"payload": 0, "data": 1, "training": 1, "evaluation": 1, "integrations": 1, "recipes": 2, "cli": 3}
 PAYLOAD_MAY_IMPORT = {"torch", "transformers", "safetensors", "__future__"}
+# optional accelerators the payload imports lazily, falling back without them (checked below)
+PAYLOAD_OPTIONAL = {"faiss"}
 STDLIB = set(sys.stdlib_module_names)
 
 
@@ -71,7 +73,7 @@ def test_each_layer_imports_only_the_layers_before_it(path):
     for module, line in imported_modules(path):
         top = module.split(".")[0]
         if layer == "payload":
-            assert top in PAYLOAD_MAY_IMPORT | STDLIB or module.startswith("hf_memlm."), (
+            assert top in PAYLOAD_MAY_IMPORT | PAYLOAD_OPTIONAL | STDLIB or module.startswith("hf_memlm."), (
                 f"{path.name}:{line} imports {module}: the payload may import only torch, transformers, safetensors"
             )
             if module.startswith("hf_memlm."):
@@ -101,3 +103,24 @@ def test_payload_uses_single_dot_relative_imports_only():
 def test_the_package_root_does_not_import_the_command_line():
     modules = [module for module, _ in imported_modules(PACKAGE / "__init__.py")]
     assert not [m for m in modules if m.startswith("hf_memlm.cli") or m.startswith("hf_memlm.recipes")]
+
+
+def test_optional_payload_imports_are_lazy_and_guarded():
+    """A saved model must load where the optional package is missing: its import sits inside a function,
+    in a `try` that catches ImportError."""
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        guarded = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                for h in node.handlers
+            ):
+                guarded |= {id(inner) for inner in ast.walk(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(name.split(".")[0] in PAYLOAD_OPTIONAL for name in names):
+                    assert node.col_offset > 0 and id(node) in guarded, (
+                        f"{path.name}:{node.lineno}: import optional packages inside a function, in a try/except ImportError"
+                    )
