@@ -1,7 +1,7 @@
 """LoRA on the pretrained base plus fully trained memory blocks, with PEFT.
 
 PEFT knows no LoRA targets for model_type "memlm", so they are derived from the base model's type and
-restricted to the base (the memory blocks have q_proj/k_proj/v_proj/o_proj too). The memory blocks are
+restricted to the base (`hf_memlm.lora_target_modules(model)`, never the memory blocks). The memory blocks are
 listed in `modules_to_save` by their leaf names, so PEFT trains them and saves them with the adapter.
 
     python examples/lora_memory.py --base Qwen/Qwen2.5-0.5B --data path/to/books/

@@ -34,6 +34,11 @@ class MemoryBlock(nn.Module):
             return self.write(hidden_states, mask, state)
         raise ValueError(f"mode must be 'read' or 'write', got {mode!r}")
 
+    @property
+    def output_projection(self) -> nn.Linear:
+        """`W_o`, which maps a read into the residual stream; zero at init, so a new block changes nothing."""
+        raise NotImplementedError
+
     def init_state(self, batch_size: int, device, dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

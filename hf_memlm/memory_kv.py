@@ -354,6 +354,10 @@ class KVMemory(MemoryBlock):
         # log of the per-head softmax temperature applied to cosine similarities
         self.log_scale = nn.Parameter(torch.empty(self.num_heads))
 
+    @property
+    def output_projection(self) -> nn.Linear:
+        return self.mem_out
+
     def reset_parameters(self, std: float) -> None:
         for proj in (self.mem_query, self.mem_value):
             init.normal_(proj.weight, mean=0.0, std=std)

@@ -71,8 +71,7 @@ class SlotMemory(MemoryBlock):
         self.log_temperature = nn.Parameter(torch.empty(self.num_heads))
 
     @property
-    def o_proj(self) -> nn.Linear:
-        """The output projection `W_o`, under the name the `kv` kind uses (not a separate module)."""
+    def output_projection(self) -> nn.Linear:
         return self.readout_proj
 
     def reset_parameters(self, std: float) -> None:

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from memory_names import memory_output_projection
 from transformers import AutoModelForCausalLM
 
 import hf_memlm
@@ -35,7 +34,7 @@ def _save(folder, memory_type: str, seed: int = 0):
     model = hf_memlm.MemLMForCausalLM(config).eval()
     with torch.no_grad():  # non-zero memory output: what was read changes the answer
         for block in model.memory_blocks.values():
-            memory_output_projection(block).weight.normal_(std=0.3)
+            block.output_projection.weight.normal_(std=0.3)
     model.save_pretrained(folder)
     build_tokenizer("byte").save_pretrained(folder)
     return folder

@@ -308,3 +308,29 @@ def test_save_pretrained_on_other_ranks_or_onto_a_file_writes_no_card(tmp_path):
     (tmp_path / "file").write_text("x")
     model.save_pretrained(tmp_path / "file")  # transformers logs an error and writes nothing
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_hf_memlm_train_writes_the_card_with_its_evaluation_and_pushes_everything(fake_hub, tmp_path, capsys):
+    """`hf-memlm train` with an evaluation section and `training.push_to_hub`: the saved folder's card carries
+    the training facts and the evaluation table, and the final upload has weights, config, code, tokenizer
+    and card (no checkpoints)."""
+    from hf_memlm.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    output_dir = tmp_path / "passkey"
+    quick = ["--training.max_steps", "2", "--training.per_device_train_batch_size", "4", "--data.num_examples", "8"]
+    evaluation = ["--evaluation.num_segments", "[2]", "--evaluation.num_examples", "4", "--evaluation.batch_size", "4"]
+    hub = ["--training.push_to_hub", "true", "--training.hub_model_id", "me/passkey", "--training.save_strategy", "no"]
+    config = str(root / "configs" / "passkey_cpu.yaml")
+    assert main(["train", config, *quick, *evaluation, *hub, "--output_dir", str(output_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert f"model card: {output_dir / 'README.md'}" in printed and "pushed to the Hub: me/passkey" in printed
+    card = (output_dir / "README.md").read_text()
+    assert "| steps | 2 |" in card and "| data | passkey (bundled text) |" in card
+    assert "### passkey" in card and "| distance (segments) |" in card
+    assert f"Produced by: `hf-memlm train {config}`" in card
+    repo, path_in_repo, files, _ = fake_hub.uploads[-1]
+    assert (repo, path_in_repo) == ("me/passkey", "")
+    assert CODE_FILES | {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert not [name for name in files if name.startswith("checkpoint-")]
+    assert files["README.md"].decode() == card

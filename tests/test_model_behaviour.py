@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SEGMENT, VOCAB, base_config, build, memory_settings, randomize_memory
-from memory_names import memory_output_projection
 from transformers import AutoModelForCausalLM
 
 import hf_memlm
@@ -48,7 +47,7 @@ def test_backward_reaches_memory(arch_kind):
     ids = _ids(2, 4 * SEGMENT)
     model(ids, labels=ids).loss.backward()
     for name, block in model.memory_blocks.items():
-        out_proj = memory_output_projection(block)
+        out_proj = block.output_projection
         assert out_proj.weight.grad is not None and out_proj.weight.grad.abs().sum() > 0, name
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     model.zero_grad()

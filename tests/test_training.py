@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from memory_names import memory_output_projection
 from transformers import AutoModelForCausalLM, LlamaConfig, default_data_collator
 
 import hf_memlm
@@ -282,7 +281,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind, monkey
     def loss_and_grads(checkpointing: bool):
         model = tiny_memlm(kind, seed=3)
         with torch.no_grad():  # non-zero output projection, so the memory read matters
-            memory_output_projection(model.memory_blocks["0"]).weight.normal_(0, 0.3)
+            model.memory_blocks["0"].output_projection.weight.normal_(0, 0.3)
         if checkpointing:
             model.activation_checkpointing_enable()
         model.train()

@@ -46,7 +46,7 @@ def run(args) -> int:
     # values so that memory visibly changes the outputs and the checks below compare something.
     with torch.no_grad():
         for block in model.memory_blocks.values():
-            (getattr(block, "mem_out", None) or block.o_proj).weight.normal_(std=0.05)  # kv: mem_out, slot: o_proj
+            block.output_projection.weight.normal_(std=0.05)
     n_params = sum(p.numel() for p in model.parameters())
     n_memory = sum(p.numel() for p in model.memory_blocks.parameters())
     print(

@@ -66,7 +66,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     try:
         return _run(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad input, or a file that cannot be read or written
         return fail("generate", str(error))
 
 

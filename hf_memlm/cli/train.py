@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from hf_memlm.recipes.config import ConfigError, dump_config, load_train_config
-    from hf_memlm.recipes.train import check_config, format_summary, prepare_run, run_training
+    from hf_memlm.recipes.train import check_config, format_summary, prepare_run, publish, run_training
 
     overrides = list(args.overrides)
     dry_run = args.dry_run or "--dry-run" in overrides
@@ -73,12 +73,20 @@ def run(args) -> int:
     if not summary["is_main_process"]:
         return 0
     print(format_summary(summary), flush=True)
-    if config["evaluation"]["task"] is not None and "model" in summary["saved"]:
-        _evaluate(config, prepared.tokenizer)
+    if "model" not in summary["saved"]:  # a LoRA adapter or sharded weights only: no card, no push
+        return 0
+    evaluation = None
+    if config["evaluation"]["task"] is not None:
+        evaluation = _evaluate(config, prepared.tokenizer)
+    done = publish(config, summary, evaluation, config_path=args.config)
+    if done["model_card"]:
+        print(f"model card: {done['model_card']}", flush=True)
+    if "pushed_to" in done:
+        print(f"pushed to the Hub: {done['pushed_to']}", flush=True)
     return 0
 
 
-def _evaluate(config: dict, tokenizer) -> None:
+def _evaluate(config: dict, tokenizer) -> dict:
     import time
 
     from hf_memlm.evaluation import format_markdown
@@ -95,6 +103,7 @@ def _evaluate(config: dict, tokenizer) -> None:
     print()
     print(format_markdown(outcome["results"]))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; wrote: " + ", ".join(outcome["paths"].values()))
+    return outcome
 
 
 def _quiet_libraries() -> None:

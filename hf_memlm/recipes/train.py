@@ -311,7 +311,12 @@ def run_training(prepared: PreparedRun) -> dict:
     if prepared.training_args.should_save:  # overwrite_output_dir: the earlier run's checkpoints go
         for checkpoint in prepared.stale_checkpoints:
             shutil.rmtree(checkpoint)
+    from hf_memlm.integrations.hub import HubCodeCallback
+
+    # pushes during training (Trainer's hub_strategy) carry the modeling code and the card
+    callbacks = [HubCodeCallback()] if prepared.training_args.push_to_hub else None
     trainer = MemLMTrainer(
+        callbacks=callbacks,
         model=prepared.model,
         args=prepared.training_args,
         train_dataset=prepared.train_dataset,
@@ -356,6 +361,43 @@ def run_training(prepared: PreparedRun) -> dict:
     return summary
 
 
+def publish(config: dict, summary: dict, evaluation: dict | None, config_path: str | None = None) -> dict:
+    """After the final save (and evaluation): write the model card with what was trained and measured, and
+    upload the folder when `training.push_to_hub` is set. Call on the main process. Returns what was done."""
+    from hf_memlm.integrations.hub import push_trained_model, write_model_card
+
+    output_dir = Path(config["output_dir"])
+    training = config["training"]
+    data = config["data"]
+    model_id = training.get("hub_model_id")
+    facts = {
+        "data": data["task"] + (f" ({data['source']})" if data.get("source") else " (bundled text)"),
+        "examples": f"{data['num_segments']} segments of {config['model']['memory']['segment_length']} tokens",
+        "steps": summary["steps"],
+        "trainable": config["model"]["trainable"],
+    }
+    command = f"hf-memlm train {config_path}" if config_path else None
+    card = write_model_card(
+        output_dir,
+        training=facts,
+        evaluation=evaluation["results"] if evaluation else None,
+        evaluation_command=command,
+        model_id=model_id,
+    )
+    done = {"model_card": str(card) if card else None}
+    if training.get("push_to_hub"):
+        repo_id = model_id or output_dir.resolve().name
+        push_trained_model(
+            output_dir,
+            repo_id,
+            token=training.get("hub_token"),
+            private=training.get("hub_private_repo"),
+            revision=training.get("hub_revision"),
+        )
+        done["pushed_to"] = repo_id
+    return done
+
+
 def format_summary(summary: dict) -> str:
     """The end-of-run report printed by `hf-memlm train`."""
     counts = summary["parameters"]
@@ -396,5 +438,6 @@ __all__ = [
     "format_summary",
     "last_complete_checkpoint",
     "prepare_run",
+    "publish",
     "run_training",
 ]

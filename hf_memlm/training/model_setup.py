@@ -8,10 +8,9 @@ The three modes (`TRAINABLE_MODES`):
   * `lora`         PEFT LoRA adapters on the base's projections plus fully trainable memory blocks.
 
 PEFT has no default LoRA targets for `model_type="memlm"`, so they are derived from the base model's
-type (`text_config.model_type`) and restricted to `language_model.` by a regex: the memory blocks also
-have `q_proj`/`k_proj`/`v_proj`/`o_proj`, and a plain name list would put LoRA inside them too. The
-memory blocks go in `modules_to_save` by their leaf names (`memory_blocks.0`, ...), since PEFT rejects
-the `ModuleDict` that holds them.
+type (`text_config.model_type`) and restricted to `language_model.` by a regex
+(`hf_memlm.integrations.lora.lora_target_modules`). The memory blocks go in `modules_to_save` by their
+leaf names (`memory_blocks.0`, ...), since PEFT rejects the `ModuleDict` that holds them.
 """
 
 from __future__ import annotations
@@ -19,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hf_memlm import MemLMConfig, MemLMForCausalLM
+from hf_memlm.integrations.lora import lora_target_modules
 from hf_memlm.memory_base import MemoryBlock
 
 logger = logging.getLogger(__name__)
@@ -122,45 +121,6 @@ def memory_parameter_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def lora_target_modules(model: MemLMForCausalLM, names: list[str] | None = None) -> str:
-    """A regex for PEFT's `target_modules` matching the LoRA targets inside the base model only.
-
-    `names`: leaf module names (e.g. ["q_proj", "v_proj"]); default: PEFT's defaults for the base's
-    model_type, or every linear layer of the decoder layers when PEFT has none for that type.
-    """
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    base_type = model.config.text_config.model_type
-    if names is None:
-        names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(base_type)
-    if names is None:
-        names = _decoder_linear_names(model)
-        logger.info("PEFT has no default LoRA targets for %s; using the decoder layers' linears %s", base_type, names)
-    if isinstance(names, str):
-        names = [names]
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.language_model.named_modules()}
-    missing = [name for name in names if name not in present]
-    if missing:
-        raise ValueError(
-            f"lora.target_modules {missing} name no module of the {base_type} base model; linear layers of its "
-            f"decoder layers are {_decoder_linear_names(model)}."
-        )
-    alternatives = "|".join(re.escape(name) for name in names)
-    return rf"language_model\..*\.({alternatives})"
-
-
-def _decoder_linear_names(model: MemLMForCausalLM) -> list[str]:
-    linear_types = (nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D  # GPT-2 style projections
-
-        linear_types += (Conv1D,)
-    except ImportError:  # pragma: no cover - older layouts
-        pass
-    layers = model.decoder_layers.named_modules()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in layers if isinstance(module, linear_types)})
-
-
 def configure_trainable(model: MemLMForCausalLM, mode: str, lora_settings: dict | None = None):
     """Freeze according to `mode`; returns the model to train (a `PeftModel` for `lora`)."""
     if mode not in TRAINABLE_MODES:
@@ -254,7 +214,7 @@ def save_trained_model(model, output_dir: str | Path, tokenizer=None) -> dict[st
 
 @torch.no_grad()
 def memory_weights(model) -> dict[str, torch.Tensor]:
-    """Copies of the memory weights by plain names (`memory_blocks.0.q_proj.weight`), under PEFT or not."""
+    """Copies of the memory weights by plain names (`memory_blocks.0.mem_query.weight`), under PEFT or not."""
     base = model.get_base_model() if is_peft_model(model) else model
     weights = {}
     for index in base.config.memory_layers:
