@@ -11,7 +11,8 @@ from typing import ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-MEMORY_TYPES = ("slot", "kv")
+from .memory_kinds import MEMORY_KINDS
+
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_SEARCHES = ("auto", "exact")
 
@@ -92,8 +93,10 @@ class MemLMConfig(PreTrainedConfig):
                 "use a causal-LM config such as LlamaConfig, GPT2Config or Qwen2Config."
             )
 
-        if self.memory_type not in MEMORY_TYPES:
-            raise ValueError(f"MemLMConfig: memory_type={self.memory_type!r} is unknown; choose one of {MEMORY_TYPES}.")
+        if self.memory_type not in MEMORY_KINDS:
+            raise ValueError(
+                f"MemLMConfig: memory_type={self.memory_type!r} is unknown; choose one of {tuple(MEMORY_KINDS)}."
+            )
         _check_positive_int("segment_length", self.segment_length)
         _check_positive_int("memory_heads", self.memory_heads)
         _check_positive_int("num_slots", self.num_slots)

@@ -34,6 +34,16 @@ class MemoryBlock(nn.Module):
             return self.write(hidden_states, mask, state)
         raise ValueError(f"mode must be 'read' or 'write', got {mode!r}")
 
+    @staticmethod
+    def count_entries(state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch,) entries this kind holds per row in one layer's `state` (`MemoryState.num_entries`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def describe_settings(config) -> list[tuple[str, str]]:
+        """(name, value) rows of this kind's settings in `config`, for the model card."""
+        raise NotImplementedError
+
     @property
     def output_projection(self) -> nn.Linear:
         """`W_o`, which maps a read into the residual stream; zero at init, so a new block changes nothing."""

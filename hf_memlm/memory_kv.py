@@ -358,6 +358,21 @@ class KVMemory(MemoryBlock):
     def output_projection(self) -> nn.Linear:
         return self.mem_out
 
+    @staticmethod
+    def count_entries(state):
+        return state["valid"].sum(-1)
+
+    @staticmethod
+    def describe_settings(config):
+        read = f"top-{config.memory_topk}" if config.memory_topk else "exact softmax over all entries"
+        if config.memory_topk and config.memory_search == "auto":
+            read += f" (an index above {config.memory_search_threshold:,} entries when faiss is installed)"
+        return [
+            ("capacity", f"{config.memory_size:,} entries per sequence (oldest evicted first)"),
+            ("read", read),
+            ("value shift", str(config.memory_value_shift)),
+        ]
+
     def reset_parameters(self, std: float) -> None:
         for proj in (self.mem_query, self.mem_value):
             init.normal_(proj.weight, mean=0.0, std=std)

@@ -74,6 +74,18 @@ class SlotMemory(MemoryBlock):
     def output_projection(self) -> nn.Linear:
         return self.readout_proj
 
+    @staticmethod
+    def count_entries(state):
+        memory = state["memory"]
+        return torch.full((memory.shape[0],), memory.shape[1], dtype=torch.long, device=memory.device)
+
+    @staticmethod
+    def describe_settings(config):
+        return [
+            ("capacity", f"{config.num_slots} slots per sequence (constant size)"),
+            ("value shift", str(config.memory_value_shift)),
+        ]
+
     def reset_parameters(self, std: float) -> None:
         for proj in (self.address_proj, self.erase_proj, self.add_proj):
             init.normal_(proj.weight, mean=0.0, std=std)

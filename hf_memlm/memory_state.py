@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .memory_kinds import MEMORY_KINDS
+
 _FORMAT = "hf_memlm.MemoryState/1"
 # Tensors of the generation window (tokens held in the base model's KV cache whose memory writes are
 # still pending) are kept under this pseudo-layer name.
@@ -95,11 +97,10 @@ class MemoryState:
         return MemoryState(self.memory_type, self.layers)
 
     def num_entries(self) -> torch.Tensor:
-        """Stored entries per row (kv: valid entries of the first memory layer; slot: number of slots)."""
+        """Entries held per row, as the memory kind counts them (kv: stored tokens of the first memory layer;
+        slot: its constant number of slots)."""
         first = self.layers[min(self.layers)]
-        if "valid" in first:
-            return first["valid"].sum(-1)
-        return torch.full((self.batch_size,), first["memory"].shape[1], dtype=torch.long)
+        return MEMORY_KINDS[self.memory_type].count_entries(first)
 
     # -- persistence -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -218,7 +219,6 @@ def _read_header(path: Path) -> tuple[dict, dict]:
 def _check_layout(path: Path, metadata: dict, header: dict) -> tuple[str, dict[int, list[str]], list[str]]:
     """Check the metadata (memory type, layers) against the tensors stored; return the memory type, the
     tensor names per layer and the window's tensor names."""
-    from .modeling_memlm import MEMORY_KINDS  # imported here: modeling_memlm imports this module
 
     memory_type = metadata.get("memory_type")
     if memory_type not in MEMORY_KINDS:

@@ -17,6 +17,8 @@ import os
 import re
 from pathlib import Path
 
+from .memory_kinds import MEMORY_KINDS
+
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
@@ -255,15 +257,7 @@ def _memory_rows(config, num_parameters) -> list[tuple[str, str]]:
         ("segment length (tokens)", str(config.segment_length)),
         ("memory heads x head width", f"{config.memory_heads} x {config.memory_head_dim}"),
     ]
-    if config.memory_type == "kv":
-        read = f"top-{config.memory_topk}" if config.memory_topk else "exact softmax over all entries"
-        rows += [
-            ("capacity", f"{config.memory_size:,} entries per sequence (oldest evicted first)"),
-            ("read", read),
-            ("value shift", str(config.memory_value_shift)),
-        ]
-    elif config.memory_type == "slot":
-        rows.append(("capacity", f"{config.num_slots} slots per sequence"))
+    rows += MEMORY_KINDS[config.memory_type].describe_settings(config)
     if config.memory_dtype:
         rows.append(("memory dtype", config.memory_dtype))
     if num_parameters:

@@ -35,12 +35,10 @@ from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
 from .memory_cache import MemLMCache
 from .memory_hooks import LayerContext, active_contexts, find_decoder_layers, has_memory_hook, install_read_hooks
-from .memory_kv import KVMemory
+from .memory_kinds import MEMORY_KINDS
 from .memory_segments import gather_index, locate_outputs, plan_pieces, to_caller_columns, unpadded_kept
-from .memory_slot import SlotMemory
 from .memory_state import MemoryState
 
-MEMORY_KINDS: dict[str, type[MemoryBlock]] = {"kv": KVMemory, "slot": SlotMemory}
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
 _DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
@@ -66,7 +64,7 @@ class MemLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ("KVMemory", "SlotMemory")  # post_init adds the base's decoder layer class
+    _no_split_modules = tuple(kind.__name__ for kind in MEMORY_KINDS.values())  # + the base's layer class
 
     def _init_weights(self, module):
         super()._init_weights(module)

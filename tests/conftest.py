@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import AutoConfig
 
 import hf_memlm
+from hf_memlm.memory_kinds import MEMORY_KINDS
 
 VOCAB = 97
 HIDDEN = 32
@@ -90,7 +91,7 @@ BASES = {
         eos_token_id=0,
     ),
 }
-KINDS = ("kv", "slot")
+KINDS = tuple(MEMORY_KINDS)  # every registered memory kind (hf_memlm/memory_kinds.py)
 
 
 def base_config(model_type: str):
