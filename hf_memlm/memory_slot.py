@@ -9,7 +9,7 @@ The seed's equations, per head, with `N` slots `m_i` of width `d` (the state nev
   a slot holds a weighted average of what was written to it, never a pile-up, and a strong write replaces
   what the slot held (the latest fact wins).
 
-What makes it learn (measured on the passkey job; a plain content-addressed version stayed at chance):
+What makes it learn (tried on the passkey job; a plain content-addressed version stayed at chance):
 
 * Slots are addressed by where they sit in key space: each slot has a learned unit address `a_i`, and a
   token's write weights `softmax(tau * <k_t, a_i>)` and read weights `softmax(tau * <q_t, a_i>)` use the
@@ -19,15 +19,15 @@ What makes it learn (measured on the passkey job; a plain content-addressed vers
   cosine-normalised. A write centres with every key written so far, its own segment's included (the write comes
   after the segment was read, so nothing any token reads depends on its own or later tokens); a read centres
   with the keys of the earlier segments. The hidden states of a small LM share one dominant direction:
-  uncentred, most tokens address the same few slots (3 of 64 in use), and a mean over the tokens before each
+  uncentred, most tokens address the same few slots, and a mean over the tokens before each
   one is too noisy early in a stream.
 * With `memory_value_shift=1` (default) token `t` is written at the address of token `t-1`: the memory maps a
   context to "what followed it", as in the `kv` kind. The last key of a segment waits in the state for the
   next segment's first value.
 * `beta_t` is computed from the token being stored, so it can learn to skip filler. On passkey it stayed only
-  weakly selective (0.64 on key digits, 0.52 on filler after training) and starting it low (sigmoid(-2))
-  stopped learning altogether; what keeps a key over 1,000 filler tokens is the spread of keys over many slots
-  (256 per head reached the long distances that 64 did not).
+  weakly selective (a little higher on key digits than on filler) and starting it low (sigmoid(-2)) stopped
+  learning altogether; what keeps a key over 1,000 filler tokens is the spread of keys over many slots
+  (more slots per head, longer reach).
 
 Writes happen after the segment is read (a token never reads what it or later tokens wrote). Within the
 segment the per-token updates are applied exactly, in order, by a closed form with suffix products
