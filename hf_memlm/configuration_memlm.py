@@ -83,6 +83,10 @@ class MemLMConfig(PreTrainedConfig):
             )
         super().__post_init__(**kwargs)
         text = self.text_config
+        if text.model_type == self.model_type:
+            raise ValueError(
+                "MemLMConfig: text_config is itself a memlm config; wrap a plain causal LM (its config) instead."
+            )
         # Tied embeddings live in the base model's config; mirror it so tools reading the top level agree.
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         num_layers = _base_num_layers(text)

@@ -144,8 +144,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MemLMConfig, language_model: PreTrainedModel | None = None):
         super().__init__(config)
-        if config.text_config.model_type == "memlm":
-            raise ValueError("MemLMConfig.text_config is itself a memlm config; wrap a plain causal LM instead.")
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model

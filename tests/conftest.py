@@ -94,13 +94,13 @@ BASES = {
 KINDS = tuple(MEMORY_KINDS)  # every registered memory kind (hf_memlm/memory_kinds.py)
 
 
-def base_config(model_type: str):
-    return AutoConfig.for_model(model_type, vocab_size=VOCAB, **BASES[model_type])
+def base_config(model_type: str, **overrides):
+    return AutoConfig.for_model(model_type, **{"vocab_size": VOCAB, **BASES[model_type], **overrides})
 
 
-def memory_settings(kind: str) -> dict:
+def memory_settings(kind: str, **overrides) -> dict:
     # small capacity and top-k so eviction and the top-k path run in the multi-segment tests
-    return dict(
+    settings = dict(
         memory_type=kind,
         memory_layers=[0],
         segment_length=SEGMENT,
@@ -109,6 +109,7 @@ def memory_settings(kind: str) -> dict:
         memory_topk=4,
         num_slots=6,
     )
+    return {**settings, **overrides}
 
 
 def randomize_memory(model, seed: int = 0, std: float = 0.3) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -38,9 +39,8 @@ from hf_memlm import MemLMConfig, MemLMForCausalLM, MemoryState
     ],
 )
 def test_invalid_config_values(settings, message):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match=re.escape(message)):
         MemLMConfig(text_config=base_config("llama"), **settings)
-    assert message in str(error.value)
 
 
 class _ToyConfig(PretrainedConfig):
@@ -88,7 +88,7 @@ def test_from_base_rejects_other_objects():
 
 
 def test_from_base_missing_folder(tmp_path):
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="nowhere"):
         MemLMForCausalLM.from_base(str(tmp_path / "nowhere"))
 
 
@@ -225,8 +225,8 @@ def test_memory_state_file_of_another_format(tmp_path):
 
 def test_nested_memlm_is_rejected():
     inner = MemLMConfig(text_config=base_config("llama"), memory_layers=[0], segment_length=SEGMENT)
-    with pytest.raises(ValueError):
-        MemLMForCausalLM(MemLMConfig(text_config=inner, memory_layers=[0], segment_length=SEGMENT))
+    with pytest.raises(ValueError, match="text_config is itself a memlm config"):
+        MemLMConfig(text_config=inner, memory_layers=[0], segment_length=SEGMENT)
 
 
 def test_registration():

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SEGMENT, base_config, memory_settings
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaConfig, default_data_collator
+from transformers import AutoModelForCausalLM, default_data_collator
 
 import hf_memlm
 from hf_memlm import MemLMConfig, MemLMForCausalLM
@@ -30,8 +31,8 @@ from hf_memlm.training import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
 VOCAB = 32  # token ids 2..31 are the random symbols of the copy task; chance level is ln(30)
-SEGMENT = 8
 CHANCE = math.log(VOCAB - 2)
 
 
@@ -46,38 +47,22 @@ def copy_task(num_examples: int, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()})
 
 
-def tiny_base(seed: int = 0, hidden: int = 32):
+def tiny_base(seed: int = 0):
+    """The table's Llama with the copy task's vocabulary."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=None,
+    return AutoModelForCausalLM.from_config(
+        base_config("llama", vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=1)
     )
-    return AutoModelForCausalLM.from_config(config)
 
 
-def memory_settings(kind: str = "kv") -> dict:
-    return {
-        "memory_type": kind,
-        "memory_layers": [0],
-        "segment_length": SEGMENT,
-        "memory_heads": 2,
-        "memory_size": 64,
-        "memory_topk": None,
-        "num_slots": 8,
-    }
+def training_memory(kind: str = "kv") -> dict:
+    """The table's memory settings, large enough to hold a whole example, read exactly."""
+    return memory_settings(kind, memory_size=64, memory_topk=None, num_slots=8)
 
 
 def tiny_memlm(kind: str = "kv", seed: int = 0) -> MemLMForCausalLM:
     torch.manual_seed(seed)
-    config = MemLMConfig(text_config=tiny_base().config, **memory_settings(kind))
+    config = MemLMConfig(text_config=tiny_base().config, **training_memory(kind))
     return MemLMForCausalLM(config)
 
 
@@ -182,10 +167,7 @@ def test_memory_only_mode_trains_memory_and_leaves_the_base_unchanged(tmp_path):
 # -- LoRA + memory ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
 def test_lora_targets_are_derived_from_the_base_type_and_stay_out_of_memory(model_type):
-    from conftest import base_config
-    from conftest import memory_settings as conftest_memory_settings
-
-    model = MemLMForCausalLM(MemLMConfig(text_config=base_config(model_type), **conftest_memory_settings("kv")))
+    model = MemLMForCausalLM(MemLMConfig(text_config=base_config(model_type), **memory_settings("kv")))
     pattern = lora_target_modules(model)
     assert pattern.startswith(r"language_model\.")
     peft_model = configure_trainable(model, "lora", {"r": 2})
@@ -202,7 +184,7 @@ def test_lora_with_memory_trains_memory_saves_and_reloads_tensor_by_tensor(tmp_p
 
     base = tiny_base(seed=0)
     torch.manual_seed(0)
-    model = configure_trainable(build_model(memory_settings("kv"), base=base), "lora", {"r": 4, "lora_alpha": 8})
+    model = configure_trainable(build_model(training_memory("kv"), base=base), "lora", {"r": 4, "lora_alpha": 8})
     # the wrapped base still attends causally: later tokens never change earlier logits
     probe_ids = torch.tensor(copy_task(1)["input_ids"])
     changed = probe_ids.clone()
@@ -244,7 +226,7 @@ def test_lora_with_memory_trains_memory_saves_and_reloads_tensor_by_tensor(tmp_p
     # adapter: onto a fresh wrap of the same base whose memory starts elsewhere (seed 1), so a weight that
     # failed to load would show
     torch.manual_seed(1)
-    fresh = build_model(memory_settings("kv"), base=tiny_base(seed=0))
+    fresh = build_model(training_memory("kv"), base=tiny_base(seed=0))
     reloaded = PeftModel.from_pretrained(fresh, written["adapter"]).eval()
     reloaded_state = get_peft_model_state_dict(reloaded)
     assert set(reloaded_state) == set(trained_state)
