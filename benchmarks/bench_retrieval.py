@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
         table += "\n\n" + markdown_table(
             ["memory_search", "memory_topk", "exact match (all)", *[f"{d.split('_')[1]} segments" for d in distances]],
             [
-                [r["memory_search"], f"{r['exact_match']:.3f}", *[f"{r[d]:.3f}" for d in distances]]
+                [r["memory_search"], r["memory_topk"], f"{r['exact_match']:.3f}", *[f"{r[d]:.3f}" for d in distances]]
                 for r in payload["passkey"]
             ],
         )

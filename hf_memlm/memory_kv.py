@@ -14,6 +14,7 @@ writes; below the threshold, without faiss, or off CPU, the read is the exact to
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 import weakref
 
@@ -245,10 +246,15 @@ class _SearchIndex:
             for head, (index, _) in enumerate(self.indexes[row]):
                 _, labels = index.search(data[row, head], topk)
                 found[row, head] = torch.from_numpy(labels) - self.first_id[row]
-        selected_valid = found >= 0  # faiss pads with -1 when the probed lists hold fewer than k entries
+        # faiss pads with -1 (below first_id) when the probed lists hold fewer than k entries
+        counts = torch.tensor(self.counts, dtype=torch.int64).view(batch, 1, 1, 1)
+        selected_valid = (found >= 0) & (found < counts)
         return found.clamp(min=0).to(queries.device), selected_valid.to(queries.device)
 
 
+# Guards the two caches below: a model may serve several threads, and an index must not change between
+# the check that it fits a state and the search (or the append) that relies on it.
+_CACHE_LOCK = threading.RLock()
 # The index of each block's newest state, outside the module so that copying or pickling a model never
 # touches faiss objects; it goes away with the block.
 _SEARCH_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -417,13 +423,18 @@ class KVMemory(MemoryBlock):
             return torch.zeros_like(hidden_states)
         queries = F.normalize(split_heads(self.mem_query(hidden_states), self.num_heads), dim=-1)
         scale = self.log_scale.exp()
-        index = self._search_index(state)
-        if index is None:
+        picks = self._index_picks(queries, state)
+        if picks is None:
             out = retrieve(queries, state["keys"], state["values"], state["valid"], scale, self.topk)
         else:
-            found, selected_valid = index.search(queries, self.topk)
-            out = retrieve_selected(queries, state["keys"], state["values"], scale, found, selected_valid)
+            out = retrieve_selected(queries, state["keys"], state["values"], scale, *picks)
         return self.mem_out(merge_heads(out))
+
+    def _index_picks(self, queries, state) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The approximate index's picks for `queries`, or None where the read is exact."""
+        with _CACHE_LOCK:
+            index = self._search_index(state)
+            return None if index is None else index.search(queries, self.topk)
 
     def select_entries(self, hidden_states, state) -> tuple[torch.Tensor, torch.Tensor]:
         """The entries a top-k read of `hidden_states` attends to: positions (B, H, T, k) into the state's
@@ -435,9 +446,9 @@ class KVMemory(MemoryBlock):
             raise ValueError("select_entries needs memory_topk: with memory_topk=None a read attends to every entry.")
         queries = F.normalize(split_heads(self.mem_query(hidden_states), self.num_heads), dim=-1)
         with torch.no_grad():
-            index = self._search_index(state)
-            if index is not None:
-                return index.search(queries, self.topk)
+            picks = self._index_picks(queries, state)
+            if picks is not None:
+                return picks
             keys, valid = state["keys"].to(queries.dtype), state["valid"]
             scores = torch.matmul(queries, keys.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], -math.inf)
             top_scores, top_index = scores.topk(min(self.topk, keys.shape[2]), dim=-1)
@@ -445,7 +456,8 @@ class KVMemory(MemoryBlock):
 
     def uses_index(self, state) -> bool:
         """Whether a read of `state` goes through the approximate index (else it is exact)."""
-        return self._search_index(state) is not None
+        with _CACHE_LOCK:
+            return self._search_index(state) is not None
 
     def _search_index(self, state) -> _SearchIndex | None:
         """The approximate index for `state`, built or refreshed if needed; None where the read is exact."""
@@ -481,6 +493,10 @@ class KVMemory(MemoryBlock):
         added = entry_keys.shape[2]
         if added > self.capacity:
             return None
+        with _CACHE_LOCK:
+            return self._append_locked(state, entry_keys, entry_values, drop, added)
+
+    def _append_locked(self, state, entry_keys, entry_values, drop: int, added: int):
         buffers = _APPEND_BUFFERS.get(self)
         keys, values = state["keys"], state["values"]
         live = keys.shape[2] - drop + added
@@ -493,6 +509,10 @@ class KVMemory(MemoryBlock):
 
     def _follow_write(self, state, new_state, entry_valid) -> None:
         """Move this block's index from `state` to `new_state` (adding and evicting what the write did)."""
+        with _CACHE_LOCK:
+            self._follow_write_locked(state, new_state, entry_valid)
+
+    def _follow_write_locked(self, state, new_state, entry_valid) -> None:
         index = _SEARCH_INDEXES.get(self)
         if index is None:
             return
