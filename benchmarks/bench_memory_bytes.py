@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import base_config, environment, markdown_table, passkey_scores, text_tokens, write_results
+from common import base_config, environment, markdown_table, passkey_scores, report, text_tokens
 from transformers import AutoModelForCausalLM
 
 from hf_memlm import MemLMForCausalLM
@@ -88,11 +88,7 @@ def main(argv=None) -> dict:
                 for r in payload["passkey"]
             ],
         )
-    payload["table"] = table
-    path = write_results("memory_bytes_quick" if args.quick else "memory_bytes", payload, args.output)
-    print(table)
-    print(f"written {path}")
-    return payload
+    return report("memory_bytes", payload, table, args)
 
 
 if __name__ == "__main__":

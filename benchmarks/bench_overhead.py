@@ -21,8 +21,8 @@ from common import (
     interleaved,
     markdown_table,
     median,
+    report,
     text_tokens,
-    write_results,
 )
 
 
@@ -115,11 +115,7 @@ def main(argv=None) -> dict:
     table = markdown_table(
         ["mode", "memory", "memory tokens/s", "base tokens/s", "ratio (wall)", "ratio (CPU time)"], rows
     )
-    payload["table"] = table
-    path = write_results("overhead_quick" if args.quick else "overhead", payload, args.output)
-    print(table)
-    print(f"written {path}")
-    return payload
+    return report("overhead", payload, table, args)
 
 
 if __name__ == "__main__":

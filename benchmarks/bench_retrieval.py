@@ -28,8 +28,8 @@ from common import (
     markdown_table,
     median,
     passkey_scores,
+    report,
     text_tokens,
-    write_results,
 )
 
 from hf_memlm import MemLMConfig
@@ -172,11 +172,7 @@ def main(argv=None) -> dict:
             f"\n\nrecall@k of the index on the trained keys: {last['recall_at_k_trained_keys']:.3f} "
             f"({last['entries_per_row']} entries per row, index used: {last['index_used']})"
         )
-    payload["table"] = table
-    path = write_results("retrieval_quick" if args.quick else "retrieval", payload, args.output)
-    print(table)
-    print(f"written {path}")
-    return payload
+    return report("retrieval", payload, table, args)
 
 
 if __name__ == "__main__":

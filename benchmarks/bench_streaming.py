@@ -24,8 +24,8 @@ from common import (
     environment,
     markdown_table,
     median,
+    report,
     text_tokens,
-    write_results,
 )
 
 
@@ -152,11 +152,7 @@ def main(argv=None) -> dict:
         ["long-stream segments", "ms per segment (median)"],
         [[row["segments"], f"{row['ms_per_segment']:.0f}"] for row in curve],
     )
-    payload["table"] = table
-    path = write_results("streaming_quick" if args.quick else "streaming", payload, args.output)
-    print(table)
-    print(f"written {path}")
-    return payload
+    return report("streaming", payload, table, args)
 
 
 if __name__ == "__main__":

@@ -26,25 +26,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_memlm
 from hf_memlm import MemLMForCausalLM
+from hf_memlm.recipes.defaults import tiny_llama_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def base_config(hidden_size: int = 256, num_layers: int = 4, segment_length: int = 256) -> LlamaConfig:
-    """The issue's base: a byte-vocabulary Llama, `hidden_size` wide, `num_layers` deep."""
-    return LlamaConfig(
-        vocab_size=260,
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=segment_length,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
+    """The benchmark base: the embedded byte-vocabulary Llama, `hidden_size` wide, `num_layers` deep."""
+    return tiny_llama_config(hidden_size=hidden_size, num_layers=num_layers, max_positions=segment_length)
 
 
 def build_models(config: LlamaConfig, segment_length: int, kinds=("kv", "slot"), seed: int = 0, **settings):
@@ -67,7 +56,7 @@ def build_models(config: LlamaConfig, segment_length: int, kinds=("kv", "slot"),
 
 def text_tokens(count: int, batch: int = 1) -> torch.Tensor:
     """`count` byte tokens per row from the bundled public-domain text (repeated), rows at different offsets."""
-    from hf_memlm.defaults import default_text
+    from hf_memlm.data import default_text
 
     data = torch.tensor(list(default_text().encode("utf-8")), dtype=torch.long)
     reps = (count * batch) // data.numel() + 2
@@ -147,6 +136,15 @@ def write_results(name: str, payload: dict, output: str | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def report(name: str, payload: dict, table: str, args) -> dict:
+    """Print the table and write the payload (with the table) as `<name>.json` (`<name>_quick.json` for --quick)."""
+    payload["table"] = table
+    path = write_results(f"{name}_quick" if args.quick else name, payload, args.output)
+    print(table)
+    print(f"written {path}")
+    return payload
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -16,7 +16,7 @@ from conftest import base_config
 
 import hf_memlm.memory_kv as kv
 from hf_memlm import MemLMConfig, MemLMForCausalLM
-from hf_memlm.defaults import default_text
+from hf_memlm.data import default_text
 from hf_memlm.memory_kv import KVMemory, retrieve
 
 HIDDEN = 32

@@ -79,7 +79,7 @@ def test_cli_eval_update_end_to_end(tokenizer, tmp_path, capsys):
 
     import hf_memlm
     from hf_memlm.cli import main
-    from hf_memlm.defaults import tiny_llama_config
+    from hf_memlm.recipes.defaults import tiny_llama_config
 
     torch.manual_seed(0)
     config = hf_memlm.MemLMConfig(
