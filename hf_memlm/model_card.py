@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from .memory_kinds import MEMORY_KINDS
@@ -287,9 +288,72 @@ def _evaluation(table: str | None, command: str | None) -> str:
     return table.strip() + (f"\n\nProduced by: `{command}`" if command else "")
 
 
+class HubSharingMixin:
+    """What `MemLMPreTrainedModel` adds to `PreTrainedModel`'s saving: the model card, and pushes that upload
+    it (transformers' own `push_to_hub` would replace it with a generic card)."""
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *, push_to_hub: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a model card: `README.md` rendered from the config (see
+        `model_card.py`). A README.md in the folder that hf_memlm did not write is kept as it is.
+
+        With `push_to_hub=True` the folder is then uploaded to the Hub repo `repo_id` (default: the folder's
+        name) with this card, not transformers' generic one."""
+        hub_settings = {}
+        if push_to_hub:
+            hub_settings = {
+                name: kwargs.pop(name)
+                for name in ("repo_id", "commit_message", "commit_description", "private", "token", "create_pr")
+                if name in kwargs
+            }
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if not self.should_save_on_this_rank(is_main_process) or not os.path.isdir(save_directory):
+            return  # another rank saves; or a file path, which transformers logs and ignores
+        write_model_card(save_directory, self.config, num_parameters=parameter_counts(self))
+        if push_to_hub:
+            repo_id = hub_settings.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            card = {"num_parameters": parameter_counts(self)}
+            upload_folder_to_hub(save_directory, repo_id, config=self.config, card=card, **hub_settings)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        license: str | None = None,
+    ):
+        """Upload the weights, `config.json`, the modeling code and the model card to the Hub repo `repo_id`
+        (created when missing). The tokenizer is pushed apart (`tokenizer.push_to_hub(repo_id)`), as for
+        any transformers model; `hf_memlm.integrations.hub.push_trained_model` pushes a whole trained folder.
+
+        A README.md already in the repo that hf_memlm did not write is kept. Returns the commit info."""
+        card = {"tags": tags, "license": license, "num_parameters": parameter_counts(self)}
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            return upload_folder_to_hub(
+                folder,
+                repo_id,
+                config=self.config,
+                card=card,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
 __all__ = [
     "CARD_FILE",
     "CARD_MARKER",
+    "HubSharingMixin",
     "hub_base_model",
     "is_generated_card",
     "parameter_counts",

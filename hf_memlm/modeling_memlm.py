@@ -38,6 +38,8 @@ from .memory_hooks import LayerContext, active_contexts, find_decoder_layers, ha
 from .memory_kinds import MEMORY_KINDS
 from .memory_segments import gather_index, locate_outputs, plan_pieces, to_caller_columns, unpadded_kept
 from .memory_state import MemoryState
+from .model_card import HubSharingMixin
+from .model_inputs import check_inputs
 
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
@@ -55,7 +57,7 @@ class MemLMCausalLMOutput(ModelOutput):
     memory_state: MemoryState | None = None
 
 
-class MemLMPreTrainedModel(PreTrainedModel):
+class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
     config_class = MemLMConfig
     base_model_prefix = "memlm"
     main_input_name = "input_ids"
@@ -71,71 +73,6 @@ class MemLMPreTrainedModel(PreTrainedModel):
         if isinstance(module, MemoryBlock):
             std = self.config.memory_init_std or getattr(self.config.text_config, "initializer_range", None) or 0.02
             module.reset_parameters(std)
-
-    def save_pretrained(self, save_directory, is_main_process: bool = True, *, push_to_hub: bool = False, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus a model card: `README.md` rendered from the config (see
-        `model_card.py`). A README.md in the folder that hf_memlm did not write is kept as it is.
-
-        With `push_to_hub=True` the folder is then uploaded to the Hub repo `repo_id` (default: the folder's
-        name) with this card, not transformers' generic one."""
-        import os
-
-        from .model_card import parameter_counts, upload_folder_to_hub, write_model_card
-
-        hub_settings = {}
-        if push_to_hub:
-            hub_settings = {
-                name: kwargs.pop(name)
-                for name in ("repo_id", "commit_message", "commit_description", "private", "token", "create_pr")
-                if name in kwargs
-            }
-        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        if not self.should_save_on_this_rank(is_main_process) or not os.path.isdir(save_directory):
-            return  # another rank saves; or a file path, which transformers logs and ignores
-        write_model_card(save_directory, self.config, num_parameters=parameter_counts(self))
-        if push_to_hub:
-            repo_id = hub_settings.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
-            card = {"num_parameters": parameter_counts(self)}
-            upload_folder_to_hub(save_directory, repo_id, config=self.config, card=card, **hub_settings)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-        license: str | None = None,
-    ):
-        """Upload the weights, `config.json`, the modeling code and the model card to the Hub repo `repo_id`
-        (created when missing). The tokenizer is pushed apart (`tokenizer.push_to_hub(repo_id)`), as for
-        any transformers model; `hf_memlm.integrations.hub.push_trained_model` pushes a whole trained folder.
-
-        A README.md already in the repo that hf_memlm did not write is kept. Returns the commit info."""
-        import tempfile
-
-        from .model_card import parameter_counts, upload_folder_to_hub
-
-        card = {"tags": tags, "license": license, "num_parameters": parameter_counts(self)}
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
-            return upload_folder_to_hub(
-                folder,
-                repo_id,
-                config=self.config,
-                card=card,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-            )
 
 
 class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
@@ -359,7 +296,19 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             )
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: attention is per segment and cannot be stacked.")
-        batch, length = self._check_inputs(input_ids, inputs_embeds, labels, kwargs.get("ignore_index", -100))
+        ignore_index = kwargs.get("ignore_index", -100)
+        vocab_size = self.get_input_embeddings().num_embeddings
+        batch, length, no_label_counts = check_inputs(
+            input_ids, inputs_embeds, labels, ignore_index, vocab_size, check_labels=not self._warned_no_labels
+        )
+        if no_label_counts:
+            self._warned_no_labels = True
+            warnings.warn(
+                f"every label is {ignore_index} (ignored), so the loss is NaN/0 and gives no gradient; check the "
+                "data collator (labels of real tokens must be their ids). Warned once per model.",
+                UserWarning,
+                stacklevel=2,
+            )
         generating = cache is not None or bool(use_cache)
         mask = self._token_mask(
             attention_mask, batch, length, (input_ids if input_ids is not None else inputs_embeds).device, generating
@@ -389,67 +338,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         output = MemLMCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, memory_state=state)
         return output if return_dict else output.to_tuple()
-
-    def _check_inputs(self, input_ids, inputs_embeds, labels, ignore_index) -> tuple[int, int]:
-        """Raise a clear error for inputs the base model would fail on obscurely (or silently); warn once
-        when no label counts. The value checks are read back in one host sync."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}.")
-        expected_dims = 2 if input_ids is not None else 3
-        if tokens.dim() != expected_dims:
-            layout = "(batch, tokens)" if input_ids is not None else "(batch, tokens, hidden)"
-            raise ValueError(
-                f"{name} must be {expected_dims}-D {layout}, got shape {tuple(tokens.shape)}; for a single sequence "
-                f"add the batch dimension ({name}[None])."
-            )
-        if tokens.shape[0] == 0:
-            raise ValueError(f"{name} has no rows (shape {tuple(tokens.shape)}); pass at least one sequence.")
-        if tokens.shape[1] == 0:
-            raise ValueError(f"{name} has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
-        if input_ids is not None:
-            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-                raise TypeError(
-                    f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; convert with "
-                    "input_ids.long() (and check they are token ids, not embeddings or scores)."
-                )
-        batch, length = tokens.shape[:2]
-        if labels is not None and labels.shape[:2] != (batch, length):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch}, {length}) like the input.")
-        if input_ids is not None:
-            values = [input_ids.min().long(), input_ids.max().long()]
-        else:
-            values = [torch.isfinite(inputs_embeds).all().long()]
-        check_labels = labels is not None and not self._warned_no_labels
-        if check_labels:
-            values.append((labels != ignore_index).any().to(values[0].device).long())
-        values = torch.stack(values).tolist()
-        some_label_counts = values.pop() if check_labels else True
-        if input_ids is not None:
-            vocab_size = self.get_input_embeddings().num_embeddings
-            low, high = values
-            if low < 0 or high >= vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, {vocab_size}) (the model's vocabulary), got values from {low} to "
-                    f"{high}; was it tokenized with another tokenizer, or padded with a negative id (use "
-                    "attention_mask for padding)?"
-                )
-        elif not values[0]:
-            raise ValueError(
-                "inputs_embeds contains NaN or inf; it would poison the memory of its row for good. "
-                "Check what produced the embeddings."
-            )
-        if not some_label_counts:
-            self._warned_no_labels = True
-            warnings.warn(
-                f"every label is {ignore_index} (ignored), so the loss is NaN/0 and gives no gradient; check the "
-                "data collator (labels of real tokens must be their ids). Warned once per model.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return batch, length
 
     @staticmethod
     def _token_mask(attention_mask, batch, length, device, generating):

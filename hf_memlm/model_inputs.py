@@ -1,0 +1,66 @@
+"""Checks of what a forward receives, so bad input fails with a message that names it and says how to fix it,
+instead of an index error deep in the base model (or a memory silently poisoned by NaN). Part of the Hub payload.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_inputs(
+    input_ids, inputs_embeds, labels, ignore_index: int, vocab_size: int, check_labels: bool
+) -> tuple[int, int, bool]:
+    """(batch, tokens, no label counts) of a forward's inputs; a clear error for inputs the base model would
+    fail on obscurely (or silently). The value checks are read back in one host sync; `check_labels`
+    adds "is every label ignored?" to it."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}.")
+    expected_dims = 2 if input_ids is not None else 3
+    if tokens.dim() != expected_dims:
+        layout = "(batch, tokens)" if input_ids is not None else "(batch, tokens, hidden)"
+        raise ValueError(
+            f"{name} must be {expected_dims}-D {layout}, got shape {tuple(tokens.shape)}; for a single sequence "
+            f"add the batch dimension ({name}[None])."
+        )
+    if tokens.shape[0] == 0:
+        raise ValueError(f"{name} has no rows (shape {tuple(tokens.shape)}); pass at least one sequence.")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"{name} has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
+    if input_ids is not None:
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(
+                f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; convert with "
+                "input_ids.long() (and check they are token ids, not embeddings or scores)."
+            )
+    batch, length = tokens.shape[:2]
+    if labels is not None and labels.shape[:2] != (batch, length):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch}, {length}) like the input.")
+    if input_ids is not None:
+        values = [input_ids.min().long(), input_ids.max().long()]
+    else:
+        values = [torch.isfinite(inputs_embeds).all().long()]
+    check_labels = check_labels and labels is not None
+    if check_labels:
+        values.append((labels != ignore_index).any().to(values[0].device).long())
+    values = torch.stack(values).tolist()
+    some_label_counts = values.pop() if check_labels else True
+    if input_ids is not None:
+        low, high = values
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {vocab_size}) (the model's vocabulary), got values from {low} to "
+                f"{high}; was it tokenized with another tokenizer, or padded with a negative id (use "
+                "attention_mask for padding)?"
+            )
+    elif not values[0]:
+        raise ValueError(
+            "inputs_embeds contains NaN or inf; it would poison the memory of its row for good. "
+            "Check what produced the embeddings."
+        )
+    return batch, length, not some_label_counts
+
+
+__all__ = ["check_inputs"]
