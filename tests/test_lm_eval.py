@@ -256,5 +256,5 @@ def test_the_passkey_script_runs(tmp_path, capsys):
     scores = script.main([*argv, "--batch-size", "2"])
     assert set(scores) == {"hf", "hf-memlm", "hf_memlm.evaluation"}
     assert all(0.0 <= value <= 1.0 for value in scores.values())
-    assert "| lm-eval `--model hf-memlm` |" in capsys.readouterr().out
+    assert "| lm-eval `--model hf-memlm`, true key among 10 |" in capsys.readouterr().out
     assert len((tmp_path / "out" / "passkey.jsonl").read_text().splitlines()) == 4
