@@ -44,6 +44,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from hf_memlm.recipes.comparison import has_comparison, train_compared_models
     from hf_memlm.recipes.config import ConfigError, dump_config, load_train_config
     from hf_memlm.recipes.train import check_config, format_summary, prepare_run, publish, run_training
 
@@ -76,7 +77,13 @@ def run(args) -> int:
     if "model" not in summary["saved"]:  # a LoRA adapter or sharded weights only: no card, no push
         return 0
     evaluation = None
-    if config["evaluation"]["task"] is not None:
+    if has_comparison(config):
+        try:
+            runs = train_compared_models(config, prepared.tokenizer)
+        except (ValueError, OSError) as error:
+            return fail("train", f"comparison: {error}")
+        evaluation = _evaluate(config, prepared.tokenizer, runs)
+    elif config["evaluation"]["task"] is not None:
         evaluation = _evaluate(config, prepared.tokenizer)
     done = publish(config, summary, evaluation, config_path=args.config)
     if done["model_card"]:
@@ -86,20 +93,31 @@ def run(args) -> int:
     return 0
 
 
-def _evaluate(config: dict, tokenizer) -> dict:
+def _evaluate(config: dict, tokenizer, compared_runs: dict | None = None) -> dict:
     import time
 
     from hf_memlm.evaluation import format_markdown
+    from hf_memlm.recipes.comparison import evaluate_comparison
     from hf_memlm.recipes.final_eval import run_final_evaluation
 
     section = config["evaluation"]
-    print(
-        f"\n== evaluation: {section['task']}, {section['num_examples']} examples per length of "
-        f"{'/'.join(map(str, section['num_segments']))} segments, seed {section['seed']} ==",
-        flush=True,
-    )
+    if section["task"] == "perplexity":
+        print(
+            f"\n== evaluation: perplexity by segment on {section['source'] or 'the bundled excerpt'}, up to "
+            f"{section['num_examples']} examples of {section['num_segments'][0]} segments ==",
+            flush=True,
+        )
+    else:
+        print(
+            f"\n== evaluation: {section['task']}, {section['num_examples']} examples per length of "
+            f"{'/'.join(map(str, section['num_segments']))} segments, seed {section['seed']} ==",
+            flush=True,
+        )
     start = time.perf_counter()
-    outcome = run_final_evaluation(config, config["output_dir"], tokenizer)
+    if compared_runs is not None:
+        outcome = evaluate_comparison(config, compared_runs, tokenizer)
+    else:
+        outcome = run_final_evaluation(config, config["output_dir"], tokenizer)
     print()
     print(format_markdown(outcome["results"]))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; wrote: " + ", ".join(outcome["paths"].values()))

@@ -3,6 +3,7 @@
 Retrieval: rows are distance buckets in segments (with the token distances they hold), columns the
 conditions (with memory / memory disabled / base model), plus counts and the chance level.
 Perplexity: rows are segment positions, columns perplexity with memory / memory disabled and the gap.
+Comparison (several trained models, `comparison.py`): rows are segment positions, columns the models.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def write_report(results: dict, output_dir, name: str | None = None) -> dict[str
 
 def format_markdown(results: dict) -> str:
     """The results as Markdown: a heading, the table(s), and what each condition saw."""
+    if results["kind"] == "comparison":  # several trained models side by side: its own layout
+        from .comparison import comparison_markdown
+
+        return comparison_markdown(results)
     if results["kind"] == "retrieval":
         body = _retrieval_markdown(results)
     elif results["kind"] == "perplexity":
@@ -162,7 +167,11 @@ def plot_results(results: dict, path) -> Path:
     from matplotlib import pyplot as plt
 
     path = Path(path)
-    if results["kind"] == "retrieval":
+    if results["kind"] == "comparison":
+        from .comparison import plot_comparison
+
+        figure = plot_comparison(plt, results)
+    elif results["kind"] == "retrieval":
         figure = _plot_retrieval(plt, results)
     elif results["kind"] == "perplexity":
         figure = _plot_perplexity(plt, results)

@@ -10,7 +10,8 @@ the classes that consume it, so the schema is those classes:
     model.base, model.trainable                 `ModelSection` below; model.base_kwargs and model.text_config
                                                 are free mappings, checked by the classes that take them
     lora.*                                      `peft.LoraConfig` fields (model.trainable: lora)
-    tokenizer.*, data.*, evaluation.*           `TokenizerSection`, `DataSection`, `EvaluationSection` below
+    tokenizer.*, data.*, evaluation.*,          `TokenizerSection`, `DataSection`, `EvaluationSection`,
+    comparison.*                                `ComparisonSection` below
     training.*                                  `MemLMTrainingArguments` (transformers `TrainingArguments` +
                                                 memory_learning_rate, memory_weight_decay)
 
@@ -35,7 +36,10 @@ from hf_memlm.training.model_setup import TRAINABLE_MODES
 
 TOKENIZER_KINDS = ("auto", "byte", "bpe", "pretrained")
 TRAIN_TASKS = ("text", *TASK_BUILDERS)  # documents packed into examples, or a synthetic task
-RETRIEVAL_TASKS = tuple(TASK_BUILDERS)  # tasks the evaluation section measures
+RETRIEVAL_TASKS = tuple(TASK_BUILDERS)  # tasks the evaluation section measures by retrieval accuracy
+EVALUATION_TASKS = (*RETRIEVAL_TASKS, "perplexity")
+# models trained beside the memory model for a comparison: name -> attention window in segments
+BASELINE_WINDOWS = {"no_memory": 1, "double_window": 2}
 
 # keys a user may reach for that belong elsewhere: key -> where to set it instead
 EXCLUDED = {
@@ -87,13 +91,25 @@ class DataSection:
 class EvaluationSection:
     """evaluation.*: measured on the saved model right after training (null task: none)."""
 
-    task: Literal[(None, *RETRIEVAL_TASKS)] = None
-    num_segments: list[int] = field(default_factory=lambda: [2, 5, 9, 17])  # example lengths: the distance grid
-    num_examples: int = 100  # examples per length
+    task: Literal[(None, *EVALUATION_TASKS)] = None
+    num_segments: list[int] = field(default_factory=lambda: [2, 5, 9, 17])  # retrieval: the distance grid;
+    # perplexity: one example length
+    num_examples: int = 100  # retrieval: examples per length; perplexity: windows taken evenly over the text
+    source: str | None = None  # perplexity: held-out documents (file or folder); null: the bundled excerpt
     seed: int = 1000  # seed of the evaluation data (keep it apart from the training seed)
     batch_size: int = 16  # examples per forward pass
     check_generate: int = 4  # answers also decoded with model.generate as a cross-check
     options: dict[str, Any] = field(default_factory=dict)  # extra arguments of the task generator
+
+
+@dataclass
+class ComparisonSection:
+    """comparison.*: models trained beside the memory model, on the same examples, steps and schedule, and
+    scored with it (evaluation.task: perplexity)."""
+
+    baselines: list[Literal[tuple(BASELINE_WINDOWS)]] = field(default_factory=list)  # no_memory: the base
+    # reading windows of segment_length tokens (equal compute); double_window: windows of 2 x segment_length
+    repeats: int = 1  # train every model this many times, with seeds seed, seed + 1, ...
 
 
 def build_parser():
@@ -115,6 +131,7 @@ def build_parser():
     parser.add_class_arguments(TokenizerSection, "tokenizer")
     parser.add_class_arguments(DataSection, "data")
     parser.add_class_arguments(EvaluationSection, "evaluation")
+    parser.add_class_arguments(ComparisonSection, "comparison")
     parser.add_class_arguments(
         MemLMTrainingArguments, "training", skip=_excluded_fields(MemLMTrainingArguments, "training")
     )
@@ -291,10 +308,13 @@ def _describe(type_text: str) -> str:
 
 
 __all__ = [
+    "BASELINE_WINDOWS",
+    "EVALUATION_TASKS",
     "EXCLUDED",
     "RETRIEVAL_TASKS",
     "TRAINABLE_MODES",
     "TRAIN_TASKS",
+    "ComparisonSection",
     "ConfigError",
     "DataSection",
     "EvaluationSection",

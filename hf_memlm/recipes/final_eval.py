@@ -2,7 +2,8 @@
 
 The trained model is reloaded from its output folder with `AutoModelForCausalLM`, so the numbers are
 those of what was saved; then retrieval accuracy by distance is measured with the no-memory baselines
-beside it and written to `<output_dir>/eval/` as JSON, Markdown and a PNG plot.
+beside it, or perplexity by segment position on held-out documents (with the models of the
+`comparison` section, `comparison.py`), and written to `<output_dir>/eval/` as JSON, Markdown and a PNG.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def check_evaluation(config: dict) -> None:
     for name in ("num_examples", "batch_size"):
         if section[name] <= 0:
             raise ValueError(f"evaluation.{name} must be positive, got {section[name]}.")
+    if section["task"] == "perplexity" and len(lengths) != 1:
+        raise ValueError(
+            f"evaluation.task: perplexity takes one example length, evaluation.num_segments: [N]; got {lengths}."
+        )
+    if section["source"] is not None and section["task"] != "perplexity":
+        raise ValueError("evaluation.source (held-out documents) applies to evaluation.task: perplexity only.")
 
 
 def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = True) -> dict | None:
@@ -28,6 +35,10 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
     section = config["evaluation"]
     if section["task"] is None:
         return None
+    if section["task"] == "perplexity":  # the memory model alone, against its weights with memory disabled
+        from hf_memlm.recipes.comparison import MEMORY, evaluate_comparison
+
+        return evaluate_comparison(config, {MEMORY: [Path(output_dir)]}, tokenizer)
     from transformers import AutoModelForCausalLM
 
     import hf_memlm  # noqa: F401  (registers the memlm auto classes)

@@ -38,13 +38,15 @@ class PreparedRun:
     training_args: object
     resume_from: str | None = None
     stale_checkpoints: list[Path] = field(default_factory=list)  # removed when training starts
+    data_collator: object = None  # None: transformers' default_data_collator
 
 
 # -- preparation (no writes) ---------------------------------------------------------------------------
-def prepare_run(config: dict) -> PreparedRun:
+def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     """Check and build everything for training; raises ValueError/FileNotFoundError with a clear message.
 
-    `config` is a resolved config (`load_train_config`). Nothing is written to disk.
+    `config` is a resolved config (`load_train_config`). `tokenizer`: use this one instead of building the
+    config's (runs that must see the same tokens, e.g. a comparison). Nothing is written to disk.
     """
     import torch
 
@@ -57,7 +59,8 @@ def prepare_run(config: dict) -> PreparedRun:
     model_cfg, data_cfg = config["model"], config["data"]
 
     documents = _load_documents(data_cfg) if data_cfg["task"] == "text" else None
-    tokenizer = _build_tokenizer(config["tokenizer"], model_cfg, documents)
+    if tokenizer is None:
+        tokenizer = _build_tokenizer(config["tokenizer"], model_cfg, documents)
 
     text_config = model_cfg["text_config"] or None  # next to a model.base, build_model rejects it
     if model_cfg["base"] is None:
@@ -116,6 +119,7 @@ def check_config(config: dict) -> None:
     from transformers import AutoConfig
 
     from hf_memlm import MemLMConfig
+    from hf_memlm.recipes.comparison import check_comparison
     from hf_memlm.recipes.final_eval import check_evaluation
     from hf_memlm.training.model_setup import build_text_config
 
@@ -133,6 +137,7 @@ def check_config(config: dict) -> None:
     except (TypeError, ValueError) as error:
         raise ValueError(f"model.memory: {error}") from error
     check_evaluation(config)
+    check_comparison(config)
     _training_arguments(config, Path(config["output_dir"]))
 
 
@@ -321,7 +326,7 @@ def run_training(prepared: PreparedRun) -> dict:
         args=prepared.training_args,
         train_dataset=prepared.train_dataset,
         eval_dataset=prepared.eval_dataset,
-        data_collator=default_data_collator,
+        data_collator=prepared.data_collator or default_data_collator,
         processing_class=prepared.tokenizer,
     )
     start = time.perf_counter()
