@@ -10,7 +10,7 @@ recall_capacity.png (x: pairs written, y: exact match; one panel per distance, o
 Task (`make_recall_dataset` with single-token keys): pairs " K7" (a key from the 84 printable non-digit ASCII
 characters, a digit value; 21 pairs fill a segment of 64 byte tokens) are written in the first
 ceil(pairs / 21) segments, then D segments later the last segment asks up to 21 of them (" K" -> "7"), loss on
-the values only. Chance (a uniform digit) is 0.1. Each kind trains on a curriculum: first 1-10 pairs with the
+the values only. Chance (a uniform digit) is 0.1. `--key-length 2` writes " ab:7" instead (12 pairs to a segment). Each kind trains on a curriculum: first 1-10 pairs with the
 queries in the next segment, then 1-84 pairs with the queries 1-6 segments after the last pair segment.
 
 Model: the 2-layer, 64-wide Llama of configs/passkey_cpu.yaml (byte tokens, segments of 64, memory beside layer 0,
@@ -40,8 +40,13 @@ from hf_memlm.evaluation.conditions import shift_labels, streamed_predictions
 
 SEGMENT_LENGTH = 64
 VALUE_ALPHABET = string.digits
-PAIR_TOKENS = 3  # " K7"
-PAIRS_PER_SEGMENT = SEGMENT_LENGTH // PAIR_TOKENS  # 21
+# --key-length 1 (the curve): " K7", a one-token key right before its value, 21 pairs to a segment.
+# --key-length 2: " ab:7", two letters and a separator, 12 pairs to a segment: the memory beside layer 0 sees
+# the key only if the first attention layer has carried the letters into the ":" before the value.
+KEY_FORMATS = {
+    1: {"key_alphabet": RECALL_SINGLE_TOKEN_KEYS, "separator": "", "example": "' K7' (one-token key, digit value)"},
+    2: {"key_alphabet": string.ascii_lowercase, "separator": ":", "example": "' ab:7' (two-letter key, digit value)"},
+}
 EASY_MAX_PAIRS = 10  # the curriculum's first phase: few pairs, queried in the next segment
 CHANCE = 1.0 / len(VALUE_ALPHABET)
 FILE_STEM = "recall_capacity"
@@ -84,6 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-train-distance", type=int, help="training queries 1..this many segments after pairs")
     parser.add_argument("--eval-examples", type=int, help="examples per point (each asks up to 21 pairs)")
+    parser.add_argument("--key-length", type=int, choices=sorted(KEY_FORMATS), default=1, help="1: ' K7'; 2: ' ab:7'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the shared machine: 1)")
     args = parser.parse_args(argv)
@@ -94,8 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("pairs", "distances"):
         if any(value < 1 for value in getattr(args, name)):
             parser.error(f"--{name} must be positive integers, got {getattr(args, name)}")
-    if max(args.pairs) > len(RECALL_SINGLE_TOKEN_KEYS):
-        parser.error(f"--pairs: at most {len(RECALL_SINGLE_TOKEN_KEYS)} distinct single-token keys exist")
+    keys = len(KEY_FORMATS[args.key_length]["key_alphabet"]) ** args.key_length
+    if max(args.pairs) > keys:
+        parser.error(f"--pairs: at most {keys} distinct keys of --key-length {args.key_length} exist")
     for name in ("steps", "batch_size", "max_train_distance", "eval_examples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -141,22 +148,29 @@ def build_model(memory: dict, vocab_size: int, seed: int) -> MemLMForCausalLM:
     return MemLMForCausalLM(config)
 
 
-def recall_data(tokenizer, num_examples: int, num_pairs: int, distance: int, seed: int):
-    """Pairs in the first ceil(num_pairs / 21) segments, up to 21 of them asked `distance` segments later."""
-    write_segments = math.ceil(num_pairs / PAIRS_PER_SEGMENT)
+def pairs_per_segment(key_length: int) -> int:
+    """Pairs " <key><separator><digit>" that fit in one segment (21 for " K7", 12 for " ab:7")."""
+    return SEGMENT_LENGTH // (1 + key_length + len(KEY_FORMATS[key_length]["separator"]) + 1)
+
+
+def recall_data(tokenizer, num_examples: int, num_pairs: int, distance: int, seed: int, key_length: int = 1):
+    """Pairs in the first ceil(num_pairs / per segment) segments, as many as a segment holds asked `distance`
+    segments later."""
+    per_segment = pairs_per_segment(key_length)
+    write_segments = math.ceil(num_pairs / per_segment)
     return make_recall_dataset(
         tokenizer,
         num_examples,
         SEGMENT_LENGTH,
         write_segments + distance,
         num_pairs=num_pairs,
-        num_queries=min(num_pairs, PAIRS_PER_SEGMENT),
+        num_queries=min(num_pairs, per_segment),
         write_segments=write_segments,
-        key_length=1,
-        key_alphabet=RECALL_SINGLE_TOKEN_KEYS,
+        key_length=key_length,
+        key_alphabet=KEY_FORMATS[key_length]["key_alphabet"],
         value_length=1,
         value_alphabet=VALUE_ALPHABET,
-        separator="",
+        separator=KEY_FORMATS[key_length]["separator"],
         seed=seed,
     )
 
@@ -177,7 +191,8 @@ def train(model, tokenizer, args, log) -> dict:
         num_pairs = int(rng.integers(1, min(EASY_MAX_PAIRS, most_pairs) + 1 if easy else most_pairs + 1))
         distance = 1 if easy else int(rng.integers(1, args.max_train_distance + 1))
         # training seeds start at 10**6, evaluation seeds stay below it: the two never draw the same stream
-        rows = recall_data(tokenizer, args.batch_size, num_pairs, distance, seed=10**6 + args.seed * 10**4 + step)[:]
+        seed = 10**6 + args.seed * 10**4 + step
+        rows = recall_data(tokenizer, args.batch_size, num_pairs, distance, seed, args.key_length)[:]
         loss = model(torch.tensor(rows["input_ids"]), labels=torch.tensor(rows["labels"])).loss
         optimizer.zero_grad()
         loss.backward()
@@ -209,7 +224,8 @@ def evaluate(model, tokenizer, args, log) -> list[dict]:
     points = []
     for distance in args.distances:
         for num_pairs in args.pairs:
-            dataset = recall_data(tokenizer, args.eval_examples, num_pairs, distance, seed=1000 * distance + num_pairs)
+            seed = 1000 * distance + num_pairs
+            dataset = recall_data(tokenizer, args.eval_examples, num_pairs, distance, seed, args.key_length)
             right, answers = exact_match(model, dataset, use_memory=True)
             right_off, _ = exact_match(model, dataset, use_memory=False)
             back = dataset["distance_segments"]
@@ -237,6 +253,7 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "# Associative recall (MQAR) capacity",
         "",
+        f"Pairs {results['format']}, {results['pairs_per_segment']} to a segment of {SEGMENT_LENGTH} tokens.",
         f"Exact match of the queried values with memory ({results['answers_per_point_max']} answers at most per "
         f"cell); chance {CHANCE:.2f}; memory disabled at most {results['memory_disabled_max']:.2f} over all cells.",
         f"Command: `{results['command']}`",
@@ -294,7 +311,7 @@ def write_plot(results: dict, path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("exact match of the queried value")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    figure.suptitle("Associative recall (MQAR) over segments of 64 tokens: one-token keys, digit values")
+    figure.suptitle(f"Associative recall (MQAR) over segments of 64 tokens: pairs {results['format']}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -324,11 +341,13 @@ def main(argv=None) -> dict:
     }
     results = {
         "task": "recall",
-        "format": "pairs ' K7' (single-token key, digit value), queries ' K' -> '7'",
-        "key_alphabet": RECALL_SINGLE_TOKEN_KEYS,
+        "format": KEY_FORMATS[args.key_length]["example"],
+        "key_length": args.key_length,
+        "key_alphabet": KEY_FORMATS[args.key_length]["key_alphabet"],
+        "separator": KEY_FORMATS[args.key_length]["separator"],
         "value_alphabet": VALUE_ALPHABET,
         "segment_length": SEGMENT_LENGTH,
-        "pairs_per_segment": PAIRS_PER_SEGMENT,
+        "pairs_per_segment": pairs_per_segment(args.key_length),
         "chance": CHANCE,
         "command": "python scripts/recall_capacity.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {**settings, "seed": args.seed, "quick": args.quick},

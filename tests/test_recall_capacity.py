@@ -115,3 +115,15 @@ def test_slot_memory_learns_single_token_recall_across_segments(recall_capacity,
     results = recall_capacity.main([*argv, "--eval-examples", "20", "--output-dir", str(tmp_path)])
     (point,) = results["runs"][0]["points"]
     assert point["memory"] >= 0.8 and point["memory_disabled"] <= 0.25
+
+
+def test_two_letter_key_format_of_the_script(recall_capacity, byte_tokenizer):
+    """--key-length 2 writes " ab:7": 12 pairs to a segment, the ":" (not a key letter) right before the value."""
+    assert recall_capacity.pairs_per_segment(1) == 21 and recall_capacity.pairs_per_segment(2) == 12
+    dataset = recall_capacity.recall_data(byte_tokenizer, 3, num_pairs=13, distance=2, seed=0, key_length=2)
+    for example in dataset:
+        assert len(example["input_ids"]) == (2 + 2) * L  # 13 pairs take 2 write segments, asked 2 segments later
+        assert len(example["query_keys"]) == 12
+        for key, value, start in zip(example["query_keys"], example["answer"], example["answer_start"]):
+            assert len(key) == 2 and key.isalpha() and key.islower()
+            assert example["input_ids"][start - 4 : start + 1] == list(f" {key}:{value}".encode())
