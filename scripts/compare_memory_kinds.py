@@ -10,8 +10,11 @@ token is the argmax given the true text before it (= greedy generation of the an
 
 update: trains on 6-segment examples (2 people, 2-3 moves each); evaluates on 5 segments (2 people, 2-3
 moves) and 9 and 17 segments (3 people, 2-5 moves). recall: trains on 4-segment examples with 1-16 pairs
-written from segment 0 on (10 fit in a segment) and 4 queries at the end; evaluates 1..32 pairs at 5 and 17
-segments.
+" ab:12" (two-letter keys, two-digit values; 10 fit in a segment) written from segment 0 on and 4 queries at the
+end; evaluates 1..32 pairs at 5 and 17 segments. Neither kind learns these multi-token keys in 300 steps (the
+key's letters have to reach the memory layer's input at the ":"). scripts/recall_capacity.py measures recall
+as a capacity curve with one-token keys (" K7"), which both kinds learn, and with two-letter keys (" ab:7",
+--key-length 2), learnt with more steps on a curriculum.
 """
 
 import argparse

@@ -257,6 +257,26 @@ def test_passkey_chance_level():
     assert results["chance"]["token_accuracy"] == pytest.approx(1 / VOCAB)
 
 
+def test_update_chance_level_is_one_of_the_places():
+    """Memory disabled can at best guess one of the places: exact-match chance is 1/8, not V^-tokens."""
+    from hf_memlm.evaluation import answer_alphabet
+
+    row = {"input_ids": random_ids(32, 2), "labels": [-100] * 32, "distance_tokens": 20, "distance_segments": 2}
+    row["labels"][26:32] = row["input_ids"][26:32]
+    row["answer"] = "garden"
+    model = tiny_model()
+    results = evaluate_retrieval(
+        model, [row], baselines=False, task="update", answer_alphabet=answer_alphabet("update", {}), progress=False
+    )
+    assert results["chance"]["exact_match"] == pytest.approx(1 / 8)
+    assert "one of the 8 possible answers" in results["chance"]["note"]
+    three = answer_alphabet("update", {"places": ["kitchen", "garden", "cellar"]})
+    assert three == ("kitchen", "garden", "cellar")
+    results = evaluate_retrieval(model, [row], baselines=False, task="update", answer_alphabet=three, progress=False)
+    assert results["chance"]["exact_match"] == pytest.approx(1 / 3)
+    assert answer_alphabet("recall", {}) == "0123456789"  # characters, one per answer token: 10^-length
+
+
 def test_perplexity_by_segment_matches_a_plain_forward():
     model = tiny_model("kv")
     rows = [{"input_ids": random_ids(SEGMENT * SEGMENTS, seed=s)} for s in range(3)]

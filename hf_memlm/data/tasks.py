@@ -45,6 +45,10 @@ PASSKEY_NEEDLE_SUFFIX = ". Remember it. "
 PASSKEY_QUESTION = " What is the pass key? The pass key is"  # + " 48213<eos>" (the labelled reply)
 QUESTION_POSITIONS = ("end", "random")
 RECALL_KEY_END = ":"  # a pair is " <key>:<value>", a query the same with the loss on <value>
+# Single-character recall keys for `key_length=1, separator=""`: every printable ASCII character but the digits (the
+# default values) and the space (which opens a pair). With a byte tokenizer each key is one token right before its
+# value, so a memory that stores "token j -> token j+1" can address a pair without first learning a key's context.
+RECALL_SINGLE_TOKEN_KEYS = "".join(c for c in string.printable[:94] if not c.isdigit())
 COPY_OPEN, COPY_CLOSE = " [", "] "  # the source string, written early
 COPY_QUESTION = " Copy: ["  # + the string again (the labelled answer)
 
@@ -203,6 +207,7 @@ def make_recall_dataset(
     filler: str = "natural",
     seed: int = 0,
     text: str | None = None,
+    separator: str = RECALL_KEY_END,
 ):
     """Multi-query associative recall stretched over segments (Zoology's MQAR with filler in between).
 
@@ -211,6 +216,13 @@ def make_recall_dataset(
     segments, spread evenly and shuffled; each segment's pairs form one block at a random offset. The last segment
     ends with `num_queries` queries (default: all pairs) for a random subset of the keys in random order, each
     " <key>:<value>" with the loss on `<value>`. With `num_segments=1` pairs and queries share the one segment.
+    Keys are distinct within an example and drawn afresh (with fresh values) for every example.
+
+    `separator` goes between a key and its value (default ":"). `separator=""` with `key_length=1` and
+    `key_alphabet=RECALL_SINGLE_TOKEN_KEYS` writes pairs as " K7": with a byte tokenizer the key is the one token
+    before its value, which a memory storing "token j -> token j+1" can address directly (as in Zoology's MQAR,
+    where keys and values are single tokens); multi-token keys first need the key's earlier tokens to reach the
+    memory layer. Without a separator the key and value alphabets must not share a character.
 
     The shared columns (see the module docstring) are lists, one entry per query; `answer` holds the values.
     Extra columns: `query_keys` (list of the queried keys) and `num_pairs`.
@@ -234,6 +246,14 @@ def make_recall_dataset(
         raise ValueError("make_recall_dataset: key_alphabet and value_alphabet must not repeat characters.")
     if not key_alphabet or not value_alphabet:
         raise ValueError("make_recall_dataset: key_alphabet and value_alphabet must not be empty.")
+    if not isinstance(separator, str):
+        raise ValueError(f"make_recall_dataset: separator must be a string, got {separator!r}.")
+    if not separator and set(key_alphabet) & set(value_alphabet):
+        raise ValueError(
+            f"make_recall_dataset: separator='' needs key_alphabet and value_alphabet without a common character "
+            f"(both hold {''.join(sorted(set(key_alphabet) & set(value_alphabet)))!r}), or a pair cannot be read "
+            "back; pass disjoint alphabets or a separator such as ':'."
+        )
     if len(key_alphabet) ** key_length < num_pairs:
         raise ValueError(
             f"make_recall_dataset: num_pairs={num_pairs} distinct keys are needed but only "
@@ -248,7 +268,7 @@ def make_recall_dataset(
     for _ in range(num_examples):
         keys = _distinct_keys(rng, key_alphabet, key_length, num_pairs)
         values = [random_string(rng, value_alphabet, value_length) for _ in range(num_pairs)]
-        key_ids = [encode(tokenizer, " " + key + RECALL_KEY_END) for key in keys]
+        key_ids = [encode(tokenizer, " " + key + separator) for key in keys]
         value_ids = [encode(tokenizer, value) for value in values]
         pair_lengths = [len(k) + len(v) for k, v in zip(key_ids, value_ids)]
 

@@ -60,8 +60,9 @@ def evaluate_retrieval(
     distance_bin_tokens: width of the token-distance buckets (default: the segment length).
     check_generate: greedy-generate k answers (spread over the dataset) with memory; count agreement with the
         teacher-forced exact match (`results["generate_check"]`).
-    answer_alphabet: characters the answers are drawn from (e.g. digits for recall values), for the
-        exact-match chance level; passkey keys need none.
+    answer_alphabet: what the answers are drawn from, for the exact-match chance level: a str of characters
+        (e.g. digits for recall values), or a tuple of whole answers (e.g. the update task's places);
+        `hf_memlm.evaluation.answer_alphabet(task, options)` gives it for the built-in tasks. Passkey needs none.
     Returns a JSON-ready dict (see `write_report`).
     """
     examples = read_examples(dataset)
@@ -364,11 +365,15 @@ def bucket_by_tokens(answers: list[dict], conditions: list[str], bin_tokens: int
     return buckets
 
 
-def chance_levels(task: str | None, answers: list[dict], vocab_size: int, answer_alphabet: str | None = None) -> dict:
+def chance_levels(
+    task: str | None, answers: list[dict], vocab_size: int, answer_alphabet: str | tuple[str, ...] | None = None
+) -> dict:
     """Chance where it is defined. Token accuracy: a uniform guess over the vocabulary (1/V). Exact match:
     passkey: a uniformly drawn key of the same number of digits with no leading zero, as make_passkey_dataset
-    draws them (1 / (9 * 10^(digits-1)), about 10^-digits); with `answer_alphabet`: a uniform string of the
-    answer's length over that alphabet; otherwise a uniform guess of every answer token (V^-tokens)."""
+    draws them (1 / (9 * 10^(digits-1)), about 10^-digits); with `answer_alphabet` a str: a uniform string of
+    the answer's length over those characters; a tuple of whole answers (the update task's places): one of
+    them guessed uniformly (1 / their number, e.g. 1/8); otherwise a uniform guess of every answer token
+    (V^-tokens)."""
     texts = [a["answer_text"] for a in answers]
     token_note = f"token accuracy: uniform over the {vocab_size}-token vocabulary (1/V)"
     chance = {"token_accuracy": 1.0 / vocab_size}
@@ -378,6 +383,10 @@ def chance_levels(task: str | None, answers: list[dict], vocab_size: int, answer
             "exact match: a uniformly random key with the same number of digits and no leading zero "
             f"(1/(9*10^(digits-1)), about 10^-digits); {token_note}"
         )
+    elif isinstance(answer_alphabet, (tuple, list)) and answer_alphabet:
+        size = len(set(answer_alphabet))
+        chance["exact_match"] = 1.0 / size
+        chance["note"] = f"exact match: one of the {size} possible answers guessed uniformly (1/{size}); {token_note}"
     elif answer_alphabet and texts and all(t is not None for t in texts):
         size = len(set(answer_alphabet))
         chance["exact_match"] = _mean([float(size) ** -len(t) for t in texts])

@@ -37,12 +37,14 @@ def retrieval_dataset(task, tokenizer, num_examples, segment_length, num_segment
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def answer_alphabet(task, options) -> str | None:
-    """Characters the answers are drawn from (the generator's option or its default), for the chance level."""
+def answer_alphabet(task, options) -> str | tuple[str, ...] | None:
+    """What the answers are drawn from (the generator's option or its default), for the chance level: the
+    characters of recall values and copy strings (a str), or the places of the update task, whole answers
+    each (a tuple of str). None for a task without one (passkey: chance comes from the key's digits)."""
     from hf_memlm import data
 
-    name = {"recall": "value_alphabet", "copy": "alphabet"}.get(task)
+    name = {"recall": "value_alphabet", "copy": "alphabet", "update": "places"}.get(task)
     if name is None:
         return None
-    default = inspect.signature(data.TASK_BUILDERS[task]).parameters[name].default
-    return str((options or {}).get(name, default))
+    value = (options or {}).get(name, inspect.signature(data.TASK_BUILDERS[task]).parameters[name].default)
+    return str(value) if name != "places" else tuple(str(place) for place in value)
