@@ -27,6 +27,8 @@ from .memory_base import MemoryBlock, merge_heads, split_heads
 
 # Cap on one chunk of the (batch, heads, queries, entries) score tensor, in elements.
 _SCORE_CHUNK_ELEMENTS = 1 << 25
+# Integer views of each float dtype's bits, in which non-negative floats keep their order (`top_k_indices`).
+_SAME_WIDTH_INTS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # An IVF index is built with lists for `_LOOKAHEAD` times the entries it holds (at most the capacity),
 # `_ENTRIES_PER_LIST` each when full, and re-clustered once a row has grown `_LOOKAHEAD`-fold, so a
@@ -76,13 +78,33 @@ def retrieve(
             scores = torch.matmul(scaled[:, :, start : start + chunk], keys.transpose(-1, -2))
             if not all_valid:
                 scores = scores.masked_fill(invalid, torch.finfo(scores.dtype).min)
-            top_scores, top_index = scores.topk(topk, dim=-1)  # (B, H, t, k)
+            top_index = top_k_indices(scores, topk)  # (B, H, t, k); the selection carries no gradient
+            top_scores = scores.gather(-1, top_index)
             entry_valid = None if all_valid else valid[:, None, None, :].expand_as(scores).gather(-1, top_index)
             outputs.append(attend_selected(top_scores, top_index, values, entry_valid))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     if every_row_has_entries:
         return out
     return torch.where(has_entries[:, None, None, None], out, torch.zeros_like(out))
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the `k` largest `scores` along the last dimension (in descending order), without gradient.
+
+    The same selection as `scores.topk(k).indices`, made faster on CPU: torch's top-k compares integers
+    about twice as fast as floats (whose comparisons check for NaN), and non-negative floats order like
+    their bit patterns read as integers. Negative floats do not (their integers are all below those of
+    non-negative ones, in reverse order), so a row whose k-th pick is negative is selected again on floats.
+    """
+    with torch.no_grad():
+        if scores.device.type != "cpu" or scores.dtype not in _SAME_WIDTH_INTS:
+            return scores.topk(k, dim=-1).indices
+        bits = scores.contiguous().view(_SAME_WIDTH_INTS[scores.dtype])
+        top_bits, index = bits.topk(k, dim=-1)
+        redo = top_bits[..., -1] < 0  # fewer than k non-negative scores (or a -0.0 among the picks)
+        if bool(redo.any()):
+            index[redo] = scores[redo].topk(k, dim=-1).indices
+        return index
 
 
 def attend_selected(
@@ -100,12 +122,17 @@ def attend_selected(
     weights = torch.softmax(scores, dim=-1)
     if selected_valid is not None:
         weights = weights * selected_valid
-    # Row gather from the flattened (B*H*S, dv) store: its backward is a scatter into the store, and no
-    # (B, H, t*k, dv) index tensor is built.
     offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * stored
-    flat = (index + offsets).reshape(-1)
-    gathered = F.embedding(flat, values.reshape(-1, width)).view(batch * heads * tokens, count, width)
-    out = torch.bmm(weights.reshape(batch * heads * tokens, 1, count), gathered)
+    flat = (index + offsets).view(batch * heads * tokens, count)
+    table = values.reshape(-1, width)
+    if values.dtype == weights.dtype:
+        # One fused gather-and-sum per query over the flattened (B*H*S, dv) store: no (B*H*t, k, dv) copy
+        # of the picked values; its backward scatters into the store and into the weights.
+        out = F.embedding_bag(flat, table, per_sample_weights=weights.reshape(-1, count), mode="sum")
+    else:
+        # A store kept in another dtype (`memory_dtype`): cast only the picked rows, not the whole store.
+        picked = F.embedding(flat, table).to(weights.dtype)
+        out = torch.bmm(weights.reshape(-1, 1, count), picked).squeeze(1)
     return out.view(batch, heads, tokens, width)
 
 
@@ -322,20 +349,16 @@ def retrieve_selected(
     values exactly like the exact top-k read; the search that chose `index` is not.
     """
     batch, heads, tokens, count = index.shape
-    stored, dim, width = keys.shape[2], keys.shape[3], values.shape[3]
+    stored, dim = keys.shape[2], keys.shape[3]
     scaled = queries * scale.view(1, heads, 1, 1).to(queries.dtype)
     offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * stored
     flat = (index + offsets).reshape(-1)
     # Gather in the storage dtype, then cast only the k picks per query (not the whole store).
     selected_keys = F.embedding(flat, keys.reshape(-1, dim)).to(queries.dtype)
-    selected_values = F.embedding(flat, values.reshape(-1, width)).to(queries.dtype)
     rows = batch * heads * tokens
     scores = torch.bmm(selected_keys.view(rows, count, dim), scaled.reshape(rows, dim, 1)).view(index.shape)
-    if not bool(selected_valid.all()):
-        scores = scores.masked_fill(~selected_valid, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1) * selected_valid
-    out = torch.bmm(weights.view(rows, 1, count), selected_values.view(rows, count, width))
-    return out.view(batch, heads, tokens, width)
+    all_valid = bool(selected_valid.all())
+    return attend_selected(scores, index, values, None if all_valid else selected_valid)
 
 
 class KVMemory(MemoryBlock):
