@@ -107,6 +107,30 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         return index
 
 
+def _entry_table(store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`store` (B, H, S, d) as a 2-D table of entries and the row of each (b, h)'s first entry (B, H, 1, 1),
+    so that `store[b, h, s] == table[first[b, h] + s]`, without copying the store where possible.
+
+    A store streamed without gradients is a strided view into a larger append buffer (`_AppendBuffers`);
+    reshaping it would copy every entry on every read, so the table is then the whole buffer.
+    """
+    batch, heads, stored, dim = store.shape
+    if store.is_contiguous() or (torch.is_grad_enabled() and store.requires_grad):
+        first = torch.arange(batch * heads, device=store.device).view(batch, heads, 1, 1) * stored
+        return store.reshape(-1, dim), first
+    strides, offset = store.stride(), store.storage_offset()
+    if strides[3] != 1 or strides[2] != dim or any(value % dim for value in (strides[0], strides[1], offset)):
+        return _entry_table(store.contiguous())
+    rows = store.untyped_storage().nbytes() // (store.element_size() * dim)
+    table = store.as_strided((rows, dim), (dim, 1), 0)
+    first = (
+        offset // dim
+        + torch.arange(batch, device=store.device).view(batch, 1, 1, 1) * (strides[0] // dim)
+        + torch.arange(heads, device=store.device).view(1, heads, 1, 1) * (strides[1] // dim)
+    )
+    return table, first
+
+
 def attend_selected(
     scores: torch.Tensor, index: torch.Tensor, values: torch.Tensor, selected_valid: torch.Tensor | None
 ) -> torch.Tensor:
@@ -116,15 +140,14 @@ def attend_selected(
     `index`, or None when all are valid) gives padding picks no weight. A query with no valid pick reads 0.
     """
     batch, heads, tokens, count = index.shape
-    stored, width = values.shape[2], values.shape[3]
+    width = values.shape[3]
     if selected_valid is not None:
         scores = scores.masked_fill(~selected_valid, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1)
     if selected_valid is not None:
         weights = weights * selected_valid
-    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * stored
-    flat = (index + offsets).view(batch * heads * tokens, count)
-    table = values.reshape(-1, width)
+    table, first = _entry_table(values)
+    flat = (index + first).view(batch * heads * tokens, count)
     if values.dtype == weights.dtype:
         # One fused gather-and-sum per query over the flattened (B*H*S, dv) store: no (B*H*t, k, dv) copy
         # of the picked values; its backward scatters into the store and into the weights.
@@ -349,12 +372,11 @@ def retrieve_selected(
     values exactly like the exact top-k read; the search that chose `index` is not.
     """
     batch, heads, tokens, count = index.shape
-    stored, dim = keys.shape[2], keys.shape[3]
+    dim = keys.shape[3]
     scaled = queries * scale.view(1, heads, 1, 1).to(queries.dtype)
-    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * stored
-    flat = (index + offsets).reshape(-1)
+    table, first = _entry_table(keys)
     # Gather in the storage dtype, then cast only the k picks per query (not the whole store).
-    selected_keys = F.embedding(flat, keys.reshape(-1, dim)).to(queries.dtype)
+    selected_keys = F.embedding((index + first).reshape(-1), table).to(queries.dtype)
     rows = batch * heads * tokens
     scores = torch.bmm(selected_keys.view(rows, count, dim), scaled.reshape(rows, dim, 1)).view(index.shape)
     all_valid = bool(selected_valid.all())

@@ -136,6 +136,26 @@ def test_streaming_without_grad_leaves_earlier_states_as_they_were():
     torch.testing.assert_close(continued["keys"], reference["keys"].detach())
 
 
+@pytest.mark.parametrize("search", ["exact", "auto"])
+def test_reads_of_a_streamed_state_match_reads_of_its_copy(search):
+    # without autograd the stored entries are views into a larger buffer; reads must see exactly them
+    block = _block(memory_search=search, memory_search_threshold=256, memory_size=2048)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        state = _write_all(block, torch.randn(2, 1024, HIDDEN, generator=generator), segment=128)
+        assert not state["keys"].is_contiguous()  # the case under test: a view into the append buffer
+        queries = torch.randn(2, 32, HIDDEN, generator=generator)
+        picks = block.select_entries(queries, state)
+        copy = {name: tensor.clone() for name, tensor in state.items()}
+        torch.testing.assert_close(block(queries, state, mode="read"), block(queries, copy, mode="read"))
+        scale = block.log_scale.exp()
+        normalized = F.normalize(block.mem_query(queries).view(2, 32, 2, 16).transpose(1, 2), dim=-1)
+        torch.testing.assert_close(
+            kv.retrieve_selected(normalized, state["keys"], state["values"], scale, *picks),
+            kv.retrieve_selected(normalized, copy["keys"], copy["values"], scale, *picks),
+        )
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
