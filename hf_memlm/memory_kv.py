@@ -34,7 +34,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # `_ENTRIES_PER_LIST` each when full, and re-clustered once a row has grown `_LOOKAHEAD`-fold, so a
 # search scans at most `probes * _ENTRIES_PER_LIST` entries per query however large the memory grows.
 _LOOKAHEAD = 4
-_ENTRIES_PER_LIST = 256
+_ENTRIES_PER_LIST = 64
 # k-means on a sample of this many points per list is enough to place the lists.
 _TRAINING_POINTS_PER_LIST = 64
 # Initial softmax temperature on cosine scores (learned per head afterwards); see `reset_parameters`.
