@@ -132,6 +132,9 @@ class SlotMemory(MemoryBlock):
         return torch.softmax(scores * temperature, dim=-1)
 
     def read(self, hidden_states, state):
+        if not bool(state["memory"].any()):
+            # nothing written yet (the first segment): every slot is 0, so is the read, and so is its gradient
+            return torch.zeros_like(hidden_states)
         memory = state["memory"].to(hidden_states.dtype)
         queries = self.address_proj(hidden_states)
         # centred on the mean of the keys written so far (earlier segments), as the keys were when written

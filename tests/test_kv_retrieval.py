@@ -83,6 +83,21 @@ def test_exact_topk_read_and_gradients_match_the_reference(padded):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_top_k_selection_picks_the_k_largest_scores_of_every_row(dtype):
+    # rows of mostly negative scores (fewer than k non-negative), a -0.0, masked entries at the dtype's minimum
+    generator = torch.Generator().manual_seed(0)
+    shifts = torch.tensor([0.0, 3.0, -3.0, -0.5])[:, None, None]
+    scores = (torch.randn(4, 5, 300, generator=generator) + shifts).to(dtype)
+    scores[0, 0, :10] = -0.0
+    scores[1, :, 100:] = torch.finfo(dtype).min
+    picked = kv.top_k_indices(scores, 32)
+    assert picked.shape == (4, 5, 32)
+    # the same values as torch's top-k, in the same (descending) order; ties may pick other positions
+    torch.testing.assert_close(scores.gather(-1, picked), scores.topk(32, dim=-1).values, rtol=0, atol=0)
+    assert bool((picked.sort(-1).values.diff(dim=-1) > 0).all())  # k distinct entries
+
+
 @pytest.mark.parametrize("grad", [True, False])
 def test_full_segments_evict_oldest_in_order(grad):
     # every token real: the write evicts by slicing (and appends in place without autograd)
@@ -119,6 +134,26 @@ def test_streaming_without_grad_leaves_earlier_states_as_they_were():
     with torch.enable_grad():
         reference = block(second, start, mode="write", mask=mask)
     torch.testing.assert_close(continued["keys"], reference["keys"].detach())
+
+
+@pytest.mark.parametrize("search", ["exact", "auto"])
+def test_reads_of_a_streamed_state_match_reads_of_its_copy(search):
+    # without autograd the stored entries are views into a larger buffer; reads must see exactly them
+    block = _block(memory_search=search, memory_search_threshold=256, memory_size=512)  # evicts: views start late
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        state = _write_all(block, torch.randn(2, 1024, HIDDEN, generator=generator), segment=128)
+        assert not state["keys"].is_contiguous()  # the case under test: a view into the append buffer
+        queries = torch.randn(2, 32, HIDDEN, generator=generator)
+        picks = block.select_entries(queries, state)
+        copy = {name: tensor.clone() for name, tensor in state.items()}
+        torch.testing.assert_close(block(queries, state, mode="read"), block(queries, copy, mode="read"))
+        scale = block.log_scale.exp()
+        normalized = F.normalize(block.mem_query(queries).view(2, 32, 2, 16).transpose(1, 2), dim=-1)
+        torch.testing.assert_close(
+            kv.retrieve_selected(normalized, state["keys"], state["values"], scale, *picks),
+            kv.retrieve_selected(normalized, copy["keys"], copy["values"], scale, *picks),
+        )
 
 
 @pytest.mark.parametrize(
