@@ -24,10 +24,10 @@ import time
 
 import numpy as np
 import torch
-from transformers import LlamaConfig
 
 from hf_memlm import MemLMConfig, MemLMForCausalLM
 from hf_memlm.data import build_tokenizer, make_recall_dataset, make_update_dataset, tokenizer_size
+from hf_memlm.recipes.defaults import tiny_llama_config
 
 p = argparse.ArgumentParser()
 p.add_argument("--kind", default="slot")
@@ -80,16 +80,7 @@ if not a.out:
 torch.set_num_threads(1)
 torch.manual_seed(0)
 tok = build_tokenizer("byte")
-text = LlamaConfig(
-    vocab_size=tokenizer_size(tok),
-    hidden_size=64,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-)
+text = tiny_llama_config(tokenizer_size(tok), max_positions=256)  # the main job's 2-layer, 64-wide Llama
 cfg = MemLMConfig(
     text_config=text,
     memory_type=a.kind,

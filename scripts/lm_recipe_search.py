@@ -20,10 +20,10 @@ import math
 import time
 
 import torch
-from transformers import LlamaConfig
 
 from hf_memlm import MemLMConfig, MemLMForCausalLM
 from hf_memlm.data import build_tokenizer, tokenizer_size
+from hf_memlm.recipes.defaults import tiny_llama_config
 
 p = argparse.ArgumentParser()
 p.add_argument("--mode", default="memory")  # memory | nomem | double
@@ -60,16 +60,7 @@ held = open(D + "held_out/moby_dick.txt").read()
 tok = build_tokenizer("byte") if a.tok == "byte" else build_tokenizer("bpe", texts=train_text, vocab_size=a.vocab)
 V = tokenizer_size(tok)
 seg = a.seg * (2 if a.mode == "double" else 1)
-text_config = LlamaConfig(
-    vocab_size=V,
-    hidden_size=a.hidden,
-    intermediate_size=4 * a.hidden,
-    num_hidden_layers=a.layers,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=2 * a.seg + 8,
-    tie_word_embeddings=True,
-)
+text_config = tiny_llama_config(V, hidden_size=a.hidden, num_layers=a.layers, max_positions=2 * a.seg + 8)
 cfg = MemLMConfig(
     text_config=text_config,
     memory_type=a.kind,

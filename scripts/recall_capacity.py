@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig
 
 from hf_memlm import MemLMConfig, MemLMForCausalLM
 from hf_memlm.data import build_tokenizer, make_recall_dataset, tokenizer_size
 from hf_memlm.data.tasks import RECALL_SINGLE_TOKEN_KEYS
 from hf_memlm.evaluation.conditions import shift_labels, streamed_predictions
+from hf_memlm.recipes.defaults import tiny_llama_config
 
 SEGMENT_LENGTH = 64
 VALUE_ALPHABET = string.digits
@@ -123,16 +123,7 @@ def parse_memory(spec: str) -> dict:
 
 def build_model(memory: dict, vocab_size: int, seed: int) -> MemLMForCausalLM:
     torch.manual_seed(seed)
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    text = tiny_llama_config(vocab_size, max_positions=256)  # the main job's 2-layer, 64-wide Llama
     slots = {"num_slots": memory["num_slots"]} if memory["kind"] == "slot" else {}
     config = MemLMConfig(
         text_config=text,
