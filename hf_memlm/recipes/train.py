@@ -381,6 +381,12 @@ def publish(config: dict, summary: dict, evaluation: dict | None, config_path: s
         "steps": summary["steps"],
         "trainable": config["model"]["trainable"],
     }
+    comparison = config.get("comparison") or {}
+    if comparison.get("baselines") or comparison.get("repeats", 1) > 1:
+        seeds = ", ".join(str(config["seed"] + k) for k in range(comparison.get("repeats", 1)))
+        facts["compared with"] = (
+            f"{', '.join(comparison.get('baselines') or ['its own seeds'])}, trained the same way; seeds {seeds}"
+        )
     command = f"hf-memlm train {config_path}" if config_path else None
     card = write_model_card(
         output_dir,
