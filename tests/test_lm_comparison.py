@@ -157,6 +157,7 @@ def test_lm_job_trains_every_model_and_reports_them_side_by_side(mini_job):
     assert results["data"]["source"].endswith("held_out")
     card = (mini_job / "README.md").read_text()
     assert "Perplexity by segment position" in card and "gain:" in card  # the model card carries the table
+    assert "| compared with | no_memory, double_window, trained the same way; seeds 0, 1 |" in card
     assert (mini_job / "eval" / "perplexity.png").stat().st_size > 0
 
 
