@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import base_config
 
 import hf_memlm.memory_kv as kv
+import hf_memlm.memory_kv_index as kv_index
 from hf_memlm import MemLMConfig, MemLMForCausalLM
 from hf_memlm.data import default_text
 from hf_memlm.memory_kv import KVMemory, retrieve
@@ -204,7 +205,7 @@ def test_without_faiss_a_large_memory_reads_exactly_with_a_warning(monkeypatch):
     state = _write_all(block, _clustered_hidden(generator, 1, 512))
     queries = _clustered_hidden(generator, 1, 8)
     _block_faiss(monkeypatch)
-    monkeypatch.setattr(kv, "_FAISS_MISSING_WARNED", False)
+    monkeypatch.setattr(kv_index, "_FAISS_MISSING_WARNED", False)
     with pytest.warns(UserWarning, match="faiss is not installed"):
         fallback = block(queries, state, mode="read")
     assert not block.uses_index(state)
