@@ -328,8 +328,16 @@ def test_passkey_distractors_are_other_numbers_over_the_filler(byte_tokenizer):
         reply = [token for token in example["labels"] if token != IGNORE_INDEX]
         assert reply == list(f" {key}".encode()) + [byte_tokenizer.eos_token_id]
         _check_answers(example, byte_tokenizer, L, S)
+    # introduced like the key by other phrases
+    phrases = [" The room number is", " The year was"]
+    for example in make_passkey_dataset(byte_tokenizer, 4, L, S, seed=4, distractors=3, distractor_prefixes=phrases):
+        text = byte_tokenizer.decode(example["input_ids"])
+        introduced = re.findall(r"(?: The room number is| The year was) ([0-9]{5})\.", text)
+        assert len(introduced) == 3 and text.count(" The pass key is ") == 2
     with pytest.raises(ValueError, match="distractors must be a non-negative integer, got -1"):
         make_passkey_dataset(byte_tokenizer, 2, L, S, distractors=-1)
+    with pytest.raises(ValueError, match="distractor_prefixes must be a non-empty list of non-empty phrases"):
+        make_passkey_dataset(byte_tokenizer, 2, L, S, distractors=1, distractor_prefixes=" The year was")
 
 
 def test_passkey_reply_options_are_checked(byte_tokenizer):

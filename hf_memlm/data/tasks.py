@@ -85,6 +85,7 @@ def make_passkey_dataset(
     end_marker: bool = True,
     question_position: str = "end",
     distractors: int = 0,
+    distractor_prefixes: list[str] | None = None,
 ):
     """Passkey retrieval: "The pass key is 48213. Remember it." hidden in filler, asked for in the last segment.
 
@@ -101,6 +102,9 @@ def make_passkey_dataset(
             as many per example. With digits in the memory that are not the key, a model can only answer by
             telling the key from other numbers by its context ("The pass key is ..."), which is what keeps it
             right when the memory holds a whole book of text with numbers in it.
+        distractor_prefixes: phrases that introduce the distractors, one drawn per distractor (e.g.
+            `[" The room number is", " The year was"]`: " The room number is 73190."); default: bare numbers.
+            Numbers introduced like the key make the model tell the key by "pass key", not by "is".
         question_position: `"end"`: the question and its reply end the example (the last tokens of the last
             segment). `"random"`: they start at a random position of the last segment (after the needle when
             the needle is there too), filler after them; from the first position of a segment (as a prompt
@@ -122,6 +126,14 @@ def make_passkey_dataset(
         )
     if isinstance(distractors, bool) or not isinstance(distractors, int) or distractors < 0:
         raise ValueError(f"make_passkey_dataset: distractors must be a non-negative integer, got {distractors!r}.")
+    prefixes = [""] if distractor_prefixes is None else distractor_prefixes
+    if distractor_prefixes is not None and (
+        isinstance(prefixes, str) or not prefixes or not all(isinstance(p, str) and p for p in prefixes)
+    ):
+        raise ValueError(
+            "make_passkey_dataset: distractor_prefixes must be a non-empty list of non-empty phrases, got "
+            f"{distractor_prefixes!r}."
+        )
     marker = _end_marker(tokenizer, end_marker)
     segment_choices = resolve_segments(needle_segment, num_segments, "needle_segment")
     filler_stream = FillerStream(tokenizer, filler, text)
@@ -167,7 +179,8 @@ def make_passkey_dataset(
         layout.write_answer(reply_start, reply)
         for _ in range(distractors):
             number = str(int(rng.integers(10 ** (key_digits - 1), 10**key_digits)))
-            layout.write_somewhere_free(rng, encode(tokenizer, " " + number))
+            prefix_text = prefixes[int(rng.integers(len(prefixes)))]
+            layout.write_somewhere_free(rng, encode(tokenizer, f"{prefix_text} {number}{'.' if prefix_text else ''}"))
         answer_start = reply_start + len(space)
         row = {"input_ids": layout.tokens, "labels": layout.labels}
         key_start = needle_start + len(prefix) + len(space)

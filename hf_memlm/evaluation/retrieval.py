@@ -299,21 +299,32 @@ def _check_generate(model, examples, answers, count, progress) -> dict:
 
 @torch.no_grad()
 def greedy_answer(model, input_ids, start: int, length: int) -> list[int]:
-    """Greedy decoding of `length` tokens from the prompt `input_ids[:start]` (memory model, with memory)."""
+    """Greedy decoding of `length` tokens from the prompt `input_ids[:start]` (memory model, with memory).
+
+    The prompt's whole segments before its last one are read with `model.memorize` (the state a forward
+    leaves, without its reads and logits), and `generate` continues from the rest with that state: the same
+    segment boundaries as generating from the whole prompt, affordable with a million tokens before the answer.
+    """
     device = next(model.parameters()).device
     prompt = torch.as_tensor(list(input_ids[:start]), dtype=torch.long, device=device)[None]
+    read = (start - 1) // model.config.segment_length * model.config.segment_length  # leaves >= 1 token to prompt
+    state = model.memorize(prompt[:, :read]) if read else None
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else 0
+    rest = prompt[:, read:]
     output = model.generate(
-        input_ids=prompt,
-        attention_mask=torch.ones_like(prompt),
+        input_ids=rest,
+        attention_mask=torch.ones_like(rest),
+        memory_state=state,
         max_new_tokens=length,  # no min_new_tokens: suppressing EOS would change the argmax
         do_sample=False,
         num_beams=1,
         pad_token_id=pad,
     )
-    return output[0, start:].tolist()  # an early EOS ends the answer (then padding), as in plain greedy decoding
+    return output[
+        0, rest.shape[1] :
+    ].tolist()  # an early EOS ends the answer (then padding), as in plain greedy decoding
 
 
 # -- aggregation ----------------------------------------------------------------------------------------
