@@ -19,6 +19,10 @@ class MemoryBlock(nn.Module):
 
     #: names and trailing shapes of the state tensors; filled by subclasses for error messages
     state_names: tuple[str, ...] = ()
+    #: True when one write of several segments' tokens (concatenated) leaves the state that writing them one
+    #: segment after another leaves, so `memorize` may write many segments per call (`kv`: entries are
+    #: appended token by token; not `slot`, whose write is one recurrent update per segment)
+    writes_tokenwise: bool = False
 
     def __init__(self, config, layer_index: int):
         super().__init__()

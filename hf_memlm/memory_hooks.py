@@ -23,13 +23,23 @@ from torch import nn
 _ACTIVE_CONTEXTS: ContextVar[dict | None] = ContextVar("hf_memlm_active_contexts", default=None)
 
 
+class StopAfterCapture(Exception):
+    """Raised by the hook of the last memory layer in a write-only pass (`MemLMForCausalLM.memorize`): no layer
+    above it can change what memory writes, so the rest of the base model need not run."""
+
+
 class LayerContext:
     """What the hook on one decoder layer needs during one segment: the block, its state, and a place
-    to leave the layer's output for the write that follows the segment."""
+    to leave the layer's output for the write that follows the segment.
 
-    def __init__(self, block: nn.Module, state: dict[str, torch.Tensor]):
+    `read=False` skips the memory read (a write-only pass needs no read at the last memory layer, whose output
+    no write uses); `stop=True` ends the base-model call once the output is captured (`StopAfterCapture`)."""
+
+    def __init__(self, block: nn.Module, state: dict[str, torch.Tensor] | None, read: bool = True, stop: bool = False):
         self.block = block
         self.state = state
+        self.read = read
+        self.stop = stop
         self.captured: torch.Tensor | None = None
 
 
@@ -42,6 +52,10 @@ def memory_read_hook(layer_index: int, module: nn.Module, args, output):
         return None
     hidden = output[0] if isinstance(output, tuple) else output
     context.captured = hidden
+    if context.stop:
+        raise StopAfterCapture
+    if not context.read:
+        return None
     updated = hidden + context.block(hidden, context.state, mode="read").to(hidden.dtype)
     return (updated, *output[1:]) if isinstance(output, tuple) else updated
 
@@ -91,4 +105,11 @@ def active_contexts(contexts: dict[nn.Module, LayerContext]) -> Iterator[None]:
         _ACTIVE_CONTEXTS.reset(token)
 
 
-__all__ = ["LayerContext", "active_contexts", "find_decoder_layers", "has_memory_hook", "install_read_hooks"]
+__all__ = [
+    "LayerContext",
+    "StopAfterCapture",
+    "active_contexts",
+    "find_decoder_layers",
+    "has_memory_hook",
+    "install_read_hooks",
+]

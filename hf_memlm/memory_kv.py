@@ -246,6 +246,7 @@ def retrieve_selected(
 
 class KVMemory(MemoryBlock):
     state_names = ("keys", "values", "valid", "pending_key", "pending_valid")
+    writes_tokenwise = True
 
     def __init__(self, config, layer_index: int):
         super().__init__(config, layer_index)

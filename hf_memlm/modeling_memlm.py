@@ -34,7 +34,14 @@ from transformers.utils import ModelOutput
 from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
 from .memory_cache import MemLMCache
-from .memory_hooks import LayerContext, active_contexts, find_decoder_layers, has_memory_hook, install_read_hooks
+from .memory_hooks import (
+    LayerContext,
+    StopAfterCapture,
+    active_contexts,
+    find_decoder_layers,
+    has_memory_hook,
+    install_read_hooks,
+)
 from .memory_kinds import MEMORY_KINDS
 from .memory_segments import gather_index, locate_outputs, plan_pieces, to_caller_columns, unpadded_kept
 from .memory_state import MemoryState
@@ -44,6 +51,8 @@ from .model_inputs import check_inputs
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
 _DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
+# Tokens per base-model call in `memorize`'s write-only pass, when segments can run side by side as rows.
+_WRITE_ONLY_TOKENS_PER_CALL = 8192
 
 
 @dataclass
@@ -239,7 +248,12 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return MemoryState(state.memory_type, layers, state.window)
 
     # -- one piece through the base model ----------------------------------------------------------------
-    def _run_segment(self, inputs: dict, attention_mask, position_ids, state, cache, logits_to_keep, output_hidden):
+    def _run_segment(
+        self, inputs: dict, attention_mask, position_ids, state, cache, logits_to_keep, output_hidden, write_only=False
+    ):
+        """One piece through the base model with the memory hooks active; returns (output, captured hidden
+        states by memory layer). `write_only`: only what memory writes is wanted, so the last memory layer does
+        not read and the base model stops right after it (the output is then None)."""
         # A row with no live token (padding only) would give NaNs in attention; let it attend to its padding
         # instead. Its outputs are never used and the memory write still uses the real mask.
         empty_rows = ~attention_mask.any(-1, keepdim=True)
@@ -247,21 +261,30 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         layers = self.decoder_layers
         contexts = {}
         if self.memory_enabled:
+            last = self.config.memory_layers[-1] if write_only else None
             contexts = {
-                layers[i]: LayerContext(self.memory_blocks[str(i)], state.layers[i]) for i in self.config.memory_layers
+                layers[i]: LayerContext(
+                    self.memory_blocks[str(i)], state.layers[i] if state is not None else None, i != last, i == last
+                )
+                for i in self.config.memory_layers
             }
         # Per call, not per module: threads sharing this model each see only their own contexts.
+        out = None
         with active_contexts(contexts):
-            out = self.language_model(
-                **inputs,
-                attention_mask=base_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-                logits_to_keep=logits_to_keep,
-                output_hidden_states=output_hidden,
-                return_dict=True,
-            )
+            try:
+                out = self.language_model(
+                    **inputs,
+                    attention_mask=base_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=cache is not None,
+                    logits_to_keep=logits_to_keep,
+                    output_hidden_states=output_hidden,
+                    return_dict=True,
+                )
+            except StopAfterCapture:
+                if not write_only:
+                    raise
         captured = {i: contexts[layers[i]].captured for i in self.config.memory_layers} if contexts else {}
         return out, captured
 
@@ -500,11 +523,19 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         the first step of "remember this book, then answer many questions about it".
 
         The state is the one `self(input_ids, attention_mask=attention_mask, memory_state=memory_state)
-        .memory_state` returns (the same segment boundaries, the same mode: call `eval()` first for inference),
-        but it is computed one segment per call under `torch.no_grad()`: no autograd graph, and one logit row
-        per segment instead of (tokens x vocab) logits, so RAM stays bounded whatever the length. Continue a
-        document with `memorize(more_ids, memory_state=state)`; then ask with `generate(prompt_ids,
-        memory_state=state)`. `attention_mask` (right padding) marks the real tokens; padding is never written.
+        .memory_state` returns (the same segment boundaries: each row's real tokens, those where
+        `attention_mask` is 1, cut into segments; the same mode: call `eval()` first for inference), computed
+        by a write-only pass under `torch.no_grad()`:
+
+        * a memory layer's write uses that layer's output before its own read, so the read at the last
+          memory layer changes no write: it is skipped, and so are the decoder layers above it and the
+          LM head (no logits at all);
+        * with one memory layer nothing a segment writes depends on the memory, so many segments run through
+          the base model in one call (as rows) and are then written in order; with several, segments run one
+          after another, reading at the earlier memory layers.
+
+        RAM stays bounded whatever the length. Continue a document with `memorize(more_ids,
+        memory_state=state)`; then ask with `generate(prompt_ids, memory_state=state)`.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -514,16 +545,65 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 f"memorize: attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                 f"{tuple(input_ids.shape)}; pass one mask value per token."
             )
-        state = memory_state
-        segment_length = self.config.segment_length
-        for start in range(0, input_ids.shape[1], segment_length):
-            end = start + segment_length
-            mask = None if attention_mask is None else attention_mask[:, start:end]
-            output = self(
-                input_ids[:, start:end], attention_mask=mask, memory_state=state, use_cache=False, logits_to_keep=1
+        batch, length = input_ids.shape
+        check_inputs(input_ids, None, None, -100, self.get_input_embeddings().num_embeddings, check_labels=False)
+        state = self._prepare_state(memory_state, batch)
+        if state.window:
+            raise ValueError(
+                "memorize: memory_state holds a generation window (tokens still in a KV cache); write it first: "
+                "model.commit_window(memory_state)."
             )
-            state = output.memory_state
+        mask = self._token_mask(attention_mask, batch, length, input_ids.device, generating=False)
+        counts = mask.sum(-1)
+        if not bool(counts.any()):
+            raise ValueError("memorize: attention_mask is 0 for every token of every row: there is nothing to read.")
+        if not self.memory_enabled:
+            return state
+        segment = self.config.segment_length
+        # Each row's real tokens packed to the left and cut into segments, as forward cuts them.
+        real_first = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        segments = -(-int(counts.max()) // segment)
+        width = segments * segment
+        ids = input_ids.gather(1, real_first)
+        if width > length:
+            ids = torch.cat([ids, ids.new_zeros(batch, width - length)], dim=1)
+        ids = ids[:, :width]
+        packed_mask = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+        if len(self.config.memory_layers) > 1:
+            # Earlier memory layers read, and their reads change what later layers write: one segment at a time.
+            for start in range(0, width, segment):
+                columns = slice(start, start + segment)
+                captured = self._capture_for_write(ids[:, columns], packed_mask[:, columns], state)
+                state = self._write(state, captured, packed_mask[:, columns])
+            return state
+        layer = self.config.memory_layers[0]
+        tokenwise = self.memory_blocks[str(layer)].writes_tokenwise
+        per_call = max(1, _WRITE_ONLY_TOKENS_PER_CALL // (batch * segment))
+        for first in range(0, segments, per_call):
+            count = min(per_call, segments - first)
+            columns = slice(first * segment, (first + count) * segment)
+            chunk_mask = packed_mask[:, columns]
+            # rows (b, s): segment s of row b, each on its own (nothing it writes depends on the memory)
+            hidden = self._capture_for_write(
+                ids[:, columns].reshape(batch * count, segment), chunk_mask.reshape(batch * count, segment), None
+            )[layer]
+            hidden = hidden.view(batch, count * segment, hidden.shape[-1])
+            if tokenwise:
+                state = self._write(state, {layer: hidden}, chunk_mask)
+                continue
+            for number in range(count):
+                piece = slice(number * segment, (number + 1) * segment)
+                state = self._write(state, {layer: hidden[:, piece]}, chunk_mask[:, piece])
         return state
+
+    def _capture_for_write(self, ids, piece_mask, state) -> dict[int, torch.Tensor]:
+        """The hidden states each memory layer writes for one piece (rows of at most a segment, real tokens
+        first), running the base model only up to the last memory layer."""
+        positions = (piece_mask.long().cumsum(-1) - 1).clamp(min=0)
+        _, captured = self._run_segment(
+            {"input_ids": ids}, piece_mask, positions, state, None, 1, False, write_only=True
+        )
+        return captured
 
     # -- generation --------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(

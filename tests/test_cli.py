@@ -363,3 +363,30 @@ def test_pretrained_base_config_builds_everything_but_the_download(tmp_path):
     assert args.bf16 and args.activation_checkpointing and args.memory_learning_rate == 1e-3
     assert args.gradient_accumulation_steps == 8
     assert not (tmp_path / "out").exists()
+
+
+def test_passkey_evaluation_takes_its_filler_from_held_out_text(tmp_path, capsys, monkeypatch):
+    from hf_memlm import data
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 40)
+    fillers = []
+    make_passkey = data.TASK_BUILDERS["passkey"]
+
+    def recording(*args, **kwargs):
+        fillers.append(kwargs.get("text"))
+        return make_passkey(*args, **kwargs)
+
+    monkeypatch.setitem(data.TASK_BUILDERS, "passkey", recording)
+    evaluation = ["--evaluation.task", "passkey", "--evaluation.num_segments", "[2]", "--evaluation.num_examples", "2"]
+    evaluation += ["--evaluation.check_generate", "0", "--evaluation.options", "{needle_segment: 0}"]
+    passkey_data = ["--data.task", "passkey", "--data.num_segments", "2", "--data.num_examples", "32"]
+    code, output_dir = train(tmp_path, *passkey_data, *evaluation, "--evaluation.source", str(held_out))
+    assert code == 0, capsys.readouterr().err
+    assert fillers[0] is None and fillers[-1] == held_out.read_text()  # training filler: the bundled book
+    report = json.loads((output_dir / "eval" / "passkey.json").read_text())
+    assert report["data"]["filler_source"] == str(held_out) and "text" not in report["data"]["task_options"]
+
+    # a source that is not there fails before training, and nothing is written
+    code, missing_run = train(tmp_path, *passkey_data, *evaluation, "--evaluation.source", "nowhere.txt", name="x")
+    assert code == 2 and "evaluation.source" in capsys.readouterr().err and not missing_run.exists()

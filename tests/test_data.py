@@ -310,6 +310,28 @@ def test_passkey_question_at_random_positions_of_the_last_segment(byte_tokenizer
         _check_answers(example, byte_tokenizer, 128, 2)
 
 
+def test_passkey_distractors_are_other_numbers_over_the_filler(byte_tokenizer):
+    import re
+
+    crowded = make_passkey_dataset(byte_tokenizer, 6, L, S, seed=3, filler="synthetic", distractors=4)
+    for example in crowded:
+        ids, key = example["input_ids"], example["answer"]
+        numbers = re.findall(r"(?<![0-9])[0-9]+(?![0-9])", byte_tokenizer.decode(ids))
+        # the key twice (needle, reply), four other 5-digit numbers (a drawn number may equal the key)
+        assert len(numbers) == 6 and numbers.count(key) >= 2 and all(len(n) == 5 for n in numbers)
+        # the needle and the question are intact, and only the reply is labelled
+        needle = f"{PASSKEY_NEEDLE_PREFIX} {key}{PASSKEY_NEEDLE_SUFFIX}"
+        start = example["needle_start"]
+        assert byte_tokenizer.decode(ids[start : start + len(needle)]) == needle
+        start = example["question_start"]
+        assert byte_tokenizer.decode(ids[start : start + len(PASSKEY_QUESTION)]) == PASSKEY_QUESTION
+        reply = [token for token in example["labels"] if token != IGNORE_INDEX]
+        assert reply == list(f" {key}".encode()) + [byte_tokenizer.eos_token_id]
+        _check_answers(example, byte_tokenizer, L, S)
+    with pytest.raises(ValueError, match="distractors must be a non-negative integer, got -1"):
+        make_passkey_dataset(byte_tokenizer, 2, L, S, distractors=-1)
+
+
 def test_passkey_reply_options_are_checked(byte_tokenizer):
     with pytest.raises(ValueError, match=r"question_position='middle' is unknown; choose one of \('end', 'random'\)"):
         make_passkey_dataset(byte_tokenizer, 2, L, S, question_position="middle")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SEGMENT, VOCAB, build
+from conftest import KINDS, SEGMENT, VOCAB, base_config, build, memory_settings, randomize_memory
+
+import hf_memlm
+from hf_memlm import modeling_memlm
 
 
 def _assert_same_state(left, right) -> None:
@@ -35,21 +38,68 @@ def test_memorize_gives_the_forward_state_over_every_architecture(arch_kind):
     _assert_same_state(model.memorize(more, memory_state=expected), continued)
 
 
-def test_memorize_keeps_no_graph_and_no_full_logits():
+@pytest.mark.parametrize("kind", KINDS)
+def test_memorize_with_two_memory_layers_and_left_padding_gives_the_forward_state(kind, monkeypatch):
+    # The lower memory layer's reads change what the upper one writes, so segments run one after another.
+    # Left padding of 5 and 11 tokens (not multiples of the segment) must not move any row's segments.
+    torch.manual_seed(0)
+    config = hf_memlm.MemLMConfig(text_config=base_config("llama"), **memory_settings(kind, memory_layers=[0, 1]))
+    model = hf_memlm.MemLMForCausalLM(config).eval()
+    randomize_memory(model)
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, VOCAB, (3, 4 * SEGMENT + 3), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).memory_state
+    _assert_same_state(model.memorize(ids, attention_mask=mask), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memorize_runs_many_segments_per_call_and_writes_them_in_order(kind, monkeypatch):
+    # Two segments per base-model call, seven segments, rows of different lengths: the chunks, the write
+    # order inside a chunk (slot writes segment by segment) and rows that end inside a chunk all matter.
+    monkeypatch.setattr(modeling_memlm, "_WRITE_ONLY_TOKENS_PER_CALL", 2 * 2 * SEGMENT)
+    model = build("qwen2", kind)
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (2, 7 * SEGMENT), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0  # left-padded: the row's segments start at its 14th column
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).memory_state
+    _assert_same_state(model.memorize(ids, attention_mask=mask), expected)
+
+
+def test_memorize_keeps_no_graph_and_runs_nothing_above_the_last_memory_layer():
     model = build("llama", "kv").train()  # even in training mode with gradients enabled
     ids = torch.randint(1, VOCAB, (1, 5 * SEGMENT))
-    logit_shapes = []
+    calls = {"head": 0, "upper layer": 0, "read": 0}
     head = model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda module, args, output: logit_shapes.append(tuple(output.shape)))
+    upper = model.decoder_layers[1]  # the memory is beside layer 0
+    block = model.memory_blocks["0"]
+    original_read = block.read
+
+    def counting_read(*args, **kwargs):
+        calls["read"] += 1
+        return original_read(*args, **kwargs)
+
+    handles = [
+        head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1)),
+        upper.register_forward_hook(lambda *_: calls.__setitem__("upper layer", calls["upper layer"] + 1)),
+    ]
+    block.read = counting_read
     try:
         with torch.enable_grad():
             state = model.memorize(ids)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        del block.read
     assert all(not tensor.requires_grad for tensors in state.layers.values() for tensor in tensors.values())
-    # one logit row per segment, never (tokens x vocab)
-    assert logit_shapes == [(1, 1, VOCAB)] * 5
-    assert int(state.num_entries()[0]) == model.config.memory_size  # it did read: the memory is full
+    # no logits, no layer above the memory, no read (the last memory layer's read changes no write)
+    assert calls == {"head": 0, "upper layer": 0, "read": 0}
+    assert int(state.num_entries()[0]) == model.config.memory_size  # it did write: the memory is full
 
 
 def test_memorize_then_generate_equals_generating_from_the_whole_text():
@@ -75,3 +125,7 @@ def test_memorize_rejects_bad_input():
     slot_state = build("llama", "slot").memorize(torch.ones(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="memory_state holds 'slot' memory but this model uses 'kv'"):
         model.memorize(torch.ones(1, 4, dtype=torch.long), memory_state=slot_state)
+    with pytest.raises(ValueError, match="memorize: attention_mask is 0 for every token of every row"):
+        model.memorize(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        model.memorize(torch.full((1, 4), VOCAB + 5, dtype=torch.long))

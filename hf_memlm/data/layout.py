@@ -72,6 +72,17 @@ class ExampleLayout:
         self._taken[start:end] = True
         return end
 
+    def write_somewhere_free(self, rng, ids: np.ndarray, attempts: int = 100) -> int | None:
+        """Put `ids` over filler at a random place that overlaps nothing written; returns its start, or None
+        when no free place was found in `attempts` draws (a crowded example keeps its filler there)."""
+        last_start = len(self.tokens) - len(ids)
+        for _ in range(attempts if last_start >= 0 else 0):
+            start = int(rng.integers(last_start + 1))
+            if not self._taken[start : start + len(ids)].any():
+                self.write(start, ids)
+                return start
+        return None
+
     def write_answer(self, start: int, ids: np.ndarray) -> int:
         """Like `write`, and the loss is taken on these tokens."""
         end = self.write(start, ids)

@@ -84,6 +84,7 @@ def make_passkey_dataset(
     key_digits: int = 5,
     end_marker: bool = True,
     question_position: str = "end",
+    distractors: int = 0,
 ):
     """Passkey retrieval: "The pass key is 48213. Remember it." hidden in filler, asked for in the last segment.
 
@@ -96,6 +97,10 @@ def make_passkey_dataset(
         key_digits: digits of the random key (no leading zero).
         end_marker: put the tokenizer's end-of-text token (`eos_token`) after the key in the reply, so that a
             trained model ends its answer with it and `generate` stops there. Needs a tokenizer with an eos token.
+        distractors: other numbers of `key_digits` digits (" 73190") written over the filler at random free places,
+            as many per example. With digits in the memory that are not the key, a model can only answer by
+            telling the key from other numbers by its context ("The pass key is ..."), which is what keeps it
+            right when the memory holds a whole book of text with numbers in it.
         question_position: `"end"`: the question and its reply end the example (the last tokens of the last
             segment). `"random"`: they start at a random position of the last segment (after the needle when
             the needle is there too), filler after them; from the first position of a segment (as a prompt
@@ -115,6 +120,8 @@ def make_passkey_dataset(
             f"make_passkey_dataset: question_position={question_position!r} is unknown; choose one of "
             f"{QUESTION_POSITIONS}."
         )
+    if isinstance(distractors, bool) or not isinstance(distractors, int) or distractors < 0:
+        raise ValueError(f"make_passkey_dataset: distractors must be a non-negative integer, got {distractors!r}.")
     marker = _end_marker(tokenizer, end_marker)
     segment_choices = resolve_segments(needle_segment, num_segments, "needle_segment")
     filler_stream = FillerStream(tokenizer, filler, text)
@@ -158,6 +165,9 @@ def make_passkey_dataset(
             question_start = int(rng.integers(earliest, question_start + 1))
         reply_start = layout.write(question_start, question)
         layout.write_answer(reply_start, reply)
+        for _ in range(distractors):
+            number = str(int(rng.integers(10 ** (key_digits - 1), 10**key_digits)))
+            layout.write_somewhere_free(rng, encode(tokenizer, " " + number))
         answer_start = reply_start + len(space)
         row = {"input_ids": layout.tokens, "labels": layout.labels}
         key_start = needle_start + len(prefix) + len(space)

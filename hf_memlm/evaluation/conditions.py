@@ -12,7 +12,9 @@
 All passes are teacher-forced: the logits at position `q` predict the token at `q + 1`, with the true
 tokens as context. Memory models are run segment by segment with the state handed over between calls,
 which is the same computation as one long forward (same segment boundaries) but keeps only one
-segment's logits in memory at a time.
+segment's logits in memory at a time; segments with nothing to score only go into memory
+(`model.memorize`: the same state, without logits), which is what makes a key a million tokens back
+affordable to evaluate.
 """
 
 from __future__ import annotations
@@ -70,21 +72,30 @@ def streamed_predictions(model, input_ids, attention_mask, targets, *, use_memor
     predicted = torch.full((batch, length), -1, dtype=torch.long, device=input_ids.device)
     nll = torch.zeros(batch, length, dtype=torch.float32, device=input_ids.device)
     state = None
+    unread = None  # first column of a run of unscored segments not yet read into memory
     disabled = nullcontext() if use_memory else model.memory_disabled()
     with disabled:
         for start in range(0, length, segment_length):
             end = min(start + segment_length, length)
             piece_scored = scored[:, start:end]
-            if not use_memory and not piece_scored.any():
-                continue  # without memory a segment affects nothing else: skip unscored ones
+            if not piece_scored.any():
+                # Without memory a segment affects nothing else; with memory only what it writes matters,
+                # which `memorize` computes without reads above the last memory layer and without logits.
+                if use_memory and unread is None:
+                    unread = start
+                continue
+            if unread is not None:
+                if attention_mask[:, unread:start].any():
+                    state = model.memorize(
+                        input_ids[:, unread:start], attention_mask=attention_mask[:, unread:start], memory_state=state
+                    )
+                unread = None
             out = model(
                 input_ids=input_ids[:, start:end],
                 attention_mask=attention_mask[:, start:end],
                 memory_state=state,
             )
             state = out.memory_state if use_memory else None
-            if not piece_scored.any():
-                continue
             _score(out.logits, targets[:, start:end], piece_scored, predicted[:, start:end], nll[:, start:end])
     return predicted, nll
 

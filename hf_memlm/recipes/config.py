@@ -95,7 +95,8 @@ class EvaluationSection:
     num_segments: list[int] = field(default_factory=lambda: [2, 5, 9, 17])  # retrieval: the distance grid;
     # perplexity: one example length
     num_examples: int = 100  # retrieval: examples per length; perplexity: windows taken evenly over the text
-    source: str | None = None  # perplexity: held-out documents (file or folder); null: the bundled excerpt
+    source: str | None = None  # held-out text (file or folder): perplexity: the documents scored; passkey,
+    # recall, copy, update: the natural filler (null: the bundled excerpt)
     seed: int = 1000  # seed of the evaluation data (keep it apart from the training seed)
     batch_size: int = 16  # examples per forward pass
     check_generate: int = 4  # answers also decoded with model.generate as a cross-check

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Retrieval tasks whose natural filler can come from held-out text (`evaluation.source`): their generators
+# take the filler as `text`.
+FILLER_TASKS = frozenset({"passkey", "recall", "copy", "update"})
+
 
 def check_evaluation(config: dict) -> None:
     """Fail before training, not after it, on an evaluation section that cannot run."""
@@ -26,8 +30,15 @@ def check_evaluation(config: dict) -> None:
         raise ValueError(
             f"evaluation.task: perplexity takes one example length, evaluation.num_segments: [N]; got {lengths}."
         )
-    if section["source"] is not None and section["task"] != "perplexity":
-        raise ValueError("evaluation.source (held-out documents) applies to evaluation.task: perplexity only.")
+    if section["source"] is not None and section["task"] not in FILLER_TASKS | {"perplexity"}:
+        raise ValueError(
+            f"evaluation.source (held-out text) applies to evaluation.task: perplexity and to tasks with natural "
+            f"filler ({', '.join(sorted(FILLER_TASKS))}), not to {section['task']!r}."
+        )
+    if section["source"] is not None and "text" in section["options"]:
+        raise ValueError("give the filler text once: evaluation.source or evaluation.options.text, not both.")
+    if section["source"] is not None and section["task"] in FILLER_TASKS:
+        filler_text(section["source"])  # a missing or empty source fails now, not after training
 
 
 def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = True) -> dict | None:
@@ -47,6 +58,8 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
     output_dir = Path(output_dir)
     model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     task, options = section["task"], dict(section["options"])
+    if section["source"] is not None:
+        options["text"] = filler_text(section["source"])
     dataset = retrieval_dataset(
         task,
         tokenizer,
@@ -66,11 +79,25 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
         progress=progress,
         answer_alphabet=answer_alphabet(task, options),
     )
+    described = {k: v for k, v in options.items() if k != "text"}
     results["data"] = {
         "seed": section["seed"],
         "num_segments": section["num_segments"],
-        "task_options": options,
+        "task_options": described,
         "num_examples": len(dataset),
     }
+    if section["source"] is not None:
+        results["data"]["filler_source"] = str(section["source"])
     paths = write_report(results, output_dir / "eval")
     return {"results": results, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def filler_text(source) -> str:
+    """The documents of `source` (a file or folder, as `data.source` takes) joined into one filler text."""
+    from hf_memlm.data import load_text_corpus
+
+    try:
+        corpus = load_text_corpus(source)
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"evaluation.source: {error}") from error
+    return "\n\n".join(corpus["text"])
