@@ -46,7 +46,9 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--clusters", type=int, default=None, help="centres the points are drawn around (default entries / 256)"
     )
-    parser.add_argument("--noise", type=float, default=1.0, help="spread of the points around their centre")
+    parser.add_argument(
+        "--noise", type=float, default=0.25, help="spread of the points around their centre, relative to its norm"
+    )
     parser.add_argument("--queries", type=int, default=256, help="queries for recall and the batched search")
     parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/index_scale[_quick].json)"
@@ -69,8 +71,9 @@ def main(argv=None) -> dict:
     exact_block = KVMemory(exact_config, layer)
     exact_block.load_state_dict(block.state_dict())
     generator = torch.Generator().manual_seed(0)
+    # Centres of norm sqrt(hidden) (hidden states' scale); noise of norm ~ args.noise times that.
     centres = F.normalize(torch.randn(clusters, hidden, generator=generator), dim=-1) * hidden**0.5
-    noise = args.noise * (hidden**0.5) / 4
+    noise = args.noise
     mask = torch.ones(1, segment, dtype=torch.bool)
     process = psutil.Process()
     rss_before = process.memory_info().rss
