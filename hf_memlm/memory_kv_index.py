@@ -125,6 +125,7 @@ class _SearchIndex:
 
     def _build_row(self, row: int, keys: torch.Tensor) -> None:
         faiss, count = self.faiss, self.counts[row]
+        faiss.omp_set_num_threads(torch.get_num_threads())  # as many threads as torch is told to use
         dim = keys.shape[-1]
         lists = self._lists_for(count)
         ids = torch.arange(self.first_id[row], self.first_id[row] + count, dtype=torch.int64).numpy()
@@ -156,6 +157,7 @@ class _SearchIndex:
     def advance(self, new_keys: torch.Tensor, added: list[int], new_counts: list[int]) -> bool:
         """Follow a write: row `r` appended its newest `added[r]` entries (the last ones of `new_keys`'s
         valid prefix) and evicted its oldest. Returns False (index unusable) when it cannot follow."""
+        self.faiss.omp_set_num_threads(torch.get_num_threads())
         for row, (count, new, new_count) in enumerate(zip(self.counts, added, new_counts, strict=True)):
             if new > new_count:  # one write replaced everything
                 return False
