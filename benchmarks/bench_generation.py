@@ -76,8 +76,32 @@ def main(argv=None) -> dict:
         with torch.no_grad(), model.memory_disabled():
             return model.generate(prompt, **options)
 
-    runs = {"base": generate_base, "kv": generate_memory, "memory_disabled": generate_wrapper_only}
-    wall, cpu = interleaved(runs, repeats)
+    # Time spent inside the memory block's reads during the memory model's runs (forward hooks on the block).
+    read_seconds, started = [0.0], [0.0]
+
+    def before_read(module, args, kwargs):
+        started[0] = time.perf_counter()
+
+    def after_read(module, args, kwargs, output):
+        if kwargs.get("mode", args[2] if len(args) > 2 else None) == "read":
+            read_seconds[0] += time.perf_counter() - started[0]
+
+    def generate_memory_timing_reads():
+        read_seconds[0] = 0.0
+        generate_memory()
+        read_times.append(read_seconds[0])
+
+    read_times: list[float] = []
+    hooks = [
+        block.register_forward_pre_hook(before_read, with_kwargs=True),
+        block.register_forward_hook(after_read, with_kwargs=True),
+    ]
+    runs = {"base": generate_base, "kv": generate_memory_timing_reads, "memory_disabled": generate_wrapper_only}
+    try:
+        wall, cpu = interleaved(runs, repeats)
+    finally:
+        for hook in hooks:
+            hook.remove()
     peak_rss = max(process.memory_info().rss, rss_after_fill)
     figures = {
         name: {
@@ -92,6 +116,8 @@ def main(argv=None) -> dict:
     figures["ratio_vs_base"] = median(wall["base"]) / median(wall["kv"])
     figures["memory_disabled_ratio_vs_base"] = median(wall["base"]) / median(wall["memory_disabled"])
     figures["cpu_ratio_vs_base"] = median(cpu["base"]) / median(cpu["kv"])
+    figures["ms_per_new_token"] = {name: 1000 * median(wall[name]) / new_tokens for name in wall}
+    figures["read_ms_per_new_token"] = 1000 * median(read_times[-repeats:]) / new_tokens
     figures["fill_seconds"] = fill_seconds
     figures["fill_tokens_per_s"] = fill / fill_seconds
     figures["entries_per_row"] = int(state.num_entries()[0])
@@ -136,6 +162,18 @@ def main(argv=None) -> dict:
                 f"{fill_seconds:.1f}",
                 f"{rss_after_fill / 2**20:.0f}",
                 "yes" if uses_index else "no (exact)",
+            ]
+        ],
+    )
+    per_token = figures["ms_per_new_token"]
+    table += "\n\n" + markdown_table(
+        ["ms per new token: base", "memory off", "memory", "inside the memory reads"],
+        [
+            [
+                f"{per_token['base']:.2f}",
+                f"{per_token['memory_disabled']:.2f}",
+                f"{per_token['kv']:.2f}",
+                f"{figures['read_ms_per_new_token']:.2f}",
             ]
         ],
     )
