@@ -39,6 +39,8 @@ from hf_memlm.memory_kv import KVMemory
 def model_key_rows(args, hidden, layers, segment, checkpoints) -> list[dict]:
     # quick: a lower threshold, so that the tiny memory reaches the index
     settings = {"memory_search_threshold": 256} if args.quick else {}
+    if args.probes is not None:
+        settings["memory_search_probes"] = args.probes
     model = build_models(base_config(hidden, layers, segment), segment, kinds=("kv",), **settings)["kv"]
     layer = model.config.memory_layers[0]
     block = model.memory_blocks[str(layer)]
@@ -126,6 +128,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--passkey-model", default=None, help="folder of a model trained on passkey")
     parser.add_argument("--passkey-threshold", type=int, default=256)
     parser.add_argument("--num-examples", type=int, default=None, help="passkey examples per length")
+    parser.add_argument("--probes", type=int, default=None, help="memory_search_probes (default: MemLMConfig's)")
     parser.add_argument("--skip-model-keys", action="store_true", help="only the passkey-model figures")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -141,7 +144,7 @@ def main(argv=None) -> dict:
         "topk": MemLMConfig.memory_topk,
         "heads": MemLMConfig.memory_heads,
         "memory_search_threshold": 256 if args.quick else MemLMConfig.memory_search_threshold,
-        "memory_search_probes": MemLMConfig.memory_search_probes,
+        "memory_search_probes": args.probes or MemLMConfig.memory_search_probes,
         "keys": "untrained model on the bundled Pride and Prejudice text",
     }
     table = markdown_table(

@@ -42,6 +42,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--long", type=int, default=None, help="segments of the long stream (default 256)")
     parser.add_argument("--chunks", type=int, default=8, help="short streams run between chunks of a long one")
     parser.add_argument("--kind", default="kv")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=None,
+        help="memory_search_probes (default: MemLMConfig's; fewer: faster, lower recall)",
+    )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/streaming[_quick].json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -52,7 +58,8 @@ def main(argv=None) -> dict:
     if long % args.chunks:
         raise ValueError(f"--long={long} must be a multiple of --chunks={args.chunks}")
 
-    model = build_models(base_config(hidden, layers, segment), segment, kinds=(args.kind,))[args.kind]
+    settings = {} if args.probes is None else {"memory_search_probes": args.probes}
+    model = build_models(base_config(hidden, layers, segment), segment, kinds=(args.kind,), **settings)[args.kind]
     tokens = text_tokens(long * segment, 1)
     segments = tokens.split(segment, dim=1)
 
@@ -110,7 +117,8 @@ def main(argv=None) -> dict:
         "repeats_long": repeats,
         "runs_short": len(short_times),
         "dtype": "float32",
-        "memory_settings": "MemLMConfig defaults (memory_type and segment_length set)",
+        "memory_settings": "MemLMConfig defaults (memory_type and segment_length set)"
+        + ("" if args.probes is None else f", memory_search_probes={args.probes}"),
     }
     figures = {
         "short_us_per_token": 1e6 * short_per_token,

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .memory_base import MemoryBlock, merge_heads, split_heads
-from .memory_kv_index import _import_faiss, _SearchIndex, _warn_faiss_missing
+from .memory_kv_index import _import_faiss, _SearchIndex, _warn_faiss_missing, valid_counts
 
 # Cap on one chunk of the (batch, heads, queries, entries) score tensor, in elements.
 _SCORE_CHUNK_ELEMENTS = 1 << 25
@@ -219,13 +219,6 @@ class _AppendBuffers:
 _APPEND_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _valid_counts(valid: torch.Tensor) -> list[int] | None:
-    """Entries per row when each row's valid entries form a prefix (as writes leave them), else None."""
-    counts = valid.sum(-1)
-    prefix = torch.arange(valid.shape[1], device=valid.device)[None, :] < counts[:, None]
-    return counts.tolist() if torch.equal(prefix, valid) else None
-
-
 def retrieve_selected(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -374,24 +367,25 @@ class KVMemory(MemoryBlock):
             return self._search_index(state) is not None
 
     def _search_index(self, state) -> _SearchIndex | None:
-        """The approximate index for `state`, built or refreshed if needed; None where the read is exact."""
-        keys = state["keys"]
+        """The approximate index for `state`, built if needed; None where the read is exact."""
+        keys, valid = state["keys"], state["valid"]
         if self.topk is None or self.search == "exact" or keys.shape[2] <= self.search_threshold:
             return None
+        index = _SEARCH_INDEXES.get(self)
+        if index is not None and index.fits(keys, valid):
+            return index if max(index.counts) > self.search_threshold else None
         faiss = _import_faiss()
         if faiss is None:
             _warn_faiss_missing(self.search_threshold)
             return None
         if keys.device.type != "cpu":
             return None  # faiss-cpu would copy the whole store to the host per read; exact is faster there
-        counts = _valid_counts(state["valid"])
+        counts = valid_counts(valid)
         if counts is None or max(counts) <= self.search_threshold:
             return None
-        index = _SEARCH_INDEXES.get(self)
-        if index is None or not index.matches(keys, counts):
-            index = _SearchIndex(faiss, keys, counts, self.search_probes, self.capacity)
-            _SEARCH_INDEXES[self] = index
-        index.refresh(keys)
+        index = _SearchIndex(faiss, keys, counts, self.search_probes, self.capacity)
+        index.remember_valid(valid)
+        _SEARCH_INDEXES[self] = index
         return index
 
     def _append_in_place(self, state, entry_keys, entry_values, drop: int):
@@ -428,14 +422,20 @@ class KVMemory(MemoryBlock):
 
     def _follow_write_locked(self, state, new_state, entry_valid) -> None:
         index = _SEARCH_INDEXES.get(self)
-        if index is None:
-            return
-        counts = _valid_counts(state["valid"])
-        new_counts = _valid_counts(new_state["valid"])
-        if counts is None or not index.matches(state["keys"], counts):
-            return  # it indexes another state, which may still be read
-        if new_counts is None or not index.advance(new_state["keys"], entry_valid.sum(-1).tolist(), new_counts):
-            del _SEARCH_INDEXES[self]  # rebuilt by the next read that needs it
+        if index is not None:
+            if not index.fits(state["keys"], state["valid"]):
+                return  # it indexes another state, which may still be read
+            new_counts = valid_counts(new_state["valid"])
+            if new_counts is not None and index.advance(new_state["keys"], entry_valid.sum(-1).tolist(), new_counts):
+                index.remember_valid(new_state["valid"])
+                index.refresh(new_state["keys"])
+                return
+            del _SEARCH_INDEXES[self]
+        if not torch.is_grad_enabled():
+            # Streaming or memorizing: build the index as soon as the memory outgrows exact search, so that
+            # it grows with the writes (re-clustered at most a few times) instead of being built over the
+            # whole memory by the first read after a long write-only pass.
+            self._search_index(new_state)
 
     def write(self, hidden_states, mask, state):
         batch, tokens, _ = hidden_states.shape

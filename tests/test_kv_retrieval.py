@@ -249,6 +249,67 @@ def test_approximate_selection_recalls_the_exact_top_k_on_model_keys_of_text():
     assert _recall_against_exact(block, state, hidden[:, 6144:]) >= 0.95
 
 
+def test_approximate_selection_recalls_the_exact_top_k_on_keys_of_a_trained_model():
+    # Training sharpens keys (the read learns to single out matching contexts), which makes them cluster
+    # more tightly than a random model's: the index must keep its recall on those too.
+    pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    config = MemLMConfig(
+        text_config=base_config("llama"), memory_type="kv", memory_layers=[0], segment_length=64, memory_heads=2
+    )
+    model = MemLMForCausalLM(config)
+    data = torch.tensor(list(default_text().encode("utf-8")[:40960]), dtype=torch.long) % 97
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(24):  # 4 rows of 4 segments per step
+        batch = data[step * 1024 : (step + 1) * 1024].view(4, 256)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-4:]) < sum(losses[:4])  # it learned something
+    model.eval()
+    with torch.no_grad():  # the hidden states the memory block sees: layer 0's output
+        text = data[-6400:].view(100, 64)
+        hidden = model.language_model(input_ids=text, output_hidden_states=True).hidden_states[1]
+    hidden = hidden.reshape(1, 6400, HIDDEN)
+    block = _block(memory_search_threshold=1024)
+    block.load_state_dict(model.memory_blocks["0"].state_dict())
+    state = _write_all(block, hidden[:, :6144])
+    assert _recall_against_exact(block, state, hidden[:, 6144:]) >= 0.95
+
+
+def test_reads_notice_a_validity_mask_edited_in_place():
+    pytest.importorskip("faiss")
+    block = _block(memory_search_threshold=512)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        state = _write_all(block, _clustered_hidden(generator, 1, 2048))
+        queries = _clustered_hidden(generator, 1, 16)
+        assert block.uses_index(state)
+        state["valid"][:, :1024] = False  # the first half masked out after the index was built
+        picks, picks_valid = block.select_entries(queries, state)
+    assert picks_valid.all() and (picks >= 1024).all()
+
+
+def test_index_is_built_while_writing_without_gradients_and_read_without_rebuilding(monkeypatch):
+    pytest.importorskip("faiss")
+    block = _block(memory_search_threshold=512, memory_size=8192)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # as `memorize` writes: no read between the writes
+        state = _write_all(block, _clustered_hidden(generator, 2, 4096))
+        queries = _clustered_hidden(generator, 2, 64)
+
+        def no_build(*args, **kwargs):
+            raise AssertionError("the index was built again by a read")
+
+        monkeypatch.setattr(kv_index._SearchIndex, "_build_row", no_build)
+        assert block.uses_index(state)
+        recall = _recall_against_exact(block, state, queries)
+    assert recall >= 0.95
+
+
 def test_index_follows_writes_and_evictions():
     pytest.importorskip("faiss")
     block = _block(memory_search_threshold=512, memory_size=2048)
@@ -355,3 +416,33 @@ def test_streaming_a_million_tokens_keeps_rss_bounded_by_the_capacity():
     growth = process.memory_info().rss - rss_when_full
     state_size = sum(t.numel() * t.element_size() for t in state.layers[0].values())
     assert growth < max(64 * 2**20, 2 * state_size), f"RSS grew {growth / 2**20:.0f} MiB after the memory was full"
+
+
+@pytest.mark.slow  # 262,144 entries per row written and indexed: ~30 s on a quiet 2-core machine
+def test_index_at_a_quarter_million_entries_is_built_a_few_times_with_capped_lists(monkeypatch):
+    pytest.importorskip("faiss")
+    builds = []
+    build_row = kv_index._SearchIndex._build_row
+
+    def counted(index, row, keys):
+        build_row(index, row, keys)
+        builds.append(index.built_lists[row])
+
+    monkeypatch.setattr(kv_index._SearchIndex, "_build_row", counted)
+    entries = 1 << 18
+    block = _block(memory_size=entries)  # the default threshold (4,096 entries) and probes
+    generator = torch.Generator().manual_seed(8)
+    centres = F.normalize(torch.randn(1024, HIDDEN, generator=generator), dim=-1) * 3
+    state = None
+    with torch.no_grad():
+        for _ in range(entries // 4096):
+            pick = torch.randint(0, 1024, (1, 4096), generator=generator)
+            hidden = centres[pick] + 0.3 * torch.randn(1, 4096, HIDDEN, generator=generator)
+            state = _write_all(block, hidden, segment=4096, state=state)
+        pick = torch.randint(0, 1024, (1, 64), generator=generator)
+        queries = centres[pick] + 0.3 * torch.randn(1, 64, HIDDEN, generator=generator)
+        recall = _recall_against_exact(block, state, queries)
+    assert int(block.count_entries(state)[0]) == entries - 1  # the last key waits for its value
+    # built once past the threshold, re-clustered as the row grew, never more lists than the cap
+    assert len(builds) <= 4 and builds == sorted(builds) and builds[-1] == kv_index._MAX_LISTS, builds
+    assert recall >= 0.95

@@ -1,0 +1,51 @@
+"""The `--quick` modes of the memory-at-scale benchmarks run, write their JSON, and measure what they say."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmark(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling `common`
+    return importlib.import_module(name)
+
+
+def test_generation_benchmark_quick_generates_with_the_memory_read_through_the_index(tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("psutil")
+    output = tmp_path / "generation.json"
+    _benchmark("bench_generation").main(["--quick", "--threads", "1", "--repeats", "1", "--output", str(output)])
+    figures = json.loads(output.read_text())["figures"]
+    assert figures["entries_per_row"] == 8191  # 8,192 tokens memorized; the last key waits for its value
+    assert figures["reads_use_index"]
+    assert figures["kv"]["new_tokens_per_s"] > 0 and figures["base"]["new_tokens_per_s"] > 0
+    assert figures["fill_seconds"] > 0 and figures["rss_after_fill_bytes"] > 0
+
+
+def test_generation_benchmark_rejects_a_non_positive_fill():
+    with pytest.raises(ValueError, match="--fill must be a positive number of tokens"):
+        _benchmark("bench_generation").main(["--quick", "--fill", "-5"])
+
+
+def test_index_scale_benchmark_quick_measures_recall_of_the_index(tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("psutil")
+    output = tmp_path / "index_scale.json"
+    _benchmark("bench_index_scale").main(["--quick", "--threads", "1", "--output", str(output)])
+    figures = json.loads(output.read_text())["figures"]
+    assert figures["entries_per_row"] == 16383 and figures["uses_index"]
+    assert figures["recall_at_k"] >= 0.95
+    assert figures["search_ms_per_query_single"] > 0 and figures["write_seconds_total"] > 0
+
+
+def test_index_scale_benchmark_rejects_entries_that_are_not_whole_segments():
+    with pytest.raises(ValueError, match="--entries must be a positive multiple of the segment length 64"):
+        _benchmark("bench_index_scale").main(["--quick", "--entries", "1000"])
