@@ -5,7 +5,7 @@ All three models see the same examples: the main job's training stream (`configs
 tokens, 4 segments of 64, `make_passkey_dataset` with its seed and options), consumed in generation order in
 batches of 32 until each model has used its CPU-time budget, and the main job's evaluation (100 examples
 per distance, the key 1, 4, 8, 12 and 16 segments before the question, natural filler). Each model is scored
-the same way (`passkey_exact_match`: teacher-forced argmax of the key digits given the true prefix); for our
+the same way (`passkey_predictions`: teacher-forced argmax of the key digits given the true prefix); for our
 model the script checks that this agrees with `hf_memlm.evaluation.evaluate_retrieval`.
 
     python benchmarks/bench_peers.py            # the comparison (about 20 min of CPU time)
@@ -150,6 +150,35 @@ def exact_match_by_distance(rows: list[dict]) -> dict[int, float]:
     for row in rows:
         by_distance.setdefault(row["distance_segments"], []).append(row["exact"])
     return {distance: sum(hits) / len(hits) for distance, hits in sorted(by_distance.items())}
+
+
+def key_token_accuracy_by_distance(rows: list[dict]) -> dict[int, float]:
+    """Fraction of key tokens (digits) predicted right: 0.1 is a guess, 1.0 every digit."""
+    right: dict[int, list[int]] = {}
+    for row in rows:
+        counts = right.setdefault(row["distance_segments"], [0, 0])
+        counts[0] += sum(p == t for p, t in zip(row["predicted"], row["target"]))
+        counts[1] += len(row["target"])
+    return {distance: hits / total for distance, (hits, total) in sorted(right.items())}
+
+
+def previous_segment_examples(config: dict, tokenizer, num_train: int, num_eval: int):
+    """(train, eval): the main task with the key always in the segment before the question's. Both peers keep
+    that segment in their Transformer-XL cache, so it needs no long-term memory; a peer that learns this but
+    not the main task fails at carrying the key further."""
+    from hf_memlm.data import make_passkey_dataset
+
+    segments = config["data"]["num_segments"]
+    segment_length = config["model"]["memory"]["segment_length"]
+    options = {**config["data"]["options"], "needle_segment": segments - 2}
+    train = make_passkey_dataset(
+        tokenizer, num_train, segment_length, segments, seed=config["seed"], **options
+    ).select_columns(["input_ids", "labels"])
+    options = {**config["evaluation"]["options"], "needle_segment": segments - 2}
+    evaluation = make_passkey_dataset(
+        tokenizer, num_eval, segment_length, segments, seed=config["evaluation"]["seed"], **options
+    )
+    return train, evaluation
 
 
 def agreement_with_evaluation(model, dataset, rows: list[dict], batch_size: int) -> dict:
@@ -376,8 +405,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny budgets, few examples (smoke test, < 1 min)")
     parser.add_argument("--threads", type=int, default=1, help="torch (and faiss) threads, fixed for all models")
     parser.add_argument("--train-cpu-s", type=float, default=None, help="CPU seconds of training per model")
-    parser.add_argument("--max-steps", type=int, default=None, help="step cap per model (default 1,200; quick 20)")
+    parser.add_argument("--max-steps", type=int, default=None, help="step cap per model (default 2,400; quick 20)")
     parser.add_argument("--eval-examples", type=int, default=None, help="examples per distance (default 100)")
+    parser.add_argument(
+        "--check-cpu-s",
+        type=float,
+        default=None,
+        help="CPU seconds per peer of a check with the key always one segment back, in the peers' XL cache "
+        "(default 120; quick 1; 0: off)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 5; quick 3)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--peers-env", default=str(DEFAULT_PEERS_ENV), help="folder the peers are installed in")
@@ -390,9 +426,10 @@ def main(argv=None) -> dict:
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     budget = args.train_cpu_s if args.train_cpu_s is not None else (2.0 if args.quick else 300.0)
-    max_steps = args.max_steps or (20 if args.quick else 1200)
+    max_steps = args.max_steps or (20 if args.quick else 2400)
     eval_examples = args.eval_examples or (4 if args.quick else 100)
     repeats = args.repeats or (3 if args.quick else 5)
+    check_budget = args.check_cpu_s if args.check_cpu_s is not None else (1.0 if args.quick else 120.0)
     torch.set_num_threads(args.threads)
 
     peer_modules, skipped = load_peers(Path(args.peers_env), wanted)
@@ -442,11 +479,13 @@ def main(argv=None) -> dict:
         "training": record,
         "load_average_after_training": environment()["load_average"],
         "exact_match": exact_match_by_distance(rows),
+        "key_token_accuracy": key_token_accuracy_by_distance(rows),
         "agreement_with_hf_memlm_evaluation": agreement_with_evaluation(our_model, eval_dataset, rows, batch_size),
     }
     fns = {"ours": (our_model, ours_logits)}
 
     builders = {"memorizing": MemorizingPeer, "rmt": RecurrentMemoryPeer}
+    check_data = None  # built when the first peer needs it
     for name in [n for n in wanted if n in peer_modules]:
         torch.manual_seed(config["seed"])
         peer = builders[name](peer_modules[name], vocab_size)
@@ -461,8 +500,22 @@ def main(argv=None) -> dict:
             "training": record,
             "load_average_after_training": environment()["load_average"],
             "exact_match": exact_match_by_distance(rows),
+            "key_token_accuracy": key_token_accuracy_by_distance(rows),
         }
         fns[name] = (peer.model, peer.logits)
+        if check_budget > 0:
+            if check_data is None:
+                check_data = previous_segment_examples(config, tokenizer, min(max_steps, 800) * 32, eval_examples)
+            torch.manual_seed(config["seed"])
+            fresh = builders[name](peer_modules[name], vocab_size)
+            record = train_peer(fresh, check_data[0], training, check_budget, max_steps)
+            rows = passkey_predictions(fresh.logits, check_data[1], batch_size)
+            results["models"][name]["previous_segment_check"] = {
+                "task": "trained and evaluated with the key always 1 segment back (in the XL cache), same recipe",
+                "training": record,
+                "exact_match": exact_match_by_distance(rows),
+                "key_token_accuracy": key_token_accuracy_by_distance(rows),
+            }
 
     train_batch = train_dataset[:32] if not args.quick else train_dataset[:4]
     train_batch = (torch.tensor(train_batch["input_ids"]), torch.tensor(train_batch["labels"]))
@@ -485,7 +538,12 @@ def main(argv=None) -> dict:
             "in generation order, batches of 32",
             "evaluation": {"num_segments": num_segments, "examples_per_distance": eval_examples, "seed": 1000},
         },
-        "budget": {"train_cpu_s": budget, "max_steps": max_steps, "threads": args.threads},
+        "budget": {
+            "train_cpu_s": budget,
+            "max_steps": max_steps,
+            "threads": args.threads,
+            "previous_segment_check_cpu_s": check_budget,
+        },
         "environment_start": start_environment,
         "environment_end": environment(),
         "total_wall_s": time.perf_counter() - started,
@@ -520,8 +578,23 @@ def results_table(payload: dict) -> str:
                 value = speed_entry.get(kind, {}).get(figure)
                 row.append(f"{value:,.0f}" if value is not None else "-")
         rows.append(row)
+    header2 = ["model"] + [f"digits right, key {d} seg back" for d in distances]
+    header2 += ["key 1 seg back only: steps", "exact", "digits right"]
+    rows2 = []
+    for name, entry in models.items():
+        row = [name] + [f"{entry['key_token_accuracy'].get(d, math.nan):.2f}" for d in distances]
+        check = entry.get("previous_segment_check")
+        if check:
+            row += [
+                check["training"]["steps"],
+                f"{check['exact_match'][1]:.2f}",
+                f"{check['key_token_accuracy'][1]:.2f}",
+            ]
+        else:
+            row += ["-", "-", "-"]
+        rows2.append(row)
     notes = [f"skipped {name}: {message}" for name, message in payload["skipped"].items()]
-    return "\n".join([markdown_table(header, rows), *notes])
+    return "\n".join([markdown_table(header, rows), "", markdown_table(header2, rows2), *notes])
 
 
 if __name__ == "__main__":

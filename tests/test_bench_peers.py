@@ -67,6 +67,8 @@ def test_scoring_reads_the_key_from_the_positions_before_it(bench, passkey_examp
     assert [row["exact"] for row in rows] == [True, True, True, True, False, True]
     assert bench.exact_match_by_distance(rows) == {1: 1.0, 2: pytest.approx(2 / 3)}
     assert rows[4]["predicted"][:-1] == rows[4]["target"][:-1] and rows[4]["predicted"][-1] != rows[4]["target"][-1]
+    key_digits = sum(len(row["target"]) for row in rows[3:])
+    assert bench.key_token_accuracy_by_distance(rows) == {1: 1.0, 2: pytest.approx((key_digits - 1) / key_digits)}
 
 
 def test_batches_never_mix_lengths(bench, passkey_examples):
@@ -111,6 +113,7 @@ def test_quick_mode_runs_our_model_alone_when_the_peers_are_missing(tmp_path):
     ours = results["models"]["ours"]
     assert sorted(ours["exact_match"]) == ["1", "4"]  # the main job's first two distances
     assert ours["agreement_with_hf_memlm_evaluation"]["agrees"]
+    assert sorted(ours["key_token_accuracy"]) == ["1", "4"]
     assert ours["training"]["steps"] >= 1 and ours["parameters"] > 100_000
     assert ours["speed"]["inference"]["tokens_per_s_cpu"] > 0
     assert "| ours |" in results["table"] and "skipped rmt" in results["table"]
