@@ -51,7 +51,6 @@ def retrieve(
     batch, heads, tokens, _ = queries.shape
     stored = keys.shape[2]
     keys = keys.to(queries.dtype)
-    values = values.to(queries.dtype)
     has_entries = valid.any(-1)
     every_row_has_entries = bool(has_entries.all())
     # The temperature is applied to the (T, d) queries, not to the (T, S) scores.
@@ -61,6 +60,7 @@ def retrieve(
         # A row with no entry may attend to its (zeroed) first slot so the kernel sees no empty row;
         # its read is replaced by 0 below.
         attend = None if bool(valid.all()) else (valid | ~has_entries[:, None])[:, None, None, :]
+        values = values.to(queries.dtype)
         out = F.scaled_dot_product_attention(scaled, keys, values, attn_mask=attend, scale=1.0)
     else:
         all_valid = bool(valid.all())
