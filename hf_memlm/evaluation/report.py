@@ -188,6 +188,8 @@ def _plot_retrieval(plt, results: dict):
     x = [b["distance_segments"] for b in buckets]
     ticks = [f"{b['distance_segments']}\n({_token_range(b)})\nn={b['answers']}" for b in buckets]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    # distances spanning decades (16k to 1M tokens) would crowd the short ones together on a linear axis
+    logarithmic = min(x) > 0 and max(x) >= 16 * min(x)
     for axis, metric, title in (
         (axes[0], "exact_match", "exact match of the answer"),
         (axes[1], "token_accuracy", "accuracy per answer token"),
@@ -195,7 +197,8 @@ def _plot_retrieval(plt, results: dict):
         for number, condition in enumerate(results["conditions"]):
             y = [b["metrics"][condition][metric] for b in buckets]
             # a small sideways shift keeps equal curves (common at chance) visible
-            shifted = [value + _dodge(number, len(results["conditions"])) for value in x]
+            dodge = _dodge(number, len(results["conditions"]))
+            shifted = [value * (1 + dodge / 4) if logarithmic else value + dodge for value in x]
             axis.plot(
                 shifted,
                 y,
@@ -212,6 +215,9 @@ def _plot_retrieval(plt, results: dict):
         axis.set_title(title)
         axis.set_xlabel("distance in segments (tokens), answers")
         shown = _thin(list(range(len(x))))
+        if logarithmic:
+            axis.set_xscale("log")
+            axis.minorticks_off()
         axis.set_xticks([x[i] for i in shown])
         axis.set_xticklabels([ticks[i] for i in shown], fontsize=8)
         axis.grid(alpha=0.3)
