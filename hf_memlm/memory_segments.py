@@ -97,4 +97,23 @@ def to_caller_columns(parts: list[torch.Tensor], index: torch.Tensor | None) -> 
     return joined.gather(1, index)
 
 
-__all__ = ["Piece", "gather_index", "locate_outputs", "plan_pieces", "to_caller_columns", "unpadded_kept"]
+def logits_to_compute(kept: int) -> int:
+    """`logits_to_keep` for a piece whose last `kept` outputs are wanted: the base model's 0 means "all", so a
+    piece needing none still computes one."""
+    return max(kept, 1)
+
+
+def keep_last_logits(logits: torch.Tensor, kept: int) -> torch.Tensor:
+    return logits[:, logits.shape[1] - kept :]
+
+
+__all__ = [
+    "Piece",
+    "gather_index",
+    "keep_last_logits",
+    "locate_outputs",
+    "logits_to_compute",
+    "plan_pieces",
+    "to_caller_columns",
+    "unpadded_kept",
+]

@@ -43,16 +43,23 @@ from .memory_hooks import (
     install_read_hooks,
 )
 from .memory_kinds import MEMORY_KINDS
-from .memory_segments import gather_index, locate_outputs, plan_pieces, to_caller_columns, unpadded_kept
+from .memory_segments import (
+    gather_index,
+    keep_last_logits,
+    locate_outputs,
+    logits_to_compute,
+    plan_pieces,
+    to_caller_columns,
+    unpadded_kept,
+)
 from .memory_state import MemoryState
+from .memory_writes import write_only_pass
 from .model_card import HubSharingMixin
 from .model_inputs import check_inputs
 
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
 _DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
-# Tokens per base-model call in `memorize`'s write-only pass, when segments can run side by side as rows.
-_WRITE_ONLY_TOKENS_PER_CALL = 8192
 
 
 @dataclass
@@ -463,9 +470,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             positions = (attention.long().cumsum(-1) - 1).clamp(min=0)[:, -piece.width :]
             kept = logits_kept[number]
             out, captured = self._run_segment(
-                inputs, attention, positions, state, cache, _run_kwargs_for(kept), output_hidden
+                inputs, attention, positions, state, cache, logits_to_compute(kept), output_hidden
             )
-            logits.append(_keep_logits(out.logits, kept))
+            logits.append(keep_last_logits(out.logits, kept))
             if output_hidden:
                 hidden.append(out.hidden_states)
             if keep_window:
@@ -523,19 +530,11 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         the first step of "remember this book, then answer many questions about it".
 
         The state is the one `self(input_ids, attention_mask=attention_mask, memory_state=memory_state)
-        .memory_state` returns (the same segment boundaries: each row's real tokens, those where
-        `attention_mask` is 1, cut into segments; the same mode: call `eval()` first for inference), computed
-        by a write-only pass under `torch.no_grad()`:
-
-        * a memory layer's write uses that layer's output before its own read, so the read at the last
-          memory layer changes no write: it is skipped, and so are the decoder layers above it and the
-          LM head (no logits at all);
-        * with one memory layer nothing a segment writes depends on the memory, so many segments run through
-          the base model in one call (as rows) and are then written in order; with several, segments run one
-          after another, reading at the earlier memory layers.
-
-        RAM stays bounded whatever the length. Continue a document with `memorize(more_ids,
-        memory_state=state)`; then ask with `generate(prompt_ids, memory_state=state)`.
+        .memory_state` returns (the same segments of each row's real tokens; the same mode: call `eval()` first
+        for inference), computed under `torch.no_grad()` by a write-only pass (`memory_writes.py`): no read
+        that changes no write, no layer above the last memory layer, no logits, segments side by side where
+        nothing they write depends on the memory. Continue with `memorize(more_ids, memory_state=state)`;
+        then ask with `generate(prompt_ids, memory_state=state)`.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -559,51 +558,12 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             raise ValueError("memorize: attention_mask is 0 for every token of every row: there is nothing to read.")
         if not self.memory_enabled:
             return state
-        segment = self.config.segment_length
-        # Each row's real tokens packed to the left and cut into segments, as forward cuts them.
-        real_first = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-        segments = -(-int(counts.max()) // segment)
-        width = segments * segment
-        ids = input_ids.gather(1, real_first)
-        if width > length:
-            ids = torch.cat([ids, ids.new_zeros(batch, width - length)], dim=1)
-        ids = ids[:, :width]
-        packed_mask = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
-        if len(self.config.memory_layers) > 1:
-            # Earlier memory layers read, and their reads change what later layers write: one segment at a time.
-            for start in range(0, width, segment):
-                columns = slice(start, start + segment)
-                captured = self._capture_for_write(ids[:, columns], packed_mask[:, columns], state)
-                state = self._write(state, captured, packed_mask[:, columns])
-            return state
-        layer = self.config.memory_layers[0]
-        tokenwise = self.memory_blocks[str(layer)].writes_tokenwise
-        per_call = max(1, _WRITE_ONLY_TOKENS_PER_CALL // (batch * segment))
-        for first in range(0, segments, per_call):
-            count = min(per_call, segments - first)
-            columns = slice(first * segment, (first + count) * segment)
-            chunk_mask = packed_mask[:, columns]
-            # rows (b, s): segment s of row b, each on its own (nothing it writes depends on the memory)
-            hidden = self._capture_for_write(
-                ids[:, columns].reshape(batch * count, segment), chunk_mask.reshape(batch * count, segment), None
-            )[layer]
-            hidden = hidden.view(batch, count * segment, hidden.shape[-1])
-            if tokenwise:
-                state = self._write(state, {layer: hidden}, chunk_mask)
-                continue
-            for number in range(count):
-                piece = slice(number * segment, (number + 1) * segment)
-                state = self._write(state, {layer: hidden[:, piece]}, chunk_mask[:, piece])
-        return state
+        return write_only_pass(self, input_ids, mask, state)
 
     def _capture_for_write(self, ids, piece_mask, state) -> dict[int, torch.Tensor]:
-        """The hidden states each memory layer writes for one piece (rows of at most a segment, real tokens
-        first), running the base model only up to the last memory layer."""
+        """What each memory layer writes for one piece (rows of real tokens first), base run up to the last one."""
         positions = (piece_mask.long().cumsum(-1) - 1).clamp(min=0)
-        _, captured = self._run_segment(
-            {"input_ids": ids}, piece_mask, positions, state, None, 1, False, write_only=True
-        )
-        return captured
+        return self._run_segment({"input_ids": ids}, piece_mask, positions, state, None, 1, False, True)[1]
 
     # -- generation --------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(
@@ -643,15 +603,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         # The state now travels inside the MemLMCache; the caller's initial state must not be re-read.
         model_kwargs["memory_state"] = None
         return model_kwargs
-
-
-def _run_kwargs_for(kept: int) -> int:
-    # the base model's `logits_to_keep=0` means "all", so a piece needing none still computes one
-    return max(kept, 1)
-
-
-def _keep_logits(logits: torch.Tensor, kept: int) -> torch.Tensor:
-    return logits[:, logits.shape[1] - kept :]
 
 
 __all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMForCausalLM", "MemLMPreTrainedModel", "find_decoder_layers"]

@@ -8,7 +8,7 @@ import torch
 from conftest import KINDS, SEGMENT, VOCAB, base_config, build, memory_settings, randomize_memory
 
 import hf_memlm
-from hf_memlm import modeling_memlm
+from hf_memlm import memory_writes
 
 
 def _assert_same_state(left, right) -> None:
@@ -60,7 +60,7 @@ def test_memorize_with_two_memory_layers_and_left_padding_gives_the_forward_stat
 def test_memorize_runs_many_segments_per_call_and_writes_them_in_order(kind, monkeypatch):
     # Two segments per base-model call, seven segments, rows of different lengths: the chunks, the write
     # order inside a chunk (slot writes segment by segment) and rows that end inside a chunk all matter.
-    monkeypatch.setattr(modeling_memlm, "_WRITE_ONLY_TOKENS_PER_CALL", 2 * 2 * SEGMENT)
+    monkeypatch.setattr(memory_writes, "TOKENS_PER_CALL", 2 * 2 * SEGMENT)
     model = build("qwen2", kind)
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(1, VOCAB, (2, 7 * SEGMENT), generator=generator)
