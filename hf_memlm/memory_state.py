@@ -89,6 +89,22 @@ class MemoryState:
         index = torch.as_tensor(batch_indices, dtype=torch.long)
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
 
+    def placed_like(self, reference: MemoryState, window_like: torch.Tensor) -> MemoryState:
+        """This state with each floating tensor cast to the dtype of, and every tensor moved to the device of,
+        the tensor of the same name in `reference` (e.g. a fresh state of the model that will read it); the
+        window's tensors follow `window_like`."""
+
+        def place(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
+            return tensor.to(device=like.device, dtype=dtype)
+
+        layers = {
+            layer: {name: place(t, reference.layers[layer].get(name, t)) for name, t in tensors.items()}
+            for layer, tensors in self.layers.items()
+        }
+        window = {name: place(t, window_like) for name, t in self.window.items()}
+        return MemoryState(self.memory_type, layers, window)
+
     def repeat_interleave(self, repeats: int) -> MemoryState:
         """Each row `repeats` times (num_return_sequences / beams)."""
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))

@@ -226,24 +226,10 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"memory_state window has batch size {state.window['mask'].shape[0]}, input has {batch_size}."
             )
-        return self._match_model_placement(state) if place else state
-
-    def _match_model_placement(self, state: MemoryState) -> MemoryState:
-        """Cast a state made elsewhere (another dtype, another device) to what this model's memory blocks
-        make themselves (`init_state`), for every memory kind; window tensors follow the model."""
-        reference = self.init_memory_state(1)
-        weight = self.get_input_embeddings().weight
-
-        def place(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
-            return tensor.to(device=like.device, dtype=dtype)
-
-        layers = {
-            layer: {name: place(t, reference.layers[layer].get(name, t)) for name, t in tensors.items()}
-            for layer, tensors in state.layers.items()
-        }
-        window = {name: place(t, weight) for name, t in state.window.items()}
-        return MemoryState(state.memory_type, layers, window)
+        if not place:
+            return state
+        # a state made elsewhere (another dtype or device) is cast to what this model's blocks make themselves
+        return state.placed_like(self.init_memory_state(1), self.get_input_embeddings().weight)
 
     def _write(self, state: MemoryState, captured: dict[int, torch.Tensor], mask: torch.Tensor) -> MemoryState:
         if not self.memory_enabled:

@@ -322,9 +322,8 @@ def greedy_answer(model, input_ids, start: int, length: int) -> list[int]:
         num_beams=1,
         pad_token_id=pad,
     )
-    return output[
-        0, rest.shape[1] :
-    ].tolist()  # an early EOS ends the answer (then padding), as in plain greedy decoding
+    # an early EOS ends the answer (then padding), as in plain greedy decoding
+    return output[0, rest.shape[1] :].tolist()
 
 
 # -- aggregation ----------------------------------------------------------------------------------------

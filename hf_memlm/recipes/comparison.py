@@ -215,16 +215,14 @@ def held_out_rows(section: dict, tokenizer, segment_length: int) -> tuple[list[l
     """`num_examples` windows of `num_segments` segments, taken evenly over the held-out documents."""
     from datasets import Dataset
 
-    from hf_memlm.data import default_text, load_text_corpus, pack_documents
+    from hf_memlm.data import default_text, pack_documents
+    from hf_memlm.recipes.final_eval import held_out_corpus
 
     source = section["source"]
     if source is None:
         corpus, source = Dataset.from_dict({"text": [default_text()]}), "the bundled excerpt"
     else:
-        try:
-            corpus = load_text_corpus(source)
-        except (FileNotFoundError, ValueError) as error:
-            raise type(error)(f"evaluation.source: {error}") from error
+        corpus = held_out_corpus(source)
     packed = pack_documents(corpus, tokenizer, segment_length, section["num_segments"][0])
     wanted = min(section["num_examples"], len(packed))
     picked = torch.linspace(0, len(packed) - 1, wanted).round().long().unique().tolist()

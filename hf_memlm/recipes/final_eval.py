@@ -92,12 +92,16 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
     return {"results": results, "paths": {k: str(v) for k, v in paths.items()}}
 
 
-def filler_text(source) -> str:
-    """The documents of `source` (a file or folder, as `data.source` takes) joined into one filler text."""
+def held_out_corpus(source):
+    """The documents of `evaluation.source` (as `data.source` takes them), with errors that name the setting."""
     from hf_memlm.data import load_text_corpus
 
     try:
-        corpus = load_text_corpus(source)
+        return load_text_corpus(source)
     except (FileNotFoundError, ValueError) as error:
         raise type(error)(f"evaluation.source: {error}") from error
-    return "\n\n".join(corpus["text"])
+
+
+def filler_text(source) -> str:
+    """The documents of `evaluation.source` joined into one filler text."""
+    return "\n\n".join(held_out_corpus(source)["text"])
