@@ -113,3 +113,41 @@ def test_memory_disabled_in_one_thread_leaves_other_threads_their_memory(kind):
     assert torch.allclose(results["enabled"], with_memory, atol=1e-6)
     assert torch.allclose(results["disabled"], without_memory, atol=1e-6)
     assert model.memory_enabled
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_memorize_in_some_threads_leaves_forwards_in_others_whole(kind):
+    # memorize stops the base model after the memory layer (its hook raises) and skips the read there; that
+    # is per call, so forwards running meanwhile in other threads still read and run every layer.
+    model = build("llama", kind)
+    work = [_work(t) for t in range(THREADS)]
+    serial_logits = {t: _stream(model, work[t]) for t in range(0, THREADS, 2)}
+    serial_states = {t: model.memorize(torch.cat(work[t], dim=1)) for t in range(1, THREADS, 2)}
+
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(THREADS)
+
+    def run(thread: int) -> None:
+        try:
+            if thread % 2 == 0:
+                results[thread] = _stream(model, work[thread], start)
+            else:
+                start.wait()
+                results[thread] = model.memorize(torch.cat(work[thread], dim=1))
+        except BaseException as error:  # surfaced below with the thread's number
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for t, logits in serial_logits.items():
+        for got, expected in zip(results[t], logits):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for t, state in serial_states.items():
+        for layer, tensors in state.layers.items():
+            for name, tensor in tensors.items():
+                torch.testing.assert_close(results[t].layers[layer][name], tensor, rtol=1e-5, atol=1e-5)
