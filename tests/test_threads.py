@@ -18,9 +18,7 @@ def _work(thread: int) -> list[tuple[torch.Tensor, dict]]:
     return [torch.randint(3, VOCAB, (2, 2 * SEGMENT + 3), generator=generator) for _ in range(CALLS_PER_THREAD)]
 
 
-def _stream(model, inputs: list[torch.Tensor], start: threading.Barrier | None = None) -> list[torch.Tensor]:
-    if start is not None:
-        start.wait()
+def _stream(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     logits, state = [], None
     with torch.no_grad():
         for ids in inputs:
@@ -30,19 +28,16 @@ def _stream(model, inputs: list[torch.Tensor], start: threading.Barrier | None =
     return logits
 
 
-@pytest.mark.parametrize("kind", ["kv", "slot"])
-def test_concurrent_calls_equal_serial_calls(kind):
-    model = build("llama", kind)
-    work = [_work(t) for t in range(THREADS)]
-    serial = [_stream(model, inputs) for inputs in work]
-
-    results: dict[int, list[torch.Tensor]] = {}
+def _in_threads(task) -> dict[int, object]:
+    """`task(thread)` in THREADS threads started together; their results by thread (errors re-raised here)."""
+    results: dict[int, object] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(THREADS)
 
     def run(thread: int) -> None:
         try:
-            results[thread] = _stream(model, work[thread], start)
+            start.wait()
+            results[thread] = task(thread)
         except BaseException as error:  # surfaced below with the thread's number
             errors.append(error)
 
@@ -52,6 +47,16 @@ def test_concurrent_calls_equal_serial_calls(kind):
     for thread in threads:
         thread.join()
     assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_concurrent_calls_equal_serial_calls(kind):
+    model = build("llama", kind)
+    work = [_work(t) for t in range(THREADS)]
+    serial = [_stream(model, inputs) for inputs in work]
+
+    results = _in_threads(lambda thread: _stream(model, work[thread]))
     wrong = [
         (t, call)
         for t in range(THREADS)
@@ -124,26 +129,12 @@ def test_memorize_in_some_threads_leaves_forwards_in_others_whole(kind):
     serial_logits = {t: _stream(model, work[t]) for t in range(0, THREADS, 2)}
     serial_states = {t: model.memorize(torch.cat(work[t], dim=1)) for t in range(1, THREADS, 2)}
 
-    results: dict[int, object] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(THREADS)
+    def task(thread: int):
+        if thread % 2 == 0:
+            return _stream(model, work[thread])
+        return model.memorize(torch.cat(work[thread], dim=1))
 
-    def run(thread: int) -> None:
-        try:
-            if thread % 2 == 0:
-                results[thread] = _stream(model, work[thread], start)
-            else:
-                start.wait()
-                results[thread] = model.memorize(torch.cat(work[thread], dim=1))
-        except BaseException as error:  # surfaced below with the thread's number
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    results = _in_threads(task)
     for t, logits in serial_logits.items():
         for got, expected in zip(results[t], logits):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
