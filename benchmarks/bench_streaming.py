@@ -13,6 +13,7 @@ load. Also reported: time per segment along the long stream, RSS, and bytes of m
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import psutil
@@ -28,9 +29,30 @@ from common import (
     text_tokens,
 )
 
+from hf_memlm import MemLMForCausalLM
+
 
 def state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for layer in state.layers.values() for t in layer.values())
+
+
+def index_recall(model, state, probe: torch.Tensor) -> float | None:
+    """recall@k of the entries a read of `probe` selects in `state` against the exact top-k (None when the
+    reads of `state` are exact). The queries are the memory layer's inputs on `probe`, the memory off."""
+    layer = model.config.memory_layers[0]
+    block = model.memory_blocks[str(layer)]
+    if not block.uses_index(state.layers[layer]):
+        return None
+    config = copy.deepcopy(model.config)
+    config.memory_search = "exact"
+    exact = MemLMForCausalLM(config).eval()
+    exact.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        hidden = model.language_model(input_ids=probe, output_hidden_states=True).hidden_states[layer + 1]
+        picks, picks_valid = block.select_entries(hidden, state.layers[layer])
+        reference, _ = exact.memory_blocks[str(layer)].select_entries(hidden, state.layers[layer])
+    hits = ((picks.unsqueeze(-1) == reference.unsqueeze(-2)) & picks_valid.unsqueeze(-1)).any(-2)
+    return hits.float().mean().item()
 
 
 def main(argv=None) -> dict:
@@ -99,6 +121,7 @@ def main(argv=None) -> dict:
                 final_bytes = state_bytes(state)
                 entries = int(state.num_entries()[0])
 
+    recall = index_recall(model, state, tokens[:, -segment:]) if args.kind == "kv" else None
     short_per_token, long_per_token = median(short_times), median(long_times)
     ratio = long_per_token / short_per_token
     cpu_ratio = median(long_cpu) / median(short_cpu)
@@ -133,6 +156,7 @@ def main(argv=None) -> dict:
         "entries_per_row_after_long": entries,
         "state_bytes_after_long": final_bytes,
         "peak_rss_bytes": peak_rss,
+        "index_recall_at_k_after_long": recall,
     }
     payload = {"benchmark": "streaming", "quick": args.quick, "setting": setting, "environment": environment()}
     payload["figures"] = figures
@@ -144,6 +168,7 @@ def main(argv=None) -> dict:
             "ratio (wall)",
             "ratio (CPU time)",
             "peak RSS (MiB)",
+            "index recall@k at the end",
         ],
         [
             [
@@ -153,6 +178,7 @@ def main(argv=None) -> dict:
                 f"{ratio:.2f}x",
                 f"{cpu_ratio:.2f}x",
                 f"{peak_rss / 2**20:.0f}",
+                "exact reads" if recall is None else f"{recall:.3f}",
             ]
         ],
     )

@@ -12,22 +12,27 @@ import warnings
 import torch
 
 # An IVF index is built with lists for `_LOOKAHEAD` times the entries it holds (at most the capacity),
-# `_ENTRIES_PER_LIST` each when full, and re-clustered once a row has grown `_LOOKAHEAD`-fold, so a
-# search scans at most `probes * _ENTRIES_PER_LIST` entries per query up to `_MAX_LISTS` lists.
-# 64 per list (1,024 lists at 65,536 entries) scans a quarter of what 256 did, at the same recall on the
-# tests' clustered and model keys; the extra lists cost one matmul per query batch in the coarse search.
+# `_ENTRIES_PER_LIST` each when full, so a search scans about `probes * _ENTRIES_PER_LIST` entries per query
+# up to `_MAX_LISTS` lists: at the default 65,536 entries, 512 lists and 32 probes scan 4,096 entries.
 _LOOKAHEAD = 4
-_ENTRIES_PER_LIST = 64
-# Lists stop growing here (reached at 65,536 entries when the capacity allows it): the cost of a build
-# is k-means over `lists * _TRAINING_POINTS_PER_LIST` points plus assigning every entry to a list, and
-# at 1M entries 16k lists would take minutes per (row, head). Past the cap the lists grow instead (256
-# entries each at 1M), so a search scans more, but no write ever re-clusters again.
+_ENTRIES_PER_LIST = 128
+# A row is re-clustered once as many entries have been written to it since its lists were placed as it
+# held then: each time it doubles while it grows, and once full, each time all its entries were replaced.
+# Keys drift along a stream (new text, new topics). On the benchmark stream (`bench_streaming.py`, 65k
+# tokens), lists placed on the first 16k entries kept recall@32 at 0.92 by the end; placed on all 65k, 0.99;
+# re-clustered at each doubling, 0.97-0.98. The builds cost about twice the last one in all. Past
+# `_RECLUSTER_UNTIL` entries a build (k-means plus assigning every entry) costs more than the writes it
+# serves, and the lists stay as they are.
+_RECLUSTER_UNTIL = 1 << 17
+# Lists stop growing here (reached at 131,072 entries when the capacity allows it): the cost of a build
+# is k-means over `lists * _TRAINING_POINTS_PER_LIST` points plus assigning every entry to a list. Past the
+# cap the lists grow instead (256 entries each at 1M), so a search scans more.
 _MAX_LISTS = 4096
-# k-means on a sample of this many points per list is enough to place the lists (recall@32 on the
-# tests' keys matched that of 64 points per list at a quarter of the build time), up to
-# `_MAX_TRAINING_POINTS` in all: k-means costs lists x points, and 4,096 lists on 65k points took 7 s per
-# head on one core, on 32k points 2.6 s.
-_TRAINING_POINTS_PER_LIST = 16
+# k-means on a sample of 4 points per list, 4 iterations, places the lists about as well as 16 points and
+# 10 iterations (recall@32 0.991 against 0.993 on the benchmark model's keys at 65k entries, 1,024 lists,
+# 32 probes) at a fraction of the build time: k-means costs points x lists x iterations.
+_TRAINING_POINTS_PER_LIST = 4
+_KMEANS_ITERATIONS = 4
 _MAX_TRAINING_POINTS = 32768
 
 
@@ -95,6 +100,8 @@ class _SearchIndex:
         self.first_id = [0] * len(counts)
         self.counts = list(counts)
         self.built_lists = [0] * len(counts)
+        self.built_counts = [0] * len(counts)
+        self.written_since_build = [0] * len(counts)
         self.indexes: list[list] = [[] for _ in counts]
         self._bind(keys)
         for row in range(len(counts)):
@@ -135,7 +142,7 @@ class _SearchIndex:
             data = _as_float32_numpy(keys[row, head, :count])
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-            index.cp.niter = 10
+            index.cp.niter = _KMEANS_ITERATIONS
             index.cp.max_points_per_centroid = max(1, min(_TRAINING_POINTS_PER_LIST, _MAX_TRAINING_POINTS // lists))
             index.cp.min_points_per_centroid = 1  # no warning when a row has few entries per list
             index.train(data)
@@ -143,15 +150,16 @@ class _SearchIndex:
             index.nprobe = min(self.probes, lists)
             self.indexes[row].append((index, quantizer))  # the quantizer must outlive the index
         self.built_lists[row] = lists
+        self.built_counts[row] = count
+        self.written_since_build[row] = 0
 
     def _lists_for(self, count: int) -> int:
         return max(1, min(_MAX_LISTS, min(self.capacity, _LOOKAHEAD * count) // _ENTRIES_PER_LIST))
 
     def refresh(self, keys: torch.Tensor) -> None:
-        """Re-cluster the rows that grew enough to need `_LOOKAHEAD` times more lists (or the most allowed)."""
+        """Re-cluster the rows written to as many times as they held entries when their lists were placed."""
         for row, count in enumerate(self.counts):
-            lists, built = self._lists_for(count), self.built_lists[row]
-            if lists > built and lists >= min(_MAX_LISTS, _LOOKAHEAD * built):
+            if count <= _RECLUSTER_UNTIL and self.written_since_build[row] >= self.built_counts[row]:
                 self._build_row(row, keys)
 
     def advance(self, new_keys: torch.Tensor, added: list[int], new_counts: list[int]) -> bool:
@@ -162,6 +170,7 @@ class _SearchIndex:
             if new > new_count:  # one write replaced everything
                 return False
             evicted = count + new - new_count
+            self.written_since_build[row] += new
             if new:
                 data = _as_float32_numpy(new_keys[row, :, new_count - new : new_count])
                 start = self.first_id[row] + count

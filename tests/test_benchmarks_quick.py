@@ -49,3 +49,26 @@ def test_index_scale_benchmark_quick_measures_recall_of_the_index(tmp_path):
 def test_index_scale_benchmark_rejects_entries_that_are_not_whole_segments():
     with pytest.raises(ValueError, match="--entries must be a positive multiple of the segment length 64"):
         _benchmark("bench_index_scale").main(["--quick", "--entries", "1000"])
+
+
+def test_streaming_benchmark_quick_times_both_streams_and_measures_the_index_recall(tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("psutil")
+    output = tmp_path / "streaming.json"
+    # 160 segments of 32 tokens: past the default threshold (4,096 entries), so the long stream's reads use the index
+    argv = ["--quick", "--threads", "1", "--long", "160", "--short", "4", "--output", str(output)]
+    _benchmark("bench_streaming").main(argv)
+    figures = json.loads(output.read_text())["figures"]
+    assert figures["entries_per_row_after_long"] == 160 * 32 - 1
+    assert figures["short_us_per_token"] > 0 and figures["long_us_per_token"] > 0
+    assert figures["index_recall_at_k_after_long"] >= 0.95
+
+
+def test_overhead_benchmark_quick_reports_every_ratio(tmp_path):
+    pytest.importorskip("psutil")
+    output = tmp_path / "overhead.json"
+    _benchmark("bench_overhead").main(["--quick", "--threads", "1", "--repeats", "1", "--output", str(output)])
+    figures = json.loads(output.read_text())["figures"]
+    for mode in ("inference", "training"):
+        for kind in ("kv", "slot"):
+            assert figures[mode][kind]["ratio_vs_base"] > 0 and figures[mode][kind]["cpu_ratio_vs_base"] > 0

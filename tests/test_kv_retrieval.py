@@ -3,6 +3,7 @@ the in-place append used when streaming without gradients, and the retrieval set
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -323,6 +324,30 @@ def test_index_follows_writes_and_evictions():
     assert _recall_against_exact(block, state, _clustered_hidden(generator, 2, 64)) >= 0.95
 
 
+def test_index_is_re_clustered_as_the_row_doubles_and_once_a_full_memory_is_replaced(monkeypatch):
+    # Keys drift along a stream: lists placed on old entries would crowd new ones into a few lists. So the
+    # lists are placed again each time as many entries were written as the row held at the last build.
+    pytest.importorskip("faiss")
+    builds = []
+    build_row = kv_index._SearchIndex._build_row
+
+    def counted(index, row, keys):
+        build_row(index, row, keys)
+        builds.append(index.counts[row])
+
+    monkeypatch.setattr(kv_index._SearchIndex, "_build_row", counted)
+    block = _block(memory_search_threshold=512, memory_size=2048)
+    generator = torch.Generator().manual_seed(10)
+    state = None
+    with torch.no_grad():
+        for _ in range(24):  # 6,144 entries through a memory of 2,048
+            state = _write_all(block, _clustered_hidden(generator, 1, 256), state=state)
+    # built past 512 entries (at 767), again once 767 more were written (1,535), once 1,535 more were (the
+    # memory full by then), and once all 2,048 of those were replaced
+    assert builds == [767, 1535, 2048, 2048], builds
+    assert block.uses_index(state)
+
+
 def test_approximate_read_is_the_exact_read_over_its_picks_and_differentiable():
     pytest.importorskip("faiss")
     block = _block(memory_search_threshold=256, memory_topk=8)
@@ -426,7 +451,7 @@ def test_index_at_a_quarter_million_entries_is_built_a_few_times_with_capped_lis
 
     def counted(index, row, keys):
         build_row(index, row, keys)
-        builds.append(index.built_lists[row])
+        builds.append((index.counts[row], index.built_lists[row]))
 
     monkeypatch.setattr(kv_index._SearchIndex, "_build_row", counted)
     entries = 1 << 18
@@ -443,6 +468,10 @@ def test_index_at_a_quarter_million_entries_is_built_a_few_times_with_capped_lis
         queries = centres[pick] + 0.3 * torch.randn(1, 64, HIDDEN, generator=generator)
         recall = _recall_against_exact(block, state, queries)
     assert int(block.count_entries(state)[0]) == entries - 1  # the last key waits for its value
-    # built once past the threshold, re-clustered as the row grew, never more lists than the cap
-    assert len(builds) <= 4 and builds == sorted(builds) and builds[-1] == kv_index._MAX_LISTS, builds
+    # built once past the threshold, re-clustered each time the row doubled up to `_RECLUSTER_UNTIL`, never
+    # more lists than the capacity allows; none after that
+    counts, lists = zip(*builds, strict=True)
+    assert all(later >= 2 * earlier for earlier, later in itertools.pairwise(counts)), builds
+    assert counts[-1] <= kv_index._RECLUSTER_UNTIL < 2 * counts[-1], builds
+    assert list(lists) == sorted(lists) and lists[-1] == min(kv_index._MAX_LISTS, entries // kv_index._ENTRIES_PER_LIST)
     assert recall >= 0.95
