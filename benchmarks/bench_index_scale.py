@@ -5,7 +5,7 @@ The memory block beside layer 2 of the issue's model (`MemLMConfig` defaults, `m
 the whole fill) is driven directly: one segment of hidden states per write, without gradients, as
 `memorize` writes them; the hidden states are random points around fixed centres, so that keys cluster
 as real keys do. The index is built when a row first holds more than `memory_search_threshold` entries
-and then follows every write (appends; re-clustered each time the row doubles, up to 131,072 entries).
+and then follows every write (appends; re-clustered each time the row doubles, up to 262,144 entries).
 
     python benchmarks/bench_index_scale.py            # 1,048,576 entries (a few minutes, ~4 GB RAM)
     python benchmarks/bench_index_scale.py --quick    # 16,384 entries, a tiny block (seconds; CI smoke)

@@ -433,7 +433,7 @@ class KVMemory(MemoryBlock):
             del _SEARCH_INDEXES[self]
         if not torch.is_grad_enabled():
             # Streaming or memorizing: build the index as soon as the memory outgrows exact search, so that
-            # it grows with the writes (re-clustered as the row doubles, up to 131k entries) instead of being
+            # it grows with the writes (re-clustered as the row doubles, up to 262k entries) instead of being
             # built over the whole memory by the first read after a long write-only pass.
             self._search_index(new_state)
 

@@ -23,7 +23,7 @@ _ENTRIES_PER_LIST = 128
 # re-clustered at each doubling, 0.97-0.98. The builds cost about twice the last one in all. Past
 # `_RECLUSTER_UNTIL` entries a build (k-means plus assigning every entry) costs more than the writes it
 # serves, and the lists stay as they are.
-_RECLUSTER_UNTIL = 1 << 17
+_RECLUSTER_UNTIL = 1 << 18
 # Lists stop growing here (reached at 131,072 entries when the capacity allows it): the cost of a build
 # is k-means over `lists * _TRAINING_POINTS_PER_LIST` points plus assigning every entry to a list. Past the
 # cap the lists grow instead (256 entries each at 1M), so a search scans more.
