@@ -324,18 +324,24 @@ def test_index_follows_writes_and_evictions():
     assert _recall_against_exact(block, state, _clustered_hidden(generator, 2, 64)) >= 0.95
 
 
-def test_index_is_re_clustered_as_the_row_doubles_and_once_a_full_memory_is_replaced(monkeypatch):
-    # Keys drift along a stream: lists placed on old entries would crowd new ones into a few lists. So the
-    # lists are placed again each time as many entries were written as the row held at the last build.
-    pytest.importorskip("faiss")
+def _record_builds(monkeypatch) -> list[tuple[int, int]]:
+    """A list that each (re)build of an index row appends to: (entries in the row, lists built)."""
     builds = []
     build_row = kv_index._SearchIndex._build_row
 
     def counted(index, row, keys):
         build_row(index, row, keys)
-        builds.append(index.counts[row])
+        builds.append((index.counts[row], index.built_lists[row]))
 
     monkeypatch.setattr(kv_index._SearchIndex, "_build_row", counted)
+    return builds
+
+
+def test_index_is_re_clustered_as_the_row_doubles_and_once_a_full_memory_is_replaced(monkeypatch):
+    # Keys drift along a stream: lists placed on old entries would crowd new ones into a few lists. So the
+    # lists are placed again each time as many entries were written as the row held at the last build.
+    pytest.importorskip("faiss")
+    builds = _record_builds(monkeypatch)
     block = _block(memory_search_threshold=512, memory_size=2048)
     generator = torch.Generator().manual_seed(10)
     state = None
@@ -344,7 +350,7 @@ def test_index_is_re_clustered_as_the_row_doubles_and_once_a_full_memory_is_repl
             state = _write_all(block, _clustered_hidden(generator, 1, 256), state=state)
     # built past 512 entries (at 767), again once 767 more were written (1,535), once 1,535 more were (the
     # memory full by then), and once all 2,048 of those were replaced
-    assert builds == [767, 1535, 2048, 2048], builds
+    assert [count for count, _ in builds] == [767, 1535, 2048, 2048], builds
     assert block.uses_index(state)
 
 
@@ -446,14 +452,7 @@ def test_streaming_a_million_tokens_keeps_rss_bounded_by_the_capacity():
 @pytest.mark.slow  # 262,144 entries per row written and indexed: ~30 s on a quiet 2-core machine
 def test_index_at_a_quarter_million_entries_is_built_a_few_times_with_capped_lists(monkeypatch):
     pytest.importorskip("faiss")
-    builds = []
-    build_row = kv_index._SearchIndex._build_row
-
-    def counted(index, row, keys):
-        build_row(index, row, keys)
-        builds.append((index.counts[row], index.built_lists[row]))
-
-    monkeypatch.setattr(kv_index._SearchIndex, "_build_row", counted)
+    builds = _record_builds(monkeypatch)
     entries = 1 << 18
     block = _block(memory_size=entries)  # the default threshold (4,096 entries) and probes
     generator = torch.Generator().manual_seed(8)
