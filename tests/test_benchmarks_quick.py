@@ -72,3 +72,36 @@ def test_overhead_benchmark_quick_reports_every_ratio(tmp_path):
     for mode in ("inference", "training"):
         for kind in ("kv", "slot"):
             assert figures[mode][kind]["ratio_vs_base"] > 0 and figures[mode][kind]["cpu_ratio_vs_base"] > 0
+
+
+def test_memory_bytes_benchmark_quick_halves_kv_bytes_in_16_bit_storage(tmp_path):
+    pytest.importorskip("psutil")
+    output = tmp_path / "memory_bytes.json"
+    _benchmark("bench_memory_bytes").main(["--quick", "--output", str(output)])
+    rows = {(row["memory"], row["memory_dtype"]): row for row in json.loads(output.read_text())["bytes"]}
+    full = rows[("kv", "float32")]["bytes_per_token"]
+    for half in ("float16", "bfloat16"):
+        # a key and a value per head in 2 bytes instead of 4, plus one byte of validity per entry
+        assert rows[("kv", half)]["bytes_per_token"] == pytest.approx(full / 2 + 0.5)
+
+
+def test_retrieval_benchmark_quick_reads_through_the_index_past_the_threshold(tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("psutil")
+    output = tmp_path / "retrieval.json"
+    _benchmark("bench_retrieval").main(["--quick", "--output", str(output)])
+    rows = json.loads(output.read_text())["rows"]
+    assert any(row["uses_index"] for row in rows) and not all(row["uses_index"] for row in rows)
+    assert all(row["recall_at_k"] >= 0.95 for row in rows)
+
+
+def test_read_block_benchmark_quick_times_every_segment(tmp_path):
+    pytest.importorskip("psutil")
+    output = tmp_path / "read_block.json"
+    _benchmark("bench_read_block").main(["--quick", "--output", str(output)])
+    figures = json.loads(output.read_text())["figures"]
+    assert [row["segment"] for row in figures["segments"]] == [1, 2, 3, 4]
+    assert (
+        figures["segments"][0]["read_ms"] < figures["segments"][-1]["read_ms"]
+    )  # the first read is of an empty memory
+    assert figures["block_total_ms"] > 0 and figures["base_segment_ms"] > 0
