@@ -34,6 +34,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 64; quick 16)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 128; quick 16)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5; quick 2)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default greedy)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/generation[_quick].json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,7 +62,9 @@ def main(argv=None) -> dict:
     layer_state = state.layers[model.config.memory_layers[0]]
     uses_index = block.uses_index(layer_state)
 
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    options = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, num_beams=args.num_beams
+    )
 
     def generate_base():
         with torch.no_grad():
@@ -135,7 +138,8 @@ def main(argv=None) -> dict:
         "repeats": repeats,
         "dtype": "float32",
         "memory_settings": f"MemLMConfig defaults except memory_size={fill}",
-        "decoding": "greedy (do_sample=False), min_new_tokens=max_new_tokens",
+        "decoding": ("greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams")
+        + " (do_sample=False), min_new_tokens=max_new_tokens",
     }
     payload = {"benchmark": "generation", "quick": args.quick, "setting": setting, "environment": environment()}
     payload["figures"] = figures

@@ -44,6 +44,12 @@ class MemoryBlock(nn.Module):
         raise NotImplementedError
 
     @staticmethod
+    def follow_rows(state: dict[str, torch.Tensor], selected: dict[str, torch.Tensor], rows: list[int]) -> None:
+        """`selected` is one layer's `state` with rows `rows` (in that order; `MemoryState.select` and
+        `repeat_interleave`, e.g. beam search): a kind that keeps something built from a state's contents
+        (the `kv` index) may carry it over instead of building it again. Nothing to do by default."""
+
+    @staticmethod
     def describe_settings(config) -> list[tuple[str, str]]:
         """(name, value) rows of this kind's settings in `config`, for the model card."""
         raise NotImplementedError

@@ -276,6 +276,16 @@ class KVMemory(MemoryBlock):
         return state["valid"].sum(-1)
 
     @staticmethod
+    def follow_rows(state, selected, rows) -> None:
+        # Beam search reorders the rows at every step: without this each step would build the index anew
+        # (k-means over every row), about 100 times the cost of the step at 65k entries.
+        with _CACHE_LOCK:
+            for block, index in list(_SEARCH_INDEXES.items()):
+                if index.fits(state["keys"], state["valid"]):
+                    _SEARCH_INDEXES[block] = index.rows_of(rows, selected["keys"], selected["valid"])
+                    return
+
+    @staticmethod
     def describe_settings(config):
         read = f"top-{config.memory_topk}" if config.memory_topk else "exact softmax over all entries"
         if config.memory_topk and config.memory_search == "auto":

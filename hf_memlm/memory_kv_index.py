@@ -107,6 +107,31 @@ class _SearchIndex:
         for row in range(len(counts)):
             self._build_row(row, keys)
 
+    def rows_of(self, rows: list[int], keys: torch.Tensor, valid: torch.Tensor) -> _SearchIndex:
+        """The index of the state made of this state's rows `rows` (in that order), `keys` and `valid`.
+
+        A row taken more than once shares its faiss indexes with its copies until a write changes one of
+        them (`_own_row`), so a reorder copies nothing."""
+        derived = object.__new__(_SearchIndex)
+        derived.faiss, derived.probes, derived.capacity, derived.heads = (
+            self.faiss,
+            self.probes,
+            self.capacity,
+            self.heads,
+        )
+        for name in ("first_id", "counts", "built_lists", "built_counts", "written_since_build", "indexes"):
+            setattr(derived, name, [getattr(self, name)[row] for row in rows])
+        derived._bind(keys)
+        derived.remember_valid(valid)
+        return derived
+
+    def _own_row(self, row: int) -> None:
+        """Give row `row` faiss indexes of its own before a write changes them (see `rows_of`)."""
+        mine = self.indexes[row]
+        if any(other is mine for number, other in enumerate(self.indexes) if number != row):
+            clones = [self.faiss.clone_index(index) for index, _ in mine]
+            self.indexes[row] = [(clone, clone.quantizer) for clone in clones]
+
     def _bind(self, keys: torch.Tensor) -> None:
         self.keys = keys
         self.fingerprint = _fingerprint(keys)
@@ -171,6 +196,8 @@ class _SearchIndex:
                 return False
             evicted = count + new - new_count
             self.written_since_build[row] += new
+            if new or evicted:
+                self._own_row(row)
             if new:
                 data = _as_float32_numpy(new_keys[row, :, new_count - new : new_count])
                 start = self.first_id[row] + count

@@ -87,7 +87,15 @@ class MemoryState:
     def select(self, batch_indices: Sequence[int] | torch.Tensor) -> MemoryState:
         """Rows `batch_indices` in that order (beam search reorders, filtering finished rows, ...)."""
         index = torch.as_tensor(batch_indices, dtype=torch.long)
-        return self._map(lambda t: t.index_select(0, index.to(t.device)))
+        rows = index.tolist()
+        if rows == list(range(self.batch_size)):
+            return self._map(lambda t: t)  # every row where it was (beams that all kept their place): no copy
+        selected = self._map(lambda t: t.index_select(0, index.to(t.device)))
+        # What a kind built from the old rows (the kv index) follows them, instead of being built again.
+        kind = MEMORY_KINDS[self.memory_type]
+        for layer, tensors in self.layers.items():
+            kind.follow_rows(tensors, selected.layers[layer], rows)
+        return selected
 
     def placed_like(self, reference: MemoryState, window_like: torch.Tensor) -> MemoryState:
         """This state with each floating tensor cast to the dtype of, and every tensor moved to the device of,
@@ -107,7 +115,7 @@ class MemoryState:
 
     def repeat_interleave(self, repeats: int) -> MemoryState:
         """Each row `repeats` times (num_return_sequences / beams)."""
-        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        return self.select(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def without_window(self) -> MemoryState:
         return MemoryState(self.memory_type, self.layers)

@@ -474,3 +474,61 @@ def test_index_at_a_quarter_million_entries_is_built_a_few_times_with_capped_lis
     assert counts[-1] <= kv_index._RECLUSTER_UNTIL < 2 * counts[-1], builds
     assert list(lists) == sorted(lists) and lists[-1] == min(kv_index._MAX_LISTS, entries // kv_index._ENTRIES_PER_LIST)
     assert recall >= 0.95
+
+
+def _indexed_model(search: str) -> MemLMForCausalLM:
+    """A kv model whose reads past 64 entries go through the index (probing every list it has: with a few
+    hundred entries that is all 8 of them, so its picks are the exact ones), or exact ones."""
+    torch.manual_seed(0)
+    settings = dict(memory_type="kv", memory_layers=[0], segment_length=16, memory_heads=2, memory_size=1024)
+    config = MemLMConfig(text_config=base_config("llama"), memory_search=search, memory_search_threshold=64, **settings)
+    model = MemLMForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in model.memory_blocks.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model
+
+
+def test_beam_search_follows_the_index_through_reorders_and_window_writes(monkeypatch):
+    # Beam search reorders the memory's rows at every step and writes each beam's window when it is full.
+    # The index follows the rows (a row taken twice shares its lists until a write changes them) instead of
+    # being built again per step; with every list probed, the result is that of exact search.
+    pytest.importorskip("faiss")
+    tokens = torch.randint(0, 97, (1, 400), generator=torch.Generator().manual_seed(12))
+    document, prompt = tokens[:, :384], tokens[:, 384:]
+    options = dict(num_beams=3, num_return_sequences=3, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    results = {}
+    for search in ("exact", "auto"):
+        model = _indexed_model(search)
+        model.generation_config.eos_token_id = None
+        state = model.memorize(document)
+        builds = _record_builds(monkeypatch)
+        with torch.no_grad():  # 16 prompt tokens + 24 new ones: the beams' windows are written on the way
+            out = model.generate(
+                prompt, memory_state=state, return_dict_in_generate=True, output_scores=True, **options
+            )
+        results[search] = out
+        if search == "auto":
+            assert builds == [], builds  # the index built while memorizing served every step
+    assert torch.equal(results["auto"].sequences, results["exact"].sequences)
+    torch.testing.assert_close(results["auto"].sequences_scores, results["exact"].sequences_scores)
+
+
+def test_rows_taken_twice_share_the_index_until_one_is_written():
+    pytest.importorskip("faiss")
+    model = _indexed_model("auto")
+    block = model.memory_blocks["0"]
+    tokens = torch.randint(0, 97, (1, 400), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        state = model.memorize(tokens[:, :384]).select([0, 0])
+        queries = torch.randn(2, 8, HIDDEN, generator=torch.Generator().manual_seed(14))
+        before, _ = block.select_entries(queries, state.layers[0])
+        # only the second row gets new entries (the first one's tokens are all padding)
+        mask = torch.tensor([[0] * 16, [1] * 16])
+        written = model(input_ids=tokens[:, 384:].repeat(2, 1), attention_mask=mask, memory_state=state).memory_state
+        assert block.uses_index(written.layers[0])
+        after, after_valid = block.select_entries(queries, written.layers[0])
+    assert int(written.num_entries()[0]) == 383 and int(written.num_entries()[1]) == 399
+    assert torch.equal(after[0], before[0]) and after_valid[0].all()  # the first row's lists did not change
+    assert (after[1] >= 383).any()  # the second row finds its new entries
