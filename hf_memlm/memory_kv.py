@@ -48,7 +48,13 @@ def retrieve(
     Exact softmax over all valid entries when `topk` is None or >= S; otherwise an exact top-k per
     query (chunked over queries so the score tensor stays bounded). Rows with no valid entry read 0.
     """
-    batch, heads, tokens, _ = queries.shape
+    batch, heads, tokens, width = queries.shape
+    if batch > 1 and keys.stride(0) == 0 and values.stride(0) == 0 and valid.stride(0) == 0:
+        # Every row reads the same memory (one row seen several times, `MemoryState.select`): read it once
+        # for all rows' queries instead of copying it per row.
+        folded = queries.transpose(0, 1).reshape(1, heads, batch * tokens, width)
+        out = retrieve(folded, keys[:1], values[:1], valid[:1], scale, topk)
+        return out.view(heads, batch, tokens, -1).transpose(0, 1)
     stored = keys.shape[2]
     keys = keys.to(queries.dtype)
     has_entries = valid.any(-1)

@@ -90,7 +90,17 @@ class MemoryState:
         rows = index.tolist()
         if rows == list(range(self.batch_size)):
             return self._map(lambda t: t)  # every row where it was (beams that all kept their place): no copy
-        selected = self._map(lambda t: t.index_select(0, index.to(t.device)))
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.shape[0] == 1 or tensor.stride(0) == 0:
+                # One row, or rows that are one row seen several times (a document remembered once for many
+                # prompts or beams): a view of it, not a copy per row. A write gives each row its own.
+                return tensor[:1].expand(len(rows), *tensor.shape[1:])
+            return tensor.index_select(0, index.to(tensor.device))
+
+        layers = {layer: {name: pick(t) for name, t in tensors.items()} for layer, tensors in self.layers.items()}
+        window = {name: t.index_select(0, index.to(t.device)) for name, t in self.window.items()}
+        selected = MemoryState(self.memory_type, layers, window)
         # What a kind built from the old rows (the kv index) follows them, instead of being built again.
         kind = MEMORY_KINDS[self.memory_type]
         for layer, tensors in self.layers.items():

@@ -178,6 +178,24 @@ def test_select_entries_needs_topk():
         block.select_entries(torch.randn(1, 2, HIDDEN), state)
 
 
+@pytest.mark.parametrize("topk", [None, 6])
+def test_a_memory_shared_by_every_row_is_read_once_for_all_of_them(topk):
+    # A one-row memory seen by several rows (stride 0 over the batch) is read with all rows' queries at once;
+    # each row reads what it reads from its own copy.
+    generator = torch.Generator().manual_seed(15)
+    queries = F.normalize(torch.randn(3, 2, 5, 8, generator=generator), dim=-1)
+    keys = F.normalize(torch.randn(1, 2, 30, 8, generator=generator), dim=-1)
+    values = torch.randn(1, 2, 30, 4, generator=generator)
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    valid[0, 20:] = False
+    scale = torch.tensor([4.0, 16.0])
+    shared = retrieve(
+        queries, keys.expand(3, -1, -1, -1), values.expand(3, -1, -1, -1), valid.expand(3, -1), scale, topk
+    )
+    copies = retrieve(queries, keys.repeat(3, 1, 1, 1), values.repeat(3, 1, 1, 1), valid.repeat(3, 1), scale, topk)
+    torch.testing.assert_close(shared, copies)
+
+
 def _block_faiss(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
 

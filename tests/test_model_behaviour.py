@@ -8,6 +8,7 @@ from conftest import SEGMENT, VOCAB, base_config, build, memory_settings, random
 from transformers import AutoModelForCausalLM
 
 import hf_memlm
+from hf_memlm import MemoryState
 
 
 def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -296,3 +297,29 @@ def test_bptt_segments_cuts_gradients_between_segments(bptt, reaches_first_segme
     logits[:, -1].sum().backward()
     first_segment = embeds.grad[0, :SEGMENT].abs().sum(), embeds.grad[1, 3 : 3 + SEGMENT].abs().sum()
     assert all((grad > 0) == reaches_first_segment for grad in first_segment)
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_one_remembered_row_serves_a_padded_batch_without_a_copy_per_row(kind):
+    """A one-row state given to a batch (a document remembered once, many prompts) is a view of that row, not
+    a copy per row; each row reads and writes exactly as with its own copy, left padding included."""
+    model = build("llama", kind)
+    with torch.no_grad():
+        state = model(_ids(1, 5 * SEGMENT, seed=7)).memory_state
+        shared = state.select([0, 0, 0])
+        copied = MemoryState(
+            state.memory_type,
+            {i: {n: t.repeat(3, *[1] * (t.dim() - 1)) for n, t in d.items()} for i, d in state.layers.items()},
+        )
+        for name, tensor in shared.layers[0].items():
+            assert tensor.stride(0) == 0 and tensor.data_ptr() == state.layers[0][name].data_ptr(), name
+        ids = _ids(3, 2 * SEGMENT + 3, seed=8)
+        mask = torch.ones_like(ids)
+        mask[0, :5] = 0  # left padding of 5 and 1 tokens: not multiples of the segment
+        mask[2, :1] = 0
+        out_shared = model(ids, attention_mask=mask, memory_state=shared)
+        out_copied = model(ids, attention_mask=mask, memory_state=copied)
+    torch.testing.assert_close(out_shared.logits, out_copied.logits)
+    for layer, tensors in out_copied.memory_state.layers.items():
+        for name, tensor in tensors.items():
+            torch.testing.assert_close(out_shared.memory_state.layers[layer][name], tensor, msg=name)
