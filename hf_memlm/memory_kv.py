@@ -179,9 +179,26 @@ def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
 # Guards the two caches below: a model may serve several threads, and an index must not change between
 # the check that it fits a state and the search (or the append) that relies on it.
 _CACHE_LOCK = threading.RLock()
-# The index of each block's newest state, outside the module so that copying or pickling a model never
-# touches faiss objects; it goes away with the block.
+# The indexes of each block's latest states, most recently used first, outside the module so that copying
+# or pickling a model never touches faiss objects; they go away with the block. More than one, so that a
+# memorized document keeps its index while beams read rows taken from it (`follow_rows`).
 _SEARCH_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_KEPT_INDEXES = 3
+
+
+def _fitting_index(block, keys: torch.Tensor, valid: torch.Tensor) -> _SearchIndex | None:
+    """The kept index built for the state of `keys`/`valid`, moved to the front as the most recently used."""
+    indexes = _SEARCH_INDEXES.get(block, [])
+    for number, index in enumerate(indexes):
+        if index.fits(keys, valid):
+            indexes.insert(0, indexes.pop(number))
+            return index
+    return None
+
+
+def _keep_index(block, index: _SearchIndex, replacing: _SearchIndex | None = None) -> None:
+    indexes = [kept for kept in _SEARCH_INDEXES.get(block, []) if kept is not replacing]
+    _SEARCH_INDEXES[block] = [index, *indexes][:_KEPT_INDEXES]
 
 
 class _AppendBuffers:
@@ -286,9 +303,13 @@ class KVMemory(MemoryBlock):
         # Beam search reorders the rows at every step: without this each step would build the index anew
         # (k-means over every row), about 100 times the cost of the step at 65k entries.
         with _CACHE_LOCK:
-            for block, index in list(_SEARCH_INDEXES.items()):
-                if index.fits(state["keys"], state["valid"]):
-                    _SEARCH_INDEXES[block] = index.rows_of(rows, selected["keys"], selected["valid"])
+            for block in list(_SEARCH_INDEXES.keys()):
+                source = _fitting_index(block, state["keys"], state["valid"])
+                if source is not None:
+                    # A reorder of rows taken from another state replaces that (transient) index; rows taken
+                    # from a built or written state leave its index in place for its next reader.
+                    derived = source.rows_of(rows, selected["keys"], selected["valid"])
+                    _keep_index(block, derived, replacing=source if source.derived else None)
                     return
 
     @staticmethod
@@ -387,8 +408,8 @@ class KVMemory(MemoryBlock):
         keys, valid = state["keys"], state["valid"]
         if self.topk is None or self.search == "exact" or keys.shape[2] <= self.search_threshold:
             return None
-        index = _SEARCH_INDEXES.get(self)
-        if index is not None and index.fits(keys, valid):
+        index = _fitting_index(self, keys, valid)
+        if index is not None:
             return index if max(index.counts) > self.search_threshold else None
         faiss = _import_faiss()
         if faiss is None:
@@ -401,7 +422,7 @@ class KVMemory(MemoryBlock):
             return None
         index = _SearchIndex(faiss, keys, counts, self.search_probes, self.capacity)
         index.remember_valid(valid)
-        _SEARCH_INDEXES[self] = index
+        _keep_index(self, index)
         return index
 
     def _append_in_place(self, state, entry_keys, entry_values, drop: int):
@@ -437,16 +458,16 @@ class KVMemory(MemoryBlock):
             self._follow_write_locked(state, new_state, entry_valid)
 
     def _follow_write_locked(self, state, new_state, entry_valid) -> None:
-        index = _SEARCH_INDEXES.get(self)
+        index = _fitting_index(self, state["keys"], state["valid"])
         if index is not None:
-            if not index.fits(state["keys"], state["valid"]):
-                return  # it indexes another state, which may still be read
             new_counts = valid_counts(new_state["valid"])
             if new_counts is not None and index.advance(new_state["keys"], entry_valid.sum(-1).tolist(), new_counts):
                 index.remember_valid(new_state["valid"])
                 index.refresh(new_state["keys"])
                 return
-            del _SEARCH_INDEXES[self]
+            _SEARCH_INDEXES[self] = [kept for kept in _SEARCH_INDEXES[self] if kept is not index]
+        elif _SEARCH_INDEXES.get(self):
+            return  # the indexes kept are of other states, which may still be read
         if not torch.is_grad_enabled():
             # Streaming or memorizing: build the index as soon as the memory outgrows exact search, so that
             # it grows with the writes (re-clustered as the row doubles, up to 262k entries) instead of being

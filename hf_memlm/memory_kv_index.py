@@ -103,6 +103,10 @@ class _SearchIndex:
         self.built_counts = [0] * len(counts)
         self.written_since_build = [0] * len(counts)
         self.indexes: list[list] = [[] for _ in counts]
+        # Rows whose faiss indexes another row or another `_SearchIndex` also holds (`rows_of`): a write
+        # copies them first. `derived`: made by `rows_of` (a reorder), not built or written.
+        self.shared = [False] * len(counts)
+        self.derived = False
         self._bind(keys)
         for row in range(len(counts)):
             self._build_row(row, keys)
@@ -121,16 +125,20 @@ class _SearchIndex:
         )
         for name in ("first_id", "counts", "built_lists", "built_counts", "written_since_build", "indexes"):
             setattr(derived, name, [getattr(self, name)[row] for row in rows])
+        for row in rows:
+            self.shared[row] = True
+        derived.shared = [True] * len(rows)
+        derived.derived = True
         derived._bind(keys)
         derived.remember_valid(valid)
         return derived
 
     def _own_row(self, row: int) -> None:
         """Give row `row` faiss indexes of its own before a write changes them (see `rows_of`)."""
-        mine = self.indexes[row]
-        if any(other is mine for number, other in enumerate(self.indexes) if number != row):
-            clones = [self.faiss.clone_index(index) for index, _ in mine]
+        if self.shared[row]:
+            clones = [self.faiss.clone_index(index) for index, _ in self.indexes[row]]
             self.indexes[row] = [(clone, clone.quantizer) for clone in clones]
+            self.shared[row] = False
 
     def _bind(self, keys: torch.Tensor) -> None:
         self.keys = keys
@@ -177,6 +185,7 @@ class _SearchIndex:
         self.built_lists[row] = lists
         self.built_counts[row] = count
         self.written_since_build[row] = 0
+        self.shared[row] = False
 
     def _lists_for(self, count: int) -> int:
         return max(1, min(_MAX_LISTS, min(self.capacity, _LOOKAHEAD * count) // _ENTRIES_PER_LIST))

@@ -533,6 +533,26 @@ def test_beam_search_follows_the_index_through_reorders_and_window_writes(monkey
     torch.testing.assert_close(results["auto"].sequences_scores, results["exact"].sequences_scores)
 
 
+def test_a_memorized_document_keeps_its_index_for_the_next_beam_search(monkeypatch):
+    # Memorize once, ask several questions with beams: the beams' reordered states get indexes of their own
+    # (sharing the document's lists) and the document's index stays for the next question.
+    pytest.importorskip("faiss")
+    model = _indexed_model("auto")
+    model.generation_config.eos_token_id = None
+    tokens = torch.randint(0, 97, (1, 420), generator=torch.Generator().manual_seed(16))
+    state = model.memorize(tokens[:, :384])
+    builds = _record_builds(monkeypatch)
+    # 16-token prompts and 24 new tokens: each beam writes its window to its rows on the way, which must not
+    # reach the document's lists that the beams' rows share
+    options = dict(num_beams=2, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        first = model.generate(tokens[:, 384:400], memory_state=state, **options)
+        second = model.generate(tokens[:, 400:416], memory_state=state, **options)
+        again = model.generate(tokens[:, 384:400], memory_state=state, **options)
+    assert builds == [], builds
+    assert torch.equal(again, first) and second.shape == first.shape
+
+
 def test_rows_taken_twice_share_the_index_until_one_is_written():
     pytest.importorskip("faiss")
     model = _indexed_model("auto")
