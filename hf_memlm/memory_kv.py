@@ -180,10 +180,11 @@ def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
 # the check that it fits a state and the search (or the append) that relies on it.
 _CACHE_LOCK = threading.RLock()
 # The indexes of each block's latest states, most recently used first, outside the module so that copying
-# or pickling a model never touches faiss objects; they go away with the block. More than one, so that a
-# memorized document keeps its index while beams read rows taken from it (`follow_rows`).
+# or pickling a model never touches faiss objects; they go away with the block. Two, so that a memorized
+# document keeps its index while beams read rows taken from it (`follow_rows`); not more, because each index
+# holds its state's keys (a state of 1M entries is gigabytes).
 _SEARCH_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_KEPT_INDEXES = 3
+_KEPT_INDEXES = 2
 
 
 def _fitting_index(block, keys: torch.Tensor, valid: torch.Tensor) -> _SearchIndex | None:
