@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -34,6 +35,14 @@ from hf_memlm import MemLMForCausalLM
 
 def state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for layer in state.layers.values() for t in layer.values())
+
+
+def file_tokens(path: str, count: int) -> torch.Tensor:
+    """The first `count` bytes of the file at `path` as one row of byte tokens."""
+    data = Path(path).read_bytes()[:count]
+    if len(data) < count:
+        raise ValueError(f"--text {path} holds {len(data)} bytes; the long stream needs {count}.")
+    return torch.tensor(list(data), dtype=torch.long)[None]
 
 
 def index_recall(model, state, probe: torch.Tensor) -> float | None:
@@ -70,6 +79,9 @@ def main(argv=None) -> dict:
         default=None,
         help="memory_search_probes (default: MemLMConfig's; fewer: faster, lower recall)",
     )
+    parser.add_argument(
+        "--text", default=None, help="a UTF-8 text file to stream, as bytes (default: the bundled text, repeated)"
+    )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/streaming[_quick].json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,7 +94,7 @@ def main(argv=None) -> dict:
 
     settings = {} if args.probes is None else {"memory_search_probes": args.probes}
     model = build_models(base_config(hidden, layers, segment), segment, kinds=(args.kind,), **settings)[args.kind]
-    tokens = text_tokens(long * segment, 1)
+    tokens = text_tokens(long * segment, 1) if args.text is None else file_tokens(args.text, long * segment)
     segments = tokens.split(segment, dim=1)
 
     def stream(pieces, state=None, per_segment=None):
@@ -140,6 +152,7 @@ def main(argv=None) -> dict:
         "repeats_long": repeats,
         "runs_short": len(short_times),
         "dtype": "float32",
+        "text": args.text or "bundled text (repeated)",
         "memory_settings": "MemLMConfig defaults (memory_type and segment_length set)"
         + ("" if args.probes is None else f", memory_search_probes={args.probes}"),
     }

@@ -105,3 +105,17 @@ def test_read_block_benchmark_quick_times_every_segment(tmp_path):
         figures["segments"][0]["read_ms"] < figures["segments"][-1]["read_ms"]
     )  # the first read is of an empty memory
     assert figures["block_total_ms"] > 0 and figures["base_segment_ms"] > 0
+
+
+def test_streaming_benchmark_streams_a_text_file_and_refuses_a_short_one(tmp_path):
+    pytest.importorskip("psutil")
+    text = tmp_path / "book.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 40)  # 2,120 bytes
+    output = tmp_path / "streaming.json"
+    argv = ["--quick", "--threads", "1", "--long", "64", "--short", "4", "--text", str(text), "--output", str(output)]
+    _benchmark("bench_streaming").main(argv)
+    payload = json.loads(output.read_text())
+    assert payload["setting"]["text"] == str(text)
+    assert payload["figures"]["entries_per_row_after_long"] == 64 * 32 - 1
+    with pytest.raises(ValueError, match="holds 2120 bytes; the long stream needs 4096"):
+        _benchmark("bench_streaming").main(["--quick", "--long", "128", "--text", str(text)])
