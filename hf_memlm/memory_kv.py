@@ -197,9 +197,14 @@ def _fitting_index(block, keys: torch.Tensor, valid: torch.Tensor) -> _SearchInd
     return None
 
 
+def _drop_index(block, index: _SearchIndex) -> None:
+    _SEARCH_INDEXES[block] = [kept for kept in _SEARCH_INDEXES.get(block, []) if kept is not index]
+
+
 def _keep_index(block, index: _SearchIndex, replacing: _SearchIndex | None = None) -> None:
-    indexes = [kept for kept in _SEARCH_INDEXES.get(block, []) if kept is not replacing]
-    _SEARCH_INDEXES[block] = [index, *indexes][:_KEPT_INDEXES]
+    if replacing is not None:
+        _drop_index(block, replacing)
+    _SEARCH_INDEXES[block] = [index, *_SEARCH_INDEXES.get(block, [])][:_KEPT_INDEXES]
 
 
 class _AppendBuffers:
@@ -466,7 +471,7 @@ class KVMemory(MemoryBlock):
                 index.remember_valid(new_state["valid"])
                 index.refresh(new_state["keys"])
                 return
-            _SEARCH_INDEXES[self] = [kept for kept in _SEARCH_INDEXES[self] if kept is not index]
+            _drop_index(self, index)
         elif _SEARCH_INDEXES.get(self):
             return  # the indexes kept are of other states, which may still be read
         if not torch.is_grad_enabled():

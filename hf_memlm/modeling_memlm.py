@@ -549,7 +549,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
     def _capture_for_write(self, ids, piece_mask, state) -> dict[int, torch.Tensor]:
         """What each memory layer writes for one piece (rows of real tokens first), base run up to the last one."""
         positions = (piece_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self._run_segment({"input_ids": ids}, piece_mask, positions, state, None, 1, False, True)[1]
+        return self._run_segment({"input_ids": ids}, piece_mask, positions, state, None, 1, False, write_only=True)[1]
 
     # -- generation --------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(

@@ -129,6 +129,43 @@ def build(model_type: str, kind: str, seed: int = 0, randomized: bool = True):
     return model
 
 
+def run_in_threads(task, count: int) -> dict[int, object]:
+    """`task(thread)` in `count` threads started together; their results by thread (errors re-raised here)."""
+    import threading
+
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def run(thread: int) -> None:
+        try:
+            start.wait()
+            results[thread] = task(thread)
+        except BaseException as error:  # surfaced below with the thread's number
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
+
+
+def train_job(config: str, output_dir, overrides: dict[str, str] | None = None) -> None:
+    """`hf-memlm train CONFIG --output_dir DIR --section.key value ...`, which must succeed."""
+    from hf_memlm.cli import main
+
+    flags = [arg for key, value in (overrides or {}).items() for arg in (f"--{key}", value)]
+    assert main(["train", config, "--output_dir", str(output_dir), *flags]) == 0
+
+
+def exact_match_by_distance(results: dict, condition: str) -> dict[int, float]:
+    """Exact match of one condition by distance in segments, from a retrieval report's JSON."""
+    return {b["distance_segments"]: b["metrics"][condition]["exact_match"] for b in results["by_distance_segments"]}
+
+
 @pytest.fixture(params=[(b, k) for b in BASES for k in KINDS], ids=lambda p: f"{p[0]}-{p[1]}")
 def arch_kind(request):
     return request.param

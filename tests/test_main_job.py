@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import exact_match_by_distance, train_job
 
 from hf_memlm.cli import main
 
@@ -51,10 +52,6 @@ def run_readme_example(model_dir: Path, workdir: Path, monkeypatch, capsys) -> s
     return printed
 
 
-def _by_distance(results: dict, condition: str) -> dict[int, float]:
-    return {b["distance_segments"]: b["metrics"][condition]["exact_match"] for b in results["by_distance_segments"]}
-
-
 @pytest.fixture(scope="module")
 def miniature_job(tmp_path_factory) -> Path:
     """The main job in miniature (a few steps, a few examples): trains, saves, reloads, evaluates."""
@@ -66,17 +63,14 @@ def miniature_job(tmp_path_factory) -> Path:
         "evaluation.num_segments": "[2, 9]",
         "evaluation.check_generate": "1",
     }
-    assert (
-        main(["train", CONFIG, "--output_dir", str(out), *[a for k, v in overrides.items() for a in (f"--{k}", v)]])
-        == 0
-    )
+    train_job(CONFIG, out, overrides)
     return out
 
 
 def test_main_job_pipeline_runs_end_to_end(miniature_job):
     """Default suite: the pipeline writes the report with the baselines and a model that stops at its marker."""
     results = json.loads((miniature_job / "eval" / "passkey.json").read_text())
-    assert set(_by_distance(results, "memory")) == {1, 8}
+    assert set(exact_match_by_distance(results, "memory")) == {1, 8}
     assert {"memory", "memory_disabled", "base_model"} <= set(results["conditions"])
     assert (miniature_job / "eval" / "passkey.png").stat().st_size > 0
     assert (miniature_job / "model.safetensors").exists()
@@ -99,7 +93,7 @@ def main_job(tmp_path_factory) -> Path:
     if finished:
         return Path(finished).resolve()
     out = tmp_path_factory.mktemp("main_job") / "run"
-    assert main(["train", CONFIG, "--output_dir", str(out)]) == 0
+    train_job(CONFIG, out)
     return out
 
 
@@ -107,13 +101,13 @@ def main_job(tmp_path_factory) -> Path:
 def test_main_job_reaches_the_target(main_job):
     """>= 90% exact match at >= 8 segments with memory, baselines at chance."""
     results = json.loads((main_job / "eval" / "passkey.json").read_text())
-    with_memory = _by_distance(results, "memory")
+    with_memory = exact_match_by_distance(results, "memory")
     assert max(with_memory) >= 8
     for distance, accuracy in with_memory.items():
         if distance >= 8:
             assert accuracy >= 0.9, (distance, accuracy)
     for baseline in ("memory_disabled", "base_model"):
-        assert all(acc <= 0.01 for acc in _by_distance(results, baseline).values()), baseline
+        assert all(acc <= 0.01 for acc in exact_match_by_distance(results, baseline).values()), baseline
 
 
 @pytest.mark.slow

@@ -10,16 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from hf_memlm.cli import main
+from conftest import exact_match_by_distance, train_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "passkey_1m_cpu.yaml")
 MILLION = 16384  # segments of 64 tokens between the key's segment and the question's
-
-
-def _by_distance(results: dict, condition: str) -> dict[int, float]:
-    return {b["distance_segments"]: b["metrics"][condition]["exact_match"] for b in results["by_distance_segments"]}
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +28,14 @@ def miniature_run(tmp_path_factory) -> Path:
         "evaluation.check_generate": "1",
         "training.disable_tqdm": "true",
     }
-    argv = ["train", CONFIG, "--output_dir", str(out), *[a for k, v in overrides.items() for a in (f"--{k}", v)]]
-    assert main(argv) == 0
+    train_job(CONFIG, out, overrides)
     return out
 
 
 def test_the_1m_job_runs_in_miniature(miniature_run):
     out = miniature_run
     results = json.loads((out / "eval" / "passkey.json").read_text())
-    assert set(_by_distance(results, "memory")) == {1, 5}
+    assert set(exact_match_by_distance(results, "memory")) == {1, 5}
     assert results["data"]["filler_source"] == "data/books/held_out"  # the held-out book, not the training text
     saved = json.loads((out / "config.json").read_text())
     assert (saved["memory_topk"], saved["memory_dtype"], saved["memory_size"]) == (4, "float16", 1100000)
@@ -56,14 +50,14 @@ def test_the_1m_job_recalls_a_key_a_million_tokens_back():
         out = Path(finished)
     else:
         out = Path(os.environ.get("TMPDIR", "/tmp")) / "hf_memlm_passkey_1m"
-        assert main(["train", CONFIG, "--output_dir", str(out), "--overwrite_output_dir", "true"]) == 0
+        train_job(CONFIG, out, {"overwrite_output_dir": "true"})
     results = json.loads((out / "eval" / "passkey.json").read_text())
-    with_memory = _by_distance(results, "memory")
+    with_memory = exact_match_by_distance(results, "memory")
     assert set(with_memory) >= {256, 1024, 4096, MILLION}
     assert all(b["answers"] >= 100 for b in results["by_distance_segments"])
     assert with_memory[MILLION] >= 0.99, with_memory
     for baseline in ("memory_disabled", "base_model"):
-        assert all(acc <= 0.01 for acc in _by_distance(results, baseline).values()), baseline
+        assert all(acc <= 0.01 for acc in exact_match_by_distance(results, baseline).values()), baseline
 
 
 def test_the_far_passkey_script_scores_a_saved_model(miniature_run, capsys):

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import SEGMENT, VOCAB, build
+from conftest import SEGMENT, VOCAB, build, run_in_threads
 
 THREADS = 4
 CALLS_PER_THREAD = 6
@@ -29,25 +29,7 @@ def _stream(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _in_threads(task) -> dict[int, object]:
-    """`task(thread)` in THREADS threads started together; their results by thread (errors re-raised here)."""
-    results: dict[int, object] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(THREADS)
-
-    def run(thread: int) -> None:
-        try:
-            start.wait()
-            results[thread] = task(thread)
-        except BaseException as error:  # surfaced below with the thread's number
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
-    return results
+    return run_in_threads(task, THREADS)
 
 
 @pytest.mark.parametrize("kind", ["kv", "slot"])
@@ -74,18 +56,7 @@ def test_concurrent_generation_equals_serial():
     ]
     settings = dict(max_new_tokens=SEGMENT + 2, do_sample=False, pad_token_id=0)
     serial = [model.generate(p, **settings) for p in prompts]
-    results: dict[int, torch.Tensor] = {}
-    start = threading.Barrier(len(prompts))
-
-    def run(index: int) -> None:
-        start.wait()
-        results[index] = model.generate(prompts[index], **settings)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_in_threads(lambda index: model.generate(prompts[index], **settings), len(prompts))
     for index, expected in enumerate(serial):
         assert torch.equal(results[index], expected), f"thread {index}"
 
