@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_config
+from conftest import base_config, run_in_threads
 
 import hf_memlm.memory_kv as kv
 import hf_memlm.memory_kv_index as kv_index
@@ -551,6 +551,23 @@ def test_a_memorized_document_keeps_its_index_for_the_next_beam_search(monkeypat
         again = model.generate(tokens[:, 384:400], memory_state=state, **options)
     assert builds == [], builds
     assert torch.equal(again, first) and second.shape == first.shape
+
+
+def test_beam_searches_in_threads_over_one_indexed_document_equal_serial_ones():
+    # Threads asking about one memorized document with beams derive indexes from the document's and write
+    # their windows into lists they share with it: each thread must get what it gets alone.
+    pytest.importorskip("faiss")
+    model = _indexed_model("auto")
+    model.generation_config.eos_token_id = None
+    tokens = torch.randint(0, 97, (1, 384 + 4 * 16), generator=torch.Generator().manual_seed(17))
+    state = model.memorize(tokens[:, :384])
+    prompts = [tokens[:, 384 + 16 * t : 400 + 16 * t] for t in range(4)]
+    options = dict(num_beams=2, max_new_tokens=24, do_sample=False, pad_token_id=0, memory_state=state)
+    with torch.no_grad():
+        serial = [model.generate(prompt, **options) for prompt in prompts]
+        results = run_in_threads(lambda thread: model.generate(prompts[thread], **options), len(prompts))
+    for thread, expected in enumerate(serial):
+        assert torch.equal(results[thread], expected), f"thread {thread}"
 
 
 def test_rows_taken_twice_share_the_index_until_one_is_written():

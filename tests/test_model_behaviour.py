@@ -299,11 +299,11 @@ def test_bptt_segments_cuts_gradients_between_segments(bptt, reaches_first_segme
     assert all((grad > 0) == reaches_first_segment for grad in first_segment)
 
 
-@pytest.mark.parametrize("kind", ["kv", "slot"])
-def test_one_remembered_row_serves_a_padded_batch_without_a_copy_per_row(kind):
+def test_one_remembered_row_serves_a_padded_batch_without_a_copy_per_row(arch_kind):
     """A one-row state given to a batch (a document remembered once, many prompts) is a view of that row, not
     a copy per row; each row reads and writes exactly as with its own copy, left padding included."""
-    model = build("llama", kind)
+    base, kind = arch_kind
+    model = build(base, kind)
     with torch.no_grad():
         state = model(_ids(1, 5 * SEGMENT, seed=7)).memory_state
         shared = state.select([0, 0, 0])

@@ -113,3 +113,22 @@ def test_memorize_in_some_threads_leaves_forwards_in_others_whole(kind):
         for layer, tensors in state.layers.items():
             for name, tensor in tensors.items():
                 torch.testing.assert_close(results[t].layers[layer][name], tensor, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["kv", "slot"])
+def test_threads_sharing_one_remembered_row_each_get_their_own_answers(kind):
+    # One document remembered once, asked from several threads with beams: each thread's rows are views of the
+    # document's row (`MemoryState.select`) that its writes must never reach into for the others.
+    model = build("llama", kind)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        document = model(torch.randint(3, VOCAB, (1, 4 * SEGMENT + 3), generator=torch.Generator().manual_seed(9)))
+    state = document.memory_state
+    prompts = [
+        torch.randint(3, VOCAB, (1, SEGMENT + 2), generator=torch.Generator().manual_seed(t)) for t in range(THREADS)
+    ]
+    settings = dict(num_beams=2, max_new_tokens=SEGMENT + 3, do_sample=False, pad_token_id=0, memory_state=state)
+    serial = [model.generate(prompt, **settings) for prompt in prompts]
+    results = _in_threads(lambda thread: model.generate(prompts[thread], **settings))
+    for thread, expected in enumerate(serial):
+        assert torch.equal(results[thread], expected), f"thread {thread}"
