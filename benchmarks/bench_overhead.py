@@ -26,6 +26,17 @@ from common import (
 )
 
 
+def operator_ms(run, calls: int = 3, top: int = 12) -> dict[str, float]:
+    """CPU ms per call of `run` by torch operator (self time, the `top` largest), from torch.profiler."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(calls):
+            run()
+    averages = sorted(prof.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)[:top]
+    return {event.key: event.self_cpu_time_total / 1000 / calls for event in averages}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and few repeats (smoke test)")
@@ -35,6 +46,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--kinds", default="kv,slot")
     parser.add_argument("--no-training", action="store_true", help="inference figures only")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile 3 inference calls of each memory model (torch.profiler): ms per call by operator",
+    )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/overhead[_quick].json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,6 +105,10 @@ def main(argv=None) -> dict:
             figures[mode][kind]["ratio_vs_base"] = median(wall["base"]) / median(wall[kind])
             figures[mode][kind]["cpu_ratio_vs_base"] = median(cpu["base"]) / median(cpu[kind])
 
+    profiled = {kind: operator_ms(infer(kind)) for kind in kinds} if args.profile else {}
+    if profiled:
+        profiled["base"] = operator_ms(infer_base)
+
     setting = {
         "base": f"llama hidden {hidden}, {layers} layers",
         "segment_length": segment,
@@ -100,6 +120,8 @@ def main(argv=None) -> dict:
     }
     payload = {"benchmark": "overhead", "quick": args.quick, "setting": setting, "environment": environment()}
     payload["figures"] = figures
+    if profiled:
+        payload["profile_ms_per_call"] = profiled
     rows = [
         [
             mode,
@@ -115,6 +137,12 @@ def main(argv=None) -> dict:
     table = markdown_table(
         ["mode", "memory", "memory tokens/s", "base tokens/s", "ratio (wall)", "ratio (CPU time)"], rows
     )
+    if profiled:
+        operators = list(dict.fromkeys(name for by_operator in profiled.values() for name in by_operator))
+        table += "\n\n" + markdown_table(
+            ["operator (ms per inference call, self CPU)", *profiled],
+            [[name, *(f"{profiled[model].get(name, 0.0):.1f}" for model in profiled)] for name in operators],
+        )
     return report("overhead", payload, table, args)
 
 

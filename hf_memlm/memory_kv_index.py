@@ -18,9 +18,10 @@ _LOOKAHEAD = 4
 _ENTRIES_PER_LIST = 128
 # A row is re-clustered once as many entries have been written to it since its lists were placed as it
 # held then: each time it doubles while it grows, and once full, each time all its entries were replaced.
-# Keys drift along a stream (new text, new topics). On the benchmark stream (`bench_streaming.py`, 65k
-# tokens), lists placed on the first 16k entries kept recall@32 at 0.92 by the end; placed on all 65k, 0.99;
-# re-clustered at each doubling, 0.97-0.98. The builds cost about twice the last one in all. Past
+# Keys drift along a stream (new text, new topics): on the benchmark stream's keys at 65k entries
+# (`benchmarks/bench_index_settings.py`), 1,024 lists placed on its first quarter searched 1.5 times as long
+# as lists placed on all of it (later keys crowd into fewer lists), at recall@32 0.957 against 0.967. The
+# builds cost about twice the last one in all. Past
 # `_RECLUSTER_UNTIL` entries a build (k-means plus assigning every entry) costs more than the writes it
 # serves, and the lists stay as they are.
 _RECLUSTER_UNTIL = 1 << 18
@@ -28,9 +29,9 @@ _RECLUSTER_UNTIL = 1 << 18
 # is k-means over `lists * _TRAINING_POINTS_PER_LIST` points plus assigning every entry to a list. Past the
 # cap the lists grow instead (256 entries each at 1M), so a search scans more.
 _MAX_LISTS = 4096
-# k-means on a sample of 4 points per list, 4 iterations, places the lists about as well as 16 points and
-# 10 iterations (recall@32 0.991 against 0.993 on the benchmark model's keys at 65k entries, 1,024 lists,
-# 32 probes) at a fraction of the build time: k-means costs points x lists x iterations.
+# k-means on a sample of 4 points per list, 4 iterations, instead of 16 and 10: builds 2-3 times cheaper
+# (k-means costs points x lists x iterations) for recall@32 0.948 against 0.967 at 1,024 lists and 0.979
+# against 0.972 at 512 (`benchmarks/bench_index_settings.py`).
 _TRAINING_POINTS_PER_LIST = 4
 _KMEANS_ITERATIONS = 4
 _MAX_TRAINING_POINTS = 32768

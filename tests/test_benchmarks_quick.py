@@ -119,3 +119,15 @@ def test_streaming_benchmark_streams_a_text_file_and_refuses_a_short_one(tmp_pat
     assert payload["figures"]["entries_per_row_after_long"] == 64 * 32 - 1
     with pytest.raises(ValueError, match="holds 2120 bytes; the long stream needs 4096"):
         _benchmark("bench_streaming").main(["--quick", "--long", "128", "--text", str(text)])
+
+
+def test_index_settings_benchmark_quick_measures_every_setting(tmp_path):
+    pytest.importorskip("faiss")
+    output = tmp_path / "index_settings.json"
+    _benchmark("bench_index_settings").main(["--quick", "--threads", "1", "--repeats", "1", "--output", str(output)])
+    figures = json.loads(output.read_text())["figures"]
+    assert len(figures["settings"]) == len(_benchmark("bench_index_settings").SETTINGS)
+    assert all(0.0 <= row["recall_at_k"] <= 1.0 and row["search_ms"] > 0 for row in figures["settings"])
+    # probing every list of a small index finds the exact top-k (up to ties between equal scores)
+    assert all(row["recall_at_k"] >= 0.99 for row in figures["settings"] if row["probes"] >= row["lists"])
+    assert figures["exact_ms_at_short_stream"] > 0
