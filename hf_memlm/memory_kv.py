@@ -27,7 +27,7 @@ from .memory_kv_index import _import_faiss, _SearchIndex, _warn_faiss_missing, v
 
 # Cap on one chunk of the (batch, heads, queries, entries) score tensor, in elements.
 _SCORE_CHUNK_ELEMENTS = 1 << 25
-# Integer views of each float dtype's bits, in which non-negative floats keep their order (`top_k_indices`).
+# Integer views of each float dtype's bits, in which non-negative floats keep their order (`top_k`).
 _SAME_WIDTH_INTS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Initial softmax temperature on cosine scores (learned per head afterwards); see `reset_parameters`.
@@ -77,8 +77,9 @@ def retrieve(
             scores = torch.matmul(scaled[:, :, start : start + chunk], keys.transpose(-1, -2))
             if not all_valid:
                 scores = scores.masked_fill(invalid, torch.finfo(scores.dtype).min)
-            top_index = top_k_indices(scores, topk)  # (B, H, t, k); the selection carries no gradient
-            top_scores = scores.gather(-1, top_index)
+            top_scores, top_index = top_k(scores, topk)  # (B, H, t, k); the selection carries no gradient
+            if scores.requires_grad:
+                top_scores = scores.gather(-1, top_index)  # the same values, with a gradient
             entry_valid = None if all_valid else valid[:, None, None, :].expand_as(scores).gather(-1, top_index)
             outputs.append(attend_selected(top_scores, top_index, values, entry_valid))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
@@ -87,23 +88,25 @@ def retrieve(
     return torch.where(has_entries[:, None, None, None], out, torch.zeros_like(out))
 
 
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the `k` largest `scores` along the last dimension (in descending order), without gradient.
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest `scores` along the last dimension and their positions, in descending order, without
+    gradient: the values of `scores.topk(k)` (where scores tie, the positions may differ), made faster on CPU.
 
-    The same selection as `scores.topk(k).indices`, made faster on CPU: torch's top-k compares integers
-    about twice as fast as floats (whose comparisons check for NaN), and non-negative floats order like
-    their bit patterns read as integers. Negative floats do not (their integers are all below those of
-    non-negative ones, in reverse order), so a row whose k-th pick is negative is selected again on floats.
+    torch's top-k compares integers about twice as fast as floats (whose comparisons check for NaN), and
+    non-negative floats order like their bit patterns read as integers. Negative floats do not (their integers
+    are all below those of non-negative ones, in reverse order), so a row whose k-th pick is negative is
+    selected again on floats. The values come with the selection, so an inference read needs no gather.
     """
     with torch.no_grad():
         if scores.device.type != "cpu" or scores.dtype not in _SAME_WIDTH_INTS:
-            return scores.topk(k, dim=-1).indices
+            return scores.topk(k, dim=-1)
         bits = scores.contiguous().view(_SAME_WIDTH_INTS[scores.dtype])
         top_bits, index = bits.topk(k, dim=-1)
+        top = top_bits.view(scores.dtype)
         redo = top_bits[..., -1] < 0  # fewer than k non-negative scores (or a -0.0 among the picks)
         if bool(redo.any()):
-            index[redo] = scores[redo].topk(k, dim=-1).indices
-        return index
+            top[redo], index[redo] = scores[redo].topk(k, dim=-1)
+        return top, index
 
 
 def _entry_table(store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +148,8 @@ def attend_selected(
     weights = torch.softmax(scores, dim=-1)
     if selected_valid is not None:
         weights = weights * selected_valid
+    if values.dtype == weights.dtype and torch.is_grad_enabled() and values.shape[2] <= _DENSE_BACKWARD_ENTRIES * count:
+        return _SumWithDenseBackward.apply(weights, index, values)
     table, first = _entry_table(values)
     flat = (index + first).view(batch * heads * tokens, count)
     if values.dtype == weights.dtype:
@@ -156,6 +161,42 @@ def attend_selected(
         picked = F.embedding(flat, table).to(weights.dtype)
         out = torch.bmm(weights.reshape(-1, 1, count), picked).squeeze(1)
     return out.view(batch, heads, tokens, width)
+
+
+# Up to this many stored entries per pick, the backward of a read goes through dense matmuls (see below).
+_DENSE_BACKWARD_ENTRIES = 16
+
+
+class _SumWithDenseBackward(torch.autograd.Function):
+    """`attend_selected`'s weighted sum of the picked values, out (B, H, t, dv), whose backward goes through
+    dense (t, S) matmuls instead of `embedding_bag`'s (which sorts every pick and adds rows one by one).
+
+    For a memory of few entries per pick (S <= 16 k, e.g. the first segments of a training example) it is the
+    faster one: the read's forward and backward at top-32, one thread, took 27-28 ms against 34 at 255
+    entries and 41-42 against 45 at 511 (`python benchmarks/bench_read_block.py --training`, before and after).
+    Its cost grows with S, so larger memories keep `embedding_bag`'s.
+    """
+
+    @staticmethod
+    def forward(ctx, weights, index, values):
+        batch, heads, tokens, count = index.shape
+        table, first = _entry_table(values)
+        flat = (index + first).view(batch * heads * tokens, count)
+        out = F.embedding_bag(flat, table, per_sample_weights=weights.reshape(-1, count), mode="sum")
+        ctx.save_for_backward(weights, index, values)
+        return out.view(batch, heads, tokens, values.shape[3])
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, index, values = ctx.saved_tensors
+        grad_weights = grad_values = None
+        if ctx.needs_input_grad[0]:  # d out / d weight[j] = value[index[j]]
+            grad_weights = torch.matmul(grad, values.transpose(-1, -2)).gather(-1, index)
+        if ctx.needs_input_grad[2]:  # d out / d value[s] = the weight of s (0 where s was not picked)
+            # summed, not assigned: padding picks repeat a position (with weight 0)
+            dense = weights.new_zeros(*index.shape[:-1], values.shape[2]).scatter_add_(-1, index, weights)
+            grad_values = torch.matmul(dense.transpose(-1, -2), grad)
+        return grad_weights, None, grad_values
 
 
 def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,11 +95,16 @@ def test_retrieval_benchmark_quick_reads_through_the_index_past_the_threshold(tm
     assert all(row["recall_at_k"] >= 0.95 for row in rows)
 
 
-def test_read_block_benchmark_quick_times_every_segment(tmp_path):
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_read_block_benchmark_quick_times_every_segment(tmp_path, mode):
     pytest.importorskip("psutil")
     output = tmp_path / "read_block.json"
-    _benchmark("bench_read_block").main(["--quick", "--output", str(output)])
-    figures = json.loads(output.read_text())["figures"]
+    _benchmark("bench_read_block").main(
+        ["--quick", "--output", str(output)] + (["--training"] if mode == "training" else [])
+    )
+    payload = json.loads(output.read_text())
+    assert payload["setting"]["mode"].startswith(mode)
+    figures = payload["figures"]
     assert [row["segment"] for row in figures["segments"]] == [1, 2, 3, 4]
     assert (
         figures["segments"][0]["read_ms"] < figures["segments"][-1]["read_ms"]

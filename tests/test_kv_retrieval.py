@@ -67,12 +67,13 @@ def _reference_read(queries, keys, values, valid, scale, topk):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_exact_topk_read_and_gradients_match_the_reference(padded):
+@pytest.mark.parametrize("entries", [40, 400])  # the backward through dense matmuls, and through embedding_bag
+def test_exact_topk_read_and_gradients_match_the_reference(padded, entries):
     generator = torch.Generator().manual_seed(0)
     queries = F.normalize(torch.randn(2, 3, 7, 8, generator=generator), dim=-1).requires_grad_()
-    keys = F.normalize(torch.randn(2, 3, 40, 8, generator=generator), dim=-1).requires_grad_()
-    values = torch.randn(2, 3, 40, 5, generator=generator).requires_grad_()
-    valid = torch.ones(2, 40, dtype=torch.bool)
+    keys = F.normalize(torch.randn(2, 3, entries, 8, generator=generator), dim=-1).requires_grad_()
+    values = torch.randn(2, 3, entries, 5, generator=generator).requires_grad_()
+    valid = torch.ones(2, entries, dtype=torch.bool)
     if padded:
         valid[1, 25:] = False
     scale = torch.tensor([4.0, 8.0, 16.0])
@@ -85,18 +86,49 @@ def test_exact_topk_read_and_gradients_match_the_reference(padded):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("entries", [20, 200])  # the backward through dense matmuls, and through embedding_bag
+def test_read_of_selected_entries_and_gradients_count_each_real_pick_once(entries):
+    # As the index leaves them: the last picks of each query are padding (not valid) at entry 0, which is also
+    # a real pick of the first query.
+    generator = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(1, 2, 5, 8, generator=generator), dim=-1).requires_grad_()
+    keys = F.normalize(torch.randn(1, 2, entries, 8, generator=generator), dim=-1).requires_grad_()
+    values = torch.randn(1, 2, entries, 4, generator=generator).requires_grad_()
+    scale = torch.tensor([4.0, 16.0])
+    index = torch.stack([torch.randperm(entries - 1, generator=generator)[:6] + 1 for _ in range(10)]).view(1, 2, 5, 6)
+    index[:, :, 0, 0] = 0
+    index[..., 4:] = 0
+    selected_valid = torch.ones_like(index, dtype=torch.bool)
+    selected_valid[..., 4:] = False
+    ours = kv.retrieve_selected(queries, keys, values, scale, index, selected_valid)
+
+    picked_keys = keys[:, :, None].expand(-1, -1, 5, -1, -1).gather(3, index[..., None].expand(-1, -1, -1, -1, 8))
+    picked_values = values[:, :, None].expand(-1, -1, 5, -1, -1).gather(3, index[..., None].expand(-1, -1, -1, -1, 4))
+    scores = ((queries * scale.view(1, -1, 1, 1))[..., None, :] * picked_keys).sum(-1)
+    weights = torch.softmax(scores.masked_fill(~selected_valid, -math.inf), dim=-1)
+    reference = (weights[..., None] * picked_values).sum(-2)
+    torch.testing.assert_close(ours, reference)
+    grads = torch.autograd.grad(ours.square().sum(), (queries, keys, values))
+    expected = torch.autograd.grad(reference.square().sum(), (queries, keys, values))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_top_k_selection_picks_the_k_largest_scores_of_every_row(dtype):
-    # rows of mostly negative scores (fewer than k non-negative), a -0.0, masked entries at the dtype's minimum
+    # rows of mostly negative scores (fewer than k non-negative), a -0.0, masked entries at the dtype's minimum,
+    # a row of many ties
     generator = torch.Generator().manual_seed(0)
     shifts = torch.tensor([0.0, 3.0, -3.0, -0.5])[:, None, None]
     scores = (torch.randn(4, 5, 300, generator=generator) + shifts).to(dtype)
     scores[0, 0, :10] = -0.0
     scores[1, :, 100:] = torch.finfo(dtype).min
-    picked = kv.top_k_indices(scores, 32)
+    scores[0, 1] = scores[0, 1].round()
+    top, picked = kv.top_k(scores, 32)
     assert picked.shape == (4, 5, 32)
     # the same values as torch's top-k, in the same (descending) order; ties may pick other positions
-    torch.testing.assert_close(scores.gather(-1, picked), scores.topk(32, dim=-1).values, rtol=0, atol=0)
+    torch.testing.assert_close(top, scores.topk(32, dim=-1).values, rtol=0, atol=0)
+    torch.testing.assert_close(scores.gather(-1, picked), top, rtol=0, atol=0)
     assert bool((picked.sort(-1).values.diff(dim=-1) > 0).all())  # k distinct entries
 
 
