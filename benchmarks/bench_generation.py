@@ -21,7 +21,18 @@ import time
 
 import psutil
 import torch
-from common import base_config, build_models, environment, interleaved, markdown_table, median, report, text_tokens
+from common import (
+    add_base_size_arguments,
+    base_config,
+    base_size,
+    build_models,
+    environment,
+    interleaved,
+    markdown_table,
+    median,
+    report,
+    text_tokens,
+)
 
 
 def main(argv=None) -> dict:
@@ -36,9 +47,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5; quick 2)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default greedy)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/generation[_quick].json)")
+    add_base_size_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    hidden, layers, segment = (64, 2, 32) if args.quick else (256, 4, 256)
+    hidden, layers, segment = base_size(args)
     fill = args.fill or (8192 if args.quick else 1 << 20)
     prompt_length = args.prompt or (16 if args.quick else 64)
     new_tokens = args.new_tokens or (16 if args.quick else 128)

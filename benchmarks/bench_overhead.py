@@ -15,7 +15,9 @@ import argparse
 
 import torch
 from common import (
+    add_base_size_arguments,
     base_config,
+    base_size,
     build_models,
     environment,
     interleaved,
@@ -52,9 +54,10 @@ def main(argv=None) -> dict:
         help="also profile 3 inference calls of each memory model (torch.profiler): ms per call by operator",
     )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/overhead[_quick].json)")
+    add_base_size_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    hidden, layers, segment = (64, 2, 32) if args.quick else (256, 4, 256)
+    hidden, layers, segment = base_size(args)
     repeats = args.repeats or (3 if args.quick else 7)
     kinds = tuple(kind for kind in args.kinds.split(",") if kind)
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import psutil
 import torch
 from common import (
+    add_base_size_arguments,
     base_config,
+    base_size,
     build_models,
     cpu_seconds,
     environment,
@@ -83,9 +85,10 @@ def main(argv=None) -> dict:
         "--text", default=None, help="a UTF-8 text file to stream, as bytes (default: the bundled text, repeated)"
     )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/streaming[_quick].json)")
+    add_base_size_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    hidden, layers, segment = (64, 2, 32) if args.quick else (256, 4, 256)
+    hidden, layers, segment = base_size(args)
     short = args.short or (4 if args.quick else 16)
     long = args.long or (32 if args.quick else 256)
     repeats = args.repeats or (1 if args.quick else 3)

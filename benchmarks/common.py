@@ -36,6 +36,24 @@ def base_config(hidden_size: int = 256, num_layers: int = 4, segment_length: int
     return tiny_llama_config(hidden_size=hidden_size, num_layers=num_layers, max_positions=segment_length)
 
 
+def add_base_size_arguments(parser) -> None:
+    """`--hidden` / `--layers`: the base's width and depth, for figures at another size than the issue's."""
+    parser.add_argument("--hidden", type=int, default=None, help="base hidden size (default 256; quick 64)")
+    parser.add_argument("--layers", type=int, default=None, help="base decoder layers (default 4; quick 2)")
+
+
+def base_size(args, quick_segment: int = 32) -> tuple[int, int, int]:
+    """(hidden size, layers, segment length) of the benchmark base: the issue's Llama 256 wide with 4 layers and
+    segments of 256 (quick: 64 wide, 2 layers), unless `--hidden` / `--layers` say otherwise."""
+    hidden, layers, segment = (64, 2, quick_segment) if args.quick else (256, 4, 256)
+    hidden, layers = args.hidden or hidden, args.layers or layers
+    if hidden % 4 or hidden <= 0 or layers <= 0:
+        raise ValueError(
+            f"--hidden must be a positive multiple of 4 (4 heads) and --layers positive, got {hidden}, {layers}."
+        )
+    return hidden, layers, segment
+
+
 def build_models(config: LlamaConfig, segment_length: int, kinds=("kv", "slot"), seed: int = 0, **settings):
     """The base model and, per memory kind, a memory model around an identical copy of it.
 

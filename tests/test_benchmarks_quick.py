@@ -74,6 +74,19 @@ def test_overhead_benchmark_quick_reports_every_ratio(tmp_path):
             assert figures[mode][kind]["ratio_vs_base"] > 0 and figures[mode][kind]["cpu_ratio_vs_base"] > 0
 
 
+@pytest.mark.parametrize("script", ["bench_overhead", "bench_generation", "bench_streaming"])
+def test_benchmarks_take_another_base_size_and_refuse_a_bad_one(tmp_path, script):
+    pytest.importorskip("psutil")
+    output = tmp_path / "figures.json"
+    extra = ["--kinds", "kv", "--no-training"] if script == "bench_overhead" else []
+    argv = ["--quick", "--threads", "1", "--repeats", "1", "--hidden", "32", "--layers", "3", *extra]
+    _benchmark(script).main([*argv, "--output", str(output)])
+    assert json.loads(output.read_text())["setting"]["base"] == "llama hidden 32, 3 layers"
+    with pytest.raises(ValueError, match="--hidden must be a positive multiple of 4"):
+        _benchmark(script).main(["--quick", "--hidden", "30", "--output", str(tmp_path / "refused.json")])
+    assert not (tmp_path / "refused.json").exists()
+
+
 def test_memory_bytes_benchmark_quick_halves_kv_bytes_in_16_bit_storage(tmp_path):
     pytest.importorskip("psutil")
     output = tmp_path / "memory_bytes.json"
