@@ -36,6 +36,26 @@ SETTINGS = [
 ]
 
 
+def parse_setting(text: str) -> tuple[int, int, float, int, int]:
+    """`LISTS/PROBES/SHARE/POINTS/ITERATIONS` (e.g. `1024/32/1.0/4/4`) as a `SETTINGS` row."""
+    parts = text.split("/")
+    try:
+        lists, probes, share, points, iterations = (
+            int(parts[0]),
+            int(parts[1]),
+            float(parts[2]),
+            int(parts[3]),
+            int(parts[4]),
+        )
+    except (IndexError, ValueError):
+        raise ValueError(
+            f"--settings {text!r}: expected LISTS/PROBES/SHARE/POINTS/ITERATIONS, e.g. 1024/32/1.0/4/4"
+        ) from None
+    if len(parts) != 5 or min(lists, probes, points, iterations) <= 0 or not 0 < share <= 1:
+        raise ValueError(f"--settings {text!r}: counts must be positive and SHARE in (0, 1], e.g. 1024/32/1.0/4/4")
+    return lists, probes, share, points, iterations
+
+
 def timed_ms(run, repeats: int) -> float:
     run()
     times = []
@@ -53,8 +73,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--long", type=int, default=None, help="segments streamed (default 256; quick 256)")
     parser.add_argument("--short", type=int, default=16, help="segments of the short stream (exact read size)")
     parser.add_argument("--repeats", type=int, default=5, help="timed searches per setting (median)")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        metavar="LISTS/PROBES/SHARE/POINTS/ITERATIONS",
+        help="settings to try instead of the built-in ones, e.g. 1024/40/1.0/4/4 (share: of the stream the lists "
+        "are placed on; points: k-means points per list)",
+    )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/index_settings.json)")
     args = parser.parse_args(argv)
+    settings = SETTINGS if args.settings is None else [parse_setting(text) for text in args.settings]
     faiss = _import_faiss()
     if faiss is None:
         raise SystemExit("bench_index_settings needs faiss: pip install faiss-cpu")
@@ -85,7 +114,7 @@ def main(argv=None) -> dict:
     )
 
     rows = []
-    for lists, probes, share, points, iterations in SETTINGS:
+    for lists, probes, share, points, iterations in settings:
         if args.quick:
             lists = max(8, lists // 16)
         placed = max(lists, int(entries * share))

@@ -149,3 +149,21 @@ def test_index_settings_benchmark_quick_measures_every_setting(tmp_path):
     # probing every list of a small index finds the exact top-k (up to ties between equal scores)
     assert all(row["recall_at_k"] >= 0.99 for row in figures["settings"] if row["probes"] >= row["lists"])
     assert figures["exact_ms_at_short_stream"] > 0
+
+
+def test_index_settings_benchmark_takes_settings_and_refuses_malformed_ones(tmp_path):
+    pytest.importorskip("faiss")
+    output = tmp_path / "index_settings.json"
+    argv = ["--quick", "--threads", "1", "--repeats", "1", "--output", str(output)]
+    _benchmark("bench_index_settings").main([*argv, "--settings", "256/4/1.0/4/4", "256/256/0.5/8/6"])
+    rows = json.loads(output.read_text())["figures"]["settings"]
+    assert [(row["probes"], row["kmeans_points_per_list"], row["kmeans_iterations"]) for row in rows] == [
+        (4, 4, 4),
+        (256, 8, 6),
+    ]
+    for bad in ("1024/32/1.0/4", "1024/32/1.5/4/4", "1024/x/1.0/4/4", "0/32/1.0/4/4"):
+        with pytest.raises(ValueError, match="LISTS/PROBES/SHARE/POINTS/ITERATIONS|counts must be positive"):
+            _benchmark("bench_index_settings").main(
+                ["--quick", "--settings", bad, "--output", str(tmp_path / "bad.json")]
+            )
+    assert not (tmp_path / "bad.json").exists()
