@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,7 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import AutoConfig
 
 import hf_memlm
+from hf_memlm import MemLMConfig
 from hf_memlm.memory_kinds import MEMORY_KINDS
+from hf_memlm.memory_kv import KVMemory
 
 VOCAB = 97
 HIDDEN = 32
@@ -127,6 +130,44 @@ def build(model_type: str, kind: str, seed: int = 0, randomized: bool = True):
     if randomized:
         randomize_memory(model, seed)
     return model
+
+
+# the hidden size of `base_config("llama")`, which `kv_block` wraps
+KV_HIDDEN = 32
+
+
+def kv_block(seed=0, **settings):
+    """A `kv` memory block (2 heads) beside layer 0 of the tiny Llama, its output projection randomised."""
+    options = dict(memory_type="kv", memory_layers=[0], memory_heads=2, segment_length=64, memory_size=8192)
+    options.update(settings)
+    torch.manual_seed(seed)
+    block = KVMemory(MemLMConfig(text_config=base_config("llama"), **options), 0)
+    block.reset_parameters(0.5)
+    with torch.no_grad():
+        block.mem_out.weight.normal_(0.0, 0.5)
+    return block
+
+
+def clustered_hidden(generator, rows, tokens, clusters=64, noise=0.3):
+    """Hidden states (rows, tokens, KV_HIDDEN) around `clusters` centres, as keys of real text cluster."""
+    centres = F.normalize(torch.randn(clusters, KV_HIDDEN, generator=generator), dim=-1) * 3
+    pick = torch.randint(0, clusters, (rows, tokens), generator=generator)
+    return centres[pick] + noise * torch.randn(rows, tokens, KV_HIDDEN, generator=generator)
+
+
+def write_segments(block, hidden, segment=256, state=None):
+    """`block`'s state after writing `hidden` segment by segment, every token real."""
+    rows = hidden.shape[0]
+    state = state or block.init_state(rows, "cpu", torch.float32)
+    for piece in hidden.split(segment, dim=1):
+        state = block(piece, state, mode="write", mask=torch.ones(piece.shape[:2], dtype=torch.bool))
+    return state
+
+
+def selection_recall(selected, selected_valid, exact):
+    """Share of the exact top-k entries that the selection contains, over all queries and heads."""
+    hits = ((selected.unsqueeze(-1) == exact.unsqueeze(-2)) & selected_valid.unsqueeze(-1)).any(-2)
+    return hits.float().mean().item()
 
 
 def run_in_threads(task, count: int) -> dict[int, object]:

@@ -162,7 +162,7 @@ def test_index_settings_benchmark_takes_settings_and_refuses_malformed_ones(tmp_
         (256, 8, 6),
     ]
     for bad in ("1024/32/1.0/4", "1024/32/1.5/4/4", "1024/x/1.0/4/4", "0/32/1.0/4/4"):
-        with pytest.raises(ValueError, match="LISTS/PROBES/SHARE/POINTS/ITERATIONS|counts must be positive"):
+        with pytest.raises(ValueError, match=r"LISTS/PROBES/SHARE/POINTS/ITERATIONS|counts must be positive"):
             _benchmark("bench_index_settings").main(
                 ["--quick", "--settings", bad, "--output", str(tmp_path / "bad.json")]
             )
