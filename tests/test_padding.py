@@ -74,6 +74,27 @@ def test_padded_forward_equals_each_row_alone(arch_kind, side):
             torch.testing.assert_close(batched.logits[b], alone.logits[0, nearest])
 
 
+def test_padded_gradients_equal_the_sum_of_each_row_alone(arch_kind):
+    """Left padding (pads that are and are not multiples of the segment): the gradient of an objective over the
+    real tokens' logits, for every parameter, is the sum of each row's alone (the memory read's backward
+    included: rows may not leak gradient into each other through padding or stored entries)."""
+    model = build(*arch_kind)  # eval mode (no dropout), gradients on
+    rows = _rows()
+    ids, mask = _pad(rows, "left")
+    generator = torch.Generator().manual_seed(3)
+    targets = [torch.randn(len(row), VOCAB, generator=generator) for row in rows]
+    batched = model(ids, attention_mask=mask).logits
+    sum((batched[b, mask[b].bool(), :VOCAB] * target).sum() for b, target in enumerate(targets)).backward()
+    together = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+    model.zero_grad(set_to_none=True)
+    for row, target in zip(rows, targets, strict=True):
+        (model(row[None]).logits[0, :, :VOCAB] * target).sum().backward()  # gradients add up over the rows
+    alone = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+    assert together.keys() == alone.keys() and any("memory" in name for name in alone)
+    for name, grad in alone.items():
+        torch.testing.assert_close(together[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_padded_forward_with_memory_disabled_is_the_base_per_row():
     model = build("llama", "slot")
     rows = _rows()
