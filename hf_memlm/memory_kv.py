@@ -148,19 +148,26 @@ def attend_selected(
     weights = torch.softmax(scores, dim=-1)
     if selected_valid is not None:
         weights = weights * selected_valid
-    if values.dtype == weights.dtype and torch.is_grad_enabled() and values.shape[2] <= _DENSE_BACKWARD_ENTRIES * count:
-        return _SumWithDenseBackward.apply(weights, index, values)
+    if values.dtype == weights.dtype:
+        if torch.is_grad_enabled() and values.shape[2] <= _DENSE_BACKWARD_ENTRIES * count:
+            return _SumWithDenseBackward.apply(weights, index, values)
+        # its backward scatters into the store and into the weights
+        return _sum_picked(weights, index, values)
+    # A store kept in another dtype (`memory_dtype`): cast only the picked rows, not the whole store.
+    table, first = _entry_table(values)
+    picked = F.embedding((index + first).view(batch * heads * tokens, count), table).to(weights.dtype)
+    out = torch.bmm(weights.reshape(-1, 1, count), picked).squeeze(1)
+    return out.view(batch, heads, tokens, width)
+
+
+def _sum_picked(weights: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out (B, H, t, dv): the picks' values weighted and summed, one fused gather-and-sum per query over the
+    flattened (B*H*S, dv) store, with no (B*H*t, k, dv) copy of the picked values."""
+    batch, heads, tokens, count = index.shape
     table, first = _entry_table(values)
     flat = (index + first).view(batch * heads * tokens, count)
-    if values.dtype == weights.dtype:
-        # One fused gather-and-sum per query over the flattened (B*H*S, dv) store: no (B*H*t, k, dv) copy
-        # of the picked values; its backward scatters into the store and into the weights.
-        out = F.embedding_bag(flat, table, per_sample_weights=weights.reshape(-1, count), mode="sum")
-    else:
-        # A store kept in another dtype (`memory_dtype`): cast only the picked rows, not the whole store.
-        picked = F.embedding(flat, table).to(weights.dtype)
-        out = torch.bmm(weights.reshape(-1, 1, count), picked).squeeze(1)
-    return out.view(batch, heads, tokens, width)
+    out = F.embedding_bag(flat, table, per_sample_weights=weights.reshape(-1, count), mode="sum")
+    return out.view(batch, heads, tokens, values.shape[3])
 
 
 # Up to this many stored entries per pick, the backward of a read goes through dense matmuls (see below).
@@ -179,12 +186,8 @@ class _SumWithDenseBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights, index, values):
-        batch, heads, tokens, count = index.shape
-        table, first = _entry_table(values)
-        flat = (index + first).view(batch * heads * tokens, count)
-        out = F.embedding_bag(flat, table, per_sample_weights=weights.reshape(-1, count), mode="sum")
         ctx.save_for_backward(weights, index, values)
-        return out.view(batch, heads, tokens, values.shape[3])
+        return _sum_picked(weights, index, values)
 
     @staticmethod
     def backward(ctx, grad):
