@@ -42,11 +42,12 @@ def add_base_size_arguments(parser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="base decoder layers (default 4; quick 2)")
 
 
-def base_size(args, quick_segment: int = 32) -> tuple[int, int, int]:
+def base_size(args) -> tuple[int, int, int]:
     """(hidden size, layers, segment length) of the benchmark base: the issue's Llama 256 wide with 4 layers and
-    segments of 256 (quick: 64 wide, 2 layers), unless `--hidden` / `--layers` say otherwise."""
-    hidden, layers, segment = (64, 2, quick_segment) if args.quick else (256, 4, 256)
-    hidden, layers = args.hidden or hidden, args.layers or layers
+    segments of 256 (quick: 64 wide, 2 layers, segments of 32), unless `--hidden` / `--layers` say otherwise."""
+    hidden, layers, segment = (64, 2, 32) if args.quick else (256, 4, 256)
+    hidden = hidden if args.hidden is None else args.hidden
+    layers = layers if args.layers is None else args.layers
     if hidden % 4 or hidden <= 0 or layers <= 0:
         raise ValueError(
             f"--hidden must be a positive multiple of 4 (4 heads) and --layers positive, got {hidden}, {layers}."

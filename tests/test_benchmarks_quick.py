@@ -82,8 +82,9 @@ def test_benchmarks_take_another_base_size_and_refuse_a_bad_one(tmp_path, script
     argv = ["--quick", "--threads", "1", "--repeats", "1", "--hidden", "32", "--layers", "3", *extra]
     _benchmark(script).main([*argv, "--output", str(output)])
     assert json.loads(output.read_text())["setting"]["base"] == "llama hidden 32, 3 layers"
-    with pytest.raises(ValueError, match="--hidden must be a positive multiple of 4"):
-        _benchmark(script).main(["--quick", "--hidden", "30", "--output", str(tmp_path / "refused.json")])
+    for bad in (["--hidden", "30"], ["--hidden", "0"], ["--layers", "0"]):
+        with pytest.raises(ValueError, match="--hidden must be a positive multiple of 4"):
+            _benchmark(script).main(["--quick", *bad, "--output", str(tmp_path / "refused.json")])
     assert not (tmp_path / "refused.json").exists()
 
 
