@@ -300,6 +300,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         memory_state (`MemoryState`, *optional*): memory from an earlier call (its `.memory_state`), to
             continue a stream. Gradients do not flow into it (it is detached). Default: empty memory.
         use_cache (`bool`): keep the newest partial segment in a KV cache for generation (see module doc).
+        logits_to_keep (`int`): compute logits for the last N columns only (0: all); `labels` are scored there.
+            A segment none of whose columns is kept runs only up to the last memory layer (what memory writes
+            needs), so a long document with the question and answer at its end trains at the cost of reading it.
 
         Each row is segmented from its own first real token (`attention_mask`), so left, right or any padding
         gives every row the outputs and memory it has alone. A padded column's logits and hidden states are
@@ -350,6 +353,8 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            # With `logits_to_keep` the loss covers the kept columns (a label before them has no logit to score it).
+            labels = labels[:, labels.shape[1] - logits.shape[1] :]
             loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         output = MemLMCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, memory_state=state)
@@ -455,10 +460,14 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             attention = torch.cat([window["mask"], piece_mask], dim=1) if keep_window else piece_mask
             positions = (attention.long().cumsum(-1) - 1).clamp(min=0)[:, -piece.width :]
             kept = logits_kept[number]
+            # A piece none of whose outputs are wanted (e.g. a document's segments before the labelled question,
+            # with `logits_to_keep`) only has to write memory: it runs up to the last memory layer, as `memorize`.
+            write_only = kept == 0 and not output_hidden and not keep_window and self.memory_enabled
             out, captured = self._run_segment(
-                inputs, attention, positions, state, cache, logits_to_compute(kept), output_hidden
+                inputs, attention, positions, state, cache, logits_to_compute(kept), output_hidden, write_only
             )
-            logits.append(keep_last_logits(out.logits, kept))
+            if not write_only:
+                logits.append(keep_last_logits(out.logits, kept))
             if output_hidden:
                 hidden.append(out.hidden_states)
             if keep_window:

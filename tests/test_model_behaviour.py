@@ -323,3 +323,33 @@ def test_one_remembered_row_serves_a_padded_batch_without_a_copy_per_row(arch_ki
     for layer, tensors in out_copied.memory_state.layers.items():
         for name, tensor in tensors.items():
             torch.testing.assert_close(out_shared.memory_state.layers[layer][name], tensor, msg=name)
+
+
+def test_logits_to_keep_scores_the_labelled_tail_at_the_cost_of_reading(arch_kind):
+    """Labels only at the end (a question after a document), left padding of 3 (not a multiple of the segment):
+    with `logits_to_keep` covering the labelled tail, the loss, every parameter's gradient and the memory state
+    equal those of a full forward, though the segments before the tail run only up to the memory layer."""
+    model = build(*arch_kind).eval()  # no dropout: the two runs must see the same computation
+    length, tail = 4 * SEGMENT + 3, SEGMENT + 2
+    ids = _ids(2, length)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, -tail + 1 :] = ids[:, -tail + 1 :]
+    runs = {}
+    for keep in (0, tail):
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=labels, logits_to_keep=keep)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        runs[keep] = (out, grads)
+    (full, full_grads), (kept, kept_grads) = runs[0], runs[tail]
+    assert kept.logits.shape[1] == tail
+    torch.testing.assert_close(kept.logits, full.logits[:, -tail:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(kept.loss, full.loss, rtol=0, atol=1e-6)
+    assert full_grads.keys() == kept_grads.keys() and any("memory_blocks" in name for name in full_grads)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for index in model.config.memory_layers:
+        for name, tensor in full.memory_state.layers[index].items():
+            torch.testing.assert_close(kept.memory_state.layers[index][name], tensor, rtol=0, atol=1e-6)
