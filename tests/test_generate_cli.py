@@ -166,3 +166,33 @@ def test_generate_checks_every_input_before_the_work(kv_model, slot_model, tmp_p
     with pytest.raises(SystemExit):
         generate(kv_model, "--prompt", PROMPT, "--memory-topk", "many")
     assert "expected a positive integer or 'none', got 'many'" in capsys.readouterr().err
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_chat_asks_through_the_chat_template_after_reading(tmp_path, capsys):
+    """--chat MESSAGE: the message goes through the tokenizer's chat template in a fresh call after --read, and
+    gives what `generate` gives on those ids with the document's memory; a tokenizer without a template is refused."""
+    folder = _save(tmp_path / "model", "kv")
+    tokenizer = build_tokenizer("byte")
+    document = tmp_path / "doc.txt"
+    document.write_text(default_text()[:300] + " The pass key is 48213. Remember it. " + default_text()[300:500])
+    assert generate(folder, "--read", document, "--chat", "What is the pass key?", "--max-new-tokens", 6) == 2
+    assert "chat template" in capsys.readouterr().err
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    assert generate(folder, "--read", document, "--chat", "What is the pass key?", "--max-new-tokens", 6) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    state = model.memorize(tokenizer(document.read_text(), return_tensors="pt")["input_ids"])
+    prompt = tokenizer("<user>What is the pass key?</user><assistant>", return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**prompt, memory_state=state, max_new_tokens=6, do_sample=False)
+    expected = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert printed == expected and printed
+    assert generate(folder, "--chat", "   ") == 2
+    assert "--chat is empty" in capsys.readouterr().err

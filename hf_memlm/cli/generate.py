@@ -1,5 +1,8 @@
-"""`hf-memlm generate MODEL_DIR --prompt TEXT [--read FILE] [--memory FILE]`: answer a prompt with a saved
-memory LM, optionally after reading a document into its memory.
+"""`hf-memlm generate MODEL_DIR (--prompt TEXT | --chat MESSAGE) [--read FILE] [--memory FILE]`: answer a prompt
+with a saved memory LM, optionally after reading a document into its memory.
+
+  --chat MESSAGE       ask as a user of an instruct model: the message goes through the tokenizer's chat template
+                       in a fresh call after the document was read (what `configs/smollm2_passkey_cpu.yaml` trains)
 
   --read FILE          read the UTF-8 text file into memory first (segment by segment; any length)
   --memory FILE        start from a memory saved earlier (memory.safetensors); --read adds to it
@@ -39,7 +42,14 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model_dir", help="folder written by `hf-memlm train` (model + tokenizer)")
-    parser.add_argument("--prompt", required=True, help="text to continue")
+    asked = parser.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--prompt", help="text to continue")
+    asked.add_argument(
+        "--chat",
+        metavar="MESSAGE",
+        help="a user message, written with the tokenizer's chat template (instruct models); the assistant's reply "
+        "is printed",
+    )
     parser.add_argument("--read", metavar="FILE", help="UTF-8 text file to read into memory before generating")
     parser.add_argument("--memory", metavar="FILE", help="memory saved earlier (MemoryState safetensors file)")
     parser.add_argument("--save-memory", metavar="FILE", help="save the memory (after --read) to this file")
@@ -85,8 +95,10 @@ def _run(args) -> int:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
     if args.read_chunk_segments < 1:
         raise ValueError(f"--read-chunk-segments={args.read_chunk_segments} must be at least 1.")
-    if not args.prompt:
+    if args.prompt is not None and not args.prompt:
         raise ValueError("--prompt is empty; give some text to continue.")
+    if args.chat is not None and not args.chat.strip():
+        raise ValueError("--chat is empty; give the message to ask.")
     if args.memory is not None:
         from hf_memlm.memory_state import is_memory_file
 
@@ -135,8 +147,17 @@ def _run(args) -> int:
         state.save(args.save_memory)
         print(f"memory saved to {args.save_memory}", file=sys.stderr)
 
-    # a prompt that continues a remembered document carries no new beginning-of-text token
-    encoded = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=state is None).to(device)
+    if args.chat is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"--chat needs a tokenizer with a chat template; the one in {args.model_dir!r} has none. Use --prompt."
+            )
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.chat}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(device)
+    else:
+        # a prompt that continues a remembered document carries no new beginning-of-text token
+        encoded = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=state is None).to(device)
     if encoded["input_ids"].shape[1] == 0:
         raise ValueError("--prompt is empty after tokenization; give some text.")
     settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}

@@ -101,7 +101,14 @@ def _evaluate(config: dict, tokenizer, compared_runs: dict | None = None) -> dic
     from hf_memlm.recipes.final_eval import run_final_evaluation
 
     section = config["evaluation"]
-    if section["task"] == "perplexity":
+    if section["task"] == "chat_passkey":
+        options = section["options"]
+        print(
+            f"\n== evaluation: pass key asked in chat, {options.get('distances', 'default')} tokens back, "
+            f"held-out text {section['source'] or 'the bundled excerpt'}, seed {section['seed']} ==",
+            flush=True,
+        )
+    elif section["task"] == "perplexity":
         print(
             f"\n== evaluation: perplexity by segment on {section['source'] or 'the bundled excerpt'}, up to "
             f"{section['num_examples']} examples of {section['num_segments'][0]} segments ==",

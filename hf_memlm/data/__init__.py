@@ -11,6 +11,7 @@
 The column conventions of the synthetic tasks are documented in `hf_memlm.data.tasks`.
 """
 
+from .chat_passkey import make_chat_passkey_dataset
 from .corpus import default_text, load_text_corpus, pack_documents
 from .layout import FILLER_KINDS, IGNORE_INDEX, SYNTHETIC_FILLER
 from .tasks import TASK_BUILDERS as _TASK_BUILDERS
@@ -19,7 +20,7 @@ from .tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_tokenizer, check_t
 from .updates import make_update_dataset
 
 # the generators by task name (the `data.task` / `--task` values)
-TASK_BUILDERS = {**_TASK_BUILDERS, "update": make_update_dataset}
+TASK_BUILDERS = {**_TASK_BUILDERS, "update": make_update_dataset, "chat_passkey": make_chat_passkey_dataset}
 
 __all__ = [
     "BYTE_VOCAB_SIZE",
@@ -32,6 +33,7 @@ __all__ = [
     "check_tokenizer_fits",
     "default_text",
     "load_text_corpus",
+    "make_chat_passkey_dataset",
     "make_copy_dataset",
     "make_passkey_dataset",
     "make_recall_dataset",

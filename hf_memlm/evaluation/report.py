@@ -30,6 +30,10 @@ def write_report(results: dict, output_dir, name: str | None = None) -> dict[str
 
 def format_markdown(results: dict) -> str:
     """The results as Markdown: a heading, the table(s), and what each condition saw."""
+    if results["kind"] == "chat_passkey":  # generation-scored, distances in tokens: its own layout
+        from .chat_passkey import format_chat_passkey
+
+        return format_chat_passkey(results)
     if results["kind"] == "comparison":  # several trained models side by side: its own layout
         from .comparison import comparison_markdown
 

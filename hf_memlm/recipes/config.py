@@ -80,6 +80,7 @@ class TokenizerSection:
 class DataSection:
     task: Literal[TRAIN_TASKS] = "text"  # text: documents packed into examples; or a synthetic task
     source: str | None = None  # text: a .txt/.json/.jsonl/.parquet file, a folder or a Hub id; null: bundled book
+    # (synthetic tasks: their natural filler)
     text_column: str = "text"  # column holding the text in json/parquet/Hub data
     num_segments: int = 4  # segments per example (num_segments * segment_length tokens)
     num_examples: int = 256  # synthetic tasks: examples to generate

@@ -12,7 +12,10 @@ from pathlib import Path
 
 # Retrieval tasks whose natural filler can come from held-out text (`evaluation.source`): their generators
 # take the filler as `text`.
-FILLER_TASKS = frozenset({"passkey", "recall", "copy", "update"})
+FILLER_TASKS = frozenset({"passkey", "recall", "copy", "update", "chat_passkey"})
+# evaluation.options of chat_passkey that are memory settings for the reloaded model (a million entries, exact
+# search), not settings of the curve
+LOAD_SETTINGS = ("memory_size", "memory_dtype", "memory_search", "memory_topk")
 
 
 def check_evaluation(config: dict) -> None:
@@ -39,6 +42,8 @@ def check_evaluation(config: dict) -> None:
         raise ValueError("give the filler text once: evaluation.source or evaluation.options.text, not both.")
     if section["source"] is not None and section["task"] in FILLER_TASKS:
         filler_text(section["source"])  # a missing or empty source fails now, not after training
+    if section["task"] == "chat_passkey":
+        chat_passkey_settings(section)
 
 
 def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = True) -> dict | None:
@@ -46,6 +51,8 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
     section = config["evaluation"]
     if section["task"] is None:
         return None
+    if section["task"] == "chat_passkey":
+        return _run_chat_passkey(section, Path(output_dir), tokenizer, progress)
     if section["task"] == "perplexity":  # the memory model alone, against its weights with memory disabled
         from hf_memlm.recipes.comparison import MEMORY, evaluate_comparison
 
@@ -89,6 +96,39 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
     if section["source"] is not None:
         results["data"]["filler_source"] = str(section["source"])
     paths = write_report(results, output_dir / "eval")
+    return {"results": results, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def chat_passkey_settings(section: dict):
+    """(curve settings, load-time memory settings) of a chat_passkey evaluation section."""
+    from hf_memlm.evaluation.chat_passkey import ChatPasskeySettings
+
+    options = dict(section["options"])
+    load = {key: options.pop(key) for key in LOAD_SETTINGS if key in options}
+    try:
+        return ChatPasskeySettings(seed=section["seed"], **options), load
+    except TypeError as error:
+        raise ValueError(f"evaluation.options for chat_passkey: {error}") from error
+
+
+def _run_chat_passkey(section: dict, output_dir: Path, tokenizer, progress: bool) -> dict:
+    """The real-model curve: pass keys 16k to 1M tokens back, asked in chat (`evaluation.chat_passkey`)."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_memlm  # noqa: F401  (registers the memlm auto classes)
+    from hf_memlm.evaluation.chat_passkey import evaluate_chat_passkey, write_chat_passkey_report
+
+    settings, load = chat_passkey_settings(section)
+    model = AutoModelForCausalLM.from_pretrained(output_dir, **load).eval()
+    text = filler_text(section["source"]) if section["source"] is not None else None
+    if text is None:
+        from hf_memlm.data import default_text
+
+        text = default_text()
+    results = evaluate_chat_passkey(model, tokenizer, text, settings, progress=progress)
+    if section["source"] is not None:
+        results["filler_source"] = str(section["source"])
+    paths = write_chat_passkey_report(results, output_dir / "eval")
     return {"results": results, "paths": {k: str(v) for k, v in paths.items()}}
 
 

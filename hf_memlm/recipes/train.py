@@ -21,6 +21,9 @@ from hf_memlm.recipes.config import dump_config
 logger = logging.getLogger(__name__)
 
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
+# Tasks whose examples vary in length and are labelled only at their end: padded per batch, and the document
+# before the labels runs only up to the memory (`LabelledTailCollator`).
+TAIL_LABELLED_TASKS = frozenset({"chat_passkey"})
 SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "train_config.yaml"
 
@@ -93,8 +96,23 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
             f"training.eval_strategy={training_args.eval_strategy.value!r} needs evaluation data: "
             "set data.eval_fraction (e.g. 0.1)."
         )
+    collator = None
+    if data_cfg["task"] in TAIL_LABELLED_TASKS:
+        from hf_memlm.training.collate import LabelledTailCollator
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        collator = LabelledTailCollator(pad)
     return PreparedRun(
-        config, output_dir, tokenizer, model, train_dataset, eval_dataset, training_args, resume_from, stale_checkpoints
+        config,
+        output_dir,
+        tokenizer,
+        model,
+        train_dataset,
+        eval_dataset,
+        training_args,
+        resume_from,
+        stale_checkpoints,
+        data_collator=collator,
     )
 
 
@@ -119,6 +137,7 @@ def check_config(config: dict) -> None:
     from transformers import AutoConfig
 
     from hf_memlm import MemLMConfig
+    from hf_memlm.integrations.gguf import locating_kwargs, resolve_base
     from hf_memlm.recipes.comparison import check_comparison
     from hf_memlm.recipes.final_eval import check_evaluation
     from hf_memlm.training.model_setup import build_text_config
@@ -126,8 +145,9 @@ def check_config(config: dict) -> None:
     model_cfg = config["model"]
     if model_cfg["base"] is not None:
         try:
-            text_config = AutoConfig.from_pretrained(model_cfg["base"], **_config_kwargs(model_cfg["base_kwargs"]))
-        except (OSError, ValueError) as error:
+            folder, base_kwargs = resolve_base(model_cfg["base"], model_cfg["base_kwargs"])
+            text_config = AutoConfig.from_pretrained(folder, **locating_kwargs(base_kwargs))
+        except (OSError, ValueError, ImportError) as error:
             raise ValueError(f"model.base: cannot read the config of {model_cfg['base']!r}: {error}") from error
     else:
         # the vocabulary comes from the tokenizer later; any size checks the rest of the architecture
@@ -142,11 +162,6 @@ def check_config(config: dict) -> None:
 
 
 _ANY_VOCAB_SIZE = 256
-
-
-def _config_kwargs(base_kwargs: dict) -> dict:
-    # the from_pretrained arguments that also locate a config (the others are about weights)
-    return {k: v for k, v in base_kwargs.items() if k in ("revision", "trust_remote_code", "token", "cache_dir")}
 
 
 def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[Path]]:
@@ -224,7 +239,7 @@ def _build_tokenizer(tok_cfg: dict, model_cfg: dict, documents):
     if tok_cfg["vocab_size"] is not None and kind != "bpe":
         raise ValueError(f"tokenizer.vocab_size only applies to kind: bpe (got kind {kind!r}).")
     if kind == "pretrained":
-        from transformers import AutoTokenizer
+        from hf_memlm.integrations.gguf import load_base_tokenizer
 
         path = tok_cfg["path"] or model_cfg["base"]
         if path is None:
@@ -232,8 +247,9 @@ def _build_tokenizer(tok_cfg: dict, model_cfg: dict, documents):
                 "tokenizer.kind=pretrained needs tokenizer.path (or model.base) to load the tokenizer from."
             )
         try:
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as error:
+            # the base's own tokenizer comes with the base's from_pretrained arguments (its GGUF file, revision)
+            return load_base_tokenizer(path, model_cfg["base_kwargs"] if path == model_cfg["base"] else None)
+        except (OSError, ValueError, ImportError) as error:
             raise ValueError(f"tokenizer: cannot load a tokenizer from {path!r}: {error}") from error
     if kind == "bpe":
         from hf_memlm.data import default_text
@@ -262,6 +278,10 @@ def _build_examples(data_cfg: dict, tokenizer, segment_length: int, documents, s
                 raise ValueError(f"data.options {sorted(options)} apply to synthetic tasks only, not to task: text.")
             examples = pack_documents(documents, tokenizer, segment_length, data_cfg["num_segments"])
         else:
+            if data_cfg["source"] is not None:  # the filler of a synthetic task: the source's documents
+                if "text" in options:
+                    raise ValueError("give the filler text once: data.source or data.options.text, not both.")
+                options["text"] = "\n\n".join(_load_documents(data_cfg)["text"])
             examples = TASK_BUILDERS[task](
                 tokenizer, data_cfg["num_examples"], segment_length, data_cfg["num_segments"], seed=seed, **options
             )

@@ -53,6 +53,10 @@ def build_model(
                 "model.base and model.text_config are both set: a pretrained base brings its own architecture. "
                 "Remove model.text_config, or set model.base to null to train from scratch."
             )
+        if isinstance(base, str):  # a shipped GGUF base's short name, or a GGUF file's folder
+            from hf_memlm.integrations.gguf import resolve_base
+
+            base, base_kwargs = resolve_base(base, base_kwargs)
         return MemLMForCausalLM.from_base(base, base_kwargs=base_kwargs or None, **memory_settings)
     if base_kwargs:
         raise ValueError("model.base_kwargs only apply with model.base (a pretrained model to load).")

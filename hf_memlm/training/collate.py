@@ -1,0 +1,47 @@
+"""Batches of examples whose labels sit at their end (a question after a document), for `Trainer`.
+
+Examples may differ in length: they are padded on the right (`attention_mask` 0, labels ignored). The batch also
+says `logits_to_keep`: the columns from the one before the first label on, so the model computes logits only
+there and runs the document's segments before them only up to its last memory layer (see
+`MemLMForCausalLM.forward`). The loss and its gradients are those of a full forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_memlm.data import IGNORE_INDEX
+
+
+class LabelledTailCollator:
+    """Right-pads `input_ids` / `labels` and adds `attention_mask` and `logits_to_keep`."""
+
+    def __init__(self, pad_token_id: int):
+        if pad_token_id is None:
+            raise ValueError("LabelledTailCollator needs a pad token id (any id: padded columns are masked out).")
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, features: list[dict]) -> dict:
+        length = max(len(feature["input_ids"]) for feature in features)
+        batch = len(features)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            input_ids[row, : len(ids)] = ids
+            labels[row, : len(ids)] = torch.as_tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+        first = int(labelled[0]) if len(labelled) else 0
+        # the logit of the column before a label predicts it
+        logits_to_keep = length - max(first - 1, 0)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "logits_to_keep": logits_to_keep,
+        }
+
+
+__all__ = ["LabelledTailCollator"]

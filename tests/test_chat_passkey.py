@@ -1,0 +1,136 @@
+"""Pass keys asked in chat: the training examples, the collator, and the far evaluation's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hf_memlm
+from hf_memlm.data import build_tokenizer, default_text, make_chat_passkey_dataset
+from hf_memlm.data.chat_passkey import reply_text
+from hf_memlm.evaluation.chat_passkey import (
+    ChatPasskeySettings,
+    evaluate_chat_passkey,
+    first_number,
+    write_chat_passkey_report,
+)
+from hf_memlm.recipes.defaults import tiny_llama_config
+from hf_memlm.training.collate import LabelledTailCollator
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+SEGMENT = 256  # byte tokens: a named needle takes 56
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = build_tokenizer("byte")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_examples_hold_the_document_then_the_chat_question_from_a_segment_start(tokenizer):
+    examples = make_chat_passkey_dataset(tokenizer, 40, SEGMENT, 3, seed=0, named_share=0.5, max_needles=3)
+    named = 0
+    for example in examples:
+        start = example["question_start"]
+        assert start == 2 * SEGMENT
+        ids, labels = example["input_ids"], example["labels"]
+        question = tokenizer.decode(ids[start:])
+        asked = f" of the {example['key_name']}" if example["key_name"] else ""
+        assert question.startswith(f"<user>What is the pass key{asked}?</user>")
+        reply = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+        # the reply and the end of its turn, as the template writes it, up to the end-of-text token
+        assert reply == reply_text(example["answer"], example["key_name"]) + "</assistant>" + tokenizer.eos_token
+        document = tokenizer.decode(ids[:start])
+        # the key is written once, in its needle, inside the needle's segment
+        assert document.count(f"pass key{asked} is {example['answer']}.") == 1
+        needle_segment = ids[example["needle_segment"] * SEGMENT : (example["needle_segment"] + 1) * SEGMENT]
+        assert example["answer"] in tokenizer.decode(needle_segment)
+        assert all(label == -100 for label in labels[: start + example["prompt_length"]])
+        named += bool(example["key_name"])
+        if example["key_name"]:
+            assert document.count("The pass key of the") == example["num_needles"]
+    assert 5 < named < 35
+    again = make_chat_passkey_dataset(tokenizer, 40, SEGMENT, 3, seed=0, named_share=0.5, max_needles=3)
+    assert again["input_ids"] == examples["input_ids"]
+
+
+def test_examples_refuse_what_cannot_be_built(tokenizer):
+    with pytest.raises(ValueError, match="chat template"):
+        make_chat_passkey_dataset(build_tokenizer("byte"), 2, SEGMENT, 3)
+    with pytest.raises(ValueError, match="must fit in the last segment"):
+        make_chat_passkey_dataset(tokenizer, 2, 64, 3)
+    with pytest.raises(ValueError, match="at least 2"):
+        make_chat_passkey_dataset(tokenizer, 2, SEGMENT, 1)
+    with pytest.raises(ValueError, match="named_share"):
+        make_chat_passkey_dataset(tokenizer, 2, SEGMENT, 3, named_share=2.0)
+
+
+def test_the_collator_pads_right_and_keeps_logits_from_the_first_label(tokenizer):
+    examples = make_chat_passkey_dataset(tokenizer, 4, SEGMENT, 3, seed=1, named_share=1.0, max_needles=2)
+    batch = LabelledTailCollator(pad_token_id=0)([examples[i] for i in range(4)])
+    lengths = [len(example["input_ids"]) for example in examples]
+    assert batch["input_ids"].shape == (4, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    first_label = min(example["question_start"] + example["prompt_length"] for example in examples)
+    assert batch["logits_to_keep"] == max(lengths) - (first_label - 1)
+    assert (batch["labels"][:, :first_label] == -100).all()
+
+
+def _tiny_model(tokenizer):
+    torch.manual_seed(0)
+    text_config = tiny_llama_config(vocab_size=260, hidden_size=32)
+    text_config.eos_token_id = tokenizer.eos_token_id
+    config = hf_memlm.MemLMConfig(
+        text_config=text_config,
+        memory_type="kv",
+        memory_layers=[0],
+        segment_length=SEGMENT,
+        memory_heads=2,
+        memory_size=8192,
+        memory_topk=4,
+        memory_search="exact",
+    )
+    return hf_memlm.MemLMForCausalLM(config).eval()
+
+
+def test_far_evaluation_scores_every_condition_and_writes_its_report(tokenizer, tmp_path):
+    model = _tiny_model(tokenizer)
+    settings = ChatPasskeySettings(
+        distances=[SEGMENT, 4 * SEGMENT],
+        num_examples=[3, 2],
+        multi_needle_distances=[2 * SEGMENT],
+        multi_needle_examples=2,
+        base_window=2 * SEGMENT,
+        base_beyond_examples=1,
+        base_inside_tokens=SEGMENT,
+        base_inside_examples=2,
+        max_new_tokens=4,
+    )
+    results = evaluate_chat_passkey(model, tokenizer, default_text(), settings, progress=False)
+    rows = {(row["distance"], row["needles"]): row for row in results["rows"]}
+    assert set(rows) == {(SEGMENT, 1), (4 * SEGMENT, 1), (2 * SEGMENT, 4)}
+    assert rows[(SEGMENT, 1)]["examples"] == 3 and rows[(SEGMENT, 1)]["base_model_examples"] == 1
+    assert rows[(2 * SEGMENT, 4)]["base_model"] is None  # the base runs on single needles only
+    for row in results["rows"]:
+        low, high = row["distance_tokens"]
+        assert row["distance"] < low <= high <= row["distance"] + 4 * SEGMENT + 64
+        assert 0.0 <= row["memory"] <= 1.0
+    assert results["base_inside_window"]["examples"] == 2
+    for answer in results["answers"]:
+        assert answer["memory_correct"] == (first_number(answer["memory"]) == answer["key"])
+        assert len(answer["key"]) == 5
+    paths = write_chat_passkey_report(results, tmp_path)
+    assert json.loads(paths["json"].read_text())["kind"] == "chat_passkey"
+    assert "| 4 |" in paths["markdown"].read_text() and paths["plot"].stat().st_size > 1000
+
+
+def test_first_number_scoring():
+    assert first_number("The pass key is 48213.") == "48213"
+    assert first_number("It is 4 8 2") == "4"
+    assert first_number("no digits") is None
