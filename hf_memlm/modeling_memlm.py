@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
@@ -62,20 +62,25 @@ from .model_inputs import check_inputs
 _DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
 
 
-@dataclass
-class MemLMCausalLMOutput(ModelOutput):
-    """Output of [`MemLMForCausalLM`]: the usual causal-LM fields plus the memory state after the call."""
+# Keyword arguments that callers of a causal LM pass besides the named ones of `forward`: the Trainer's loss
+# normaliser, the loss's ignore index, and what generation and PEFT pass as None/False (positions and attention
+# maps are refused when set). Any other keyword is a mistake and is refused (it would be silently dropped).
+_EXTRA_FORWARD_KWARGS = ("num_items_in_batch", "ignore_index", "position_ids", "output_attentions", "cache_position")
+# transformers' earlier names of `cache`
+_CACHE_ALIASES = ("past_key_values", "cache_params")
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+@dataclass
+class MemLMCausalLMOutput(CausalLMOutputWithPast):
+    """Output of [`MemLMForCausalLM`]: transformers' `CausalLMOutputWithPast` (loss, logits, cache, hidden_states;
+    `attentions` is always None) plus the memory state after the call."""
+
     memory_state: MemoryState | None = None
 
 
 class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
     config_class = MemLMConfig
-    base_model_prefix = "memlm"
+    base_model_prefix = "language_model"  # `model.base_model` is the wrapped causal LM
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -308,7 +313,17 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         gives every row the outputs and memory it has alone. A padded column's logits and hidden states are
         those of the nearest real token before it in its row (of its first real token when none is before).
         Positions are local to each segment and computed here, so `position_ids` is not accepted.
+        `past_key_values` (transformers' earlier name of `cache`) is read as `cache`; any keyword this model does
+        not use is refused with a TypeError rather than dropped.
         """
+        cache = self._cache_from_aliases(cache, kwargs)
+        unknown = sorted(set(kwargs) - set(_EXTRA_FORWARD_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"MemLMForCausalLM.forward got unexpected keyword argument(s) {unknown}. It takes input_ids, "
+                "attention_mask, cache (or past_key_values), inputs_embeds, labels, use_cache, memory_state, "
+                f"logits_to_keep, output_hidden_states, return_dict and {', '.join(_EXTRA_FORWARD_KWARGS)}."
+            )
         if kwargs.get("position_ids") is not None:
             raise ValueError(
                 "MemLMForCausalLM computes positions itself (local to each segment); do not pass position_ids."
@@ -359,6 +374,20 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         output = MemLMCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, memory_state=state)
         return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _cache_from_aliases(cache, kwargs: dict):
+        """`cache` from `past_key_values=` / `cache_params=` (popped from `kwargs`), as transformers reads them."""
+        for alias in _CACHE_ALIASES:
+            if alias not in kwargs:
+                continue
+            value = kwargs.pop(alias)
+            if value is None:
+                continue
+            if cache is not None:
+                raise ValueError(f"Pass the KV cache once: got both cache= and {alias}= (they are the same argument).")
+            cache = value
+        return cache
 
     @staticmethod
     def _token_mask(attention_mask, batch, length, device, generating):
