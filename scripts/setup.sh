@@ -12,5 +12,10 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+# `test`: what the default suite needs (faiss, lm-eval, pytest, the pinned ruff); `dev` adds pre-commit
+.venv/bin/python -m pip install --quiet -e ".[test]"
+# the benchmark peers (tests/test_bench_peers.py), in their own folder, never hf_memlm's dependencies
+if [ ! -d benchmarks/.peers-env ]; then
+  .venv/bin/python -m pip install --quiet --no-deps --target benchmarks/.peers-env -r benchmarks/peers_requirements.txt
+fi
 echo "hf_memlm is installed in .venv ($(.venv/bin/python -c 'import transformers, torch; print(f"transformers {transformers.__version__}, torch {torch.__version__}")'))"
