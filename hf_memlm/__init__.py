@@ -3,6 +3,7 @@
 Importing the package registers `model_type="memlm"` with `AutoConfig` and `AutoModelForCausalLM`.
 """
 
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_memlm import MemLMConfig
@@ -18,6 +19,11 @@ AutoModelForCausalLM.register(MemLMConfig, MemLMForCausalLM, exist_ok=True)
 # trust_remote_code=True where hf_memlm is not installed.
 MemLMConfig.register_for_auto_class()
 MemLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# Tools that resolve a saved model's class as `getattr(transformers, config.architectures[0])` (TRL before 1.0 when
+# given a folder; others) find it there, as they find a built-in architecture.
+for _cls in (MemLMConfig, MemLMForCausalLM):
+    if not hasattr(transformers, _cls.__name__):
+        setattr(transformers, _cls.__name__, _cls)
 
 __all__ = [
     "MemLMCache",

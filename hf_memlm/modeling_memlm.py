@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
@@ -78,9 +78,47 @@ class MemLMCausalLMOutput(CausalLMOutputWithPast):
     memory_state: MemoryState | None = None
 
 
+@dataclass
+class MemLMModelOutput(BaseModelOutputWithPast):
+    """Output of [`MemLMBackbone`]: the final hidden states (what the LM head reads), plus the memory state."""
+
+    memory_state: MemoryState | None = None
+
+
+class MemLMBackbone:
+    """`model.base_model` of a [`MemLMForCausalLM`]: the same model, memory included, without its LM head. Calling it
+    takes `forward`'s arguments (but `labels`) and returns `last_hidden_state`, the final hidden states that the
+    LM head turns into logits, as transformers' headless models do (TRL's fused LM head reads them).
+
+    A view, not a module: it holds no weights of its own, so parameter names and checkpoints are unchanged. The
+    logits are still computed inside (segments run through the whole base model) and dropped."""
+
+    _tp_plan = None  # read through `base_model` by transformers' parallelism checks
+    _pp_plan = None
+
+    def __init__(self, model: MemLMForCausalLM):
+        self.model = model
+
+    def __call__(self, *args, **kwargs) -> MemLMModelOutput:
+        if kwargs.get("labels") is not None:
+            raise TypeError("The backbone has no LM head and takes no labels; call the model itself for a loss.")
+        kwargs.pop("labels", None)
+        hidden_wanted = bool(kwargs.pop("output_hidden_states", False))
+        kwargs.pop("return_dict", None)
+        out = MemLMForCausalLM.forward(self.model, *args, output_hidden_states=True, return_dict=True, **kwargs)
+        return MemLMModelOutput(
+            last_hidden_state=out.hidden_states[-1],
+            cache=out.cache,
+            hidden_states=out.hidden_states if hidden_wanted else None,
+            memory_state=out.memory_state,
+        )
+
+    forward = __call__
+
+
 class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
     config_class = MemLMConfig
-    base_model_prefix = "language_model"  # `model.base_model` is the wrapped causal LM
+    base_model_prefix = "backbone"  # `model.base_model`: the model with its memory, without the LM head
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -121,6 +159,12 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         install_read_hooks(layers, config.memory_layers)
         self._warned_no_labels = False
         self.post_init()
+
+    @property
+    def backbone(self) -> MemLMBackbone:
+        """This model without its LM head (`model.base_model`): returns the final hidden states, memory included.
+        (`language_model` is the wrapped base alone: calling it directly runs no memory.)"""
+        return MemLMBackbone(self)
 
     @property
     def memory_enabled(self) -> bool:
@@ -629,4 +673,12 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
-__all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMForCausalLM", "MemLMPreTrainedModel", "find_decoder_layers"]
+__all__ = [
+    "MemLMBackbone",
+    "MemLMCache",
+    "MemLMCausalLMOutput",
+    "MemLMForCausalLM",
+    "MemLMModelOutput",
+    "MemLMPreTrainedModel",
+    "find_decoder_layers",
+]

@@ -7,6 +7,8 @@ import torch
 from conftest import KINDS, VOCAB, build
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from hf_memlm.modeling_memlm import MemLMBackbone
+
 
 @pytest.mark.parametrize("base", ["llama", "gpt2"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -69,7 +71,14 @@ def test_the_output_is_a_causal_lm_output_with_past_and_keeps_the_memory_fields(
     assert model(ids, return_dict=False)[-1].memory_type == "kv"
 
 
-def test_base_model_prefix_names_the_wrapped_model():
+def test_base_model_prefix_names_the_headless_memory_model_and_leaves_weight_names_alone(tmp_path):
     model = build("gpt2", "slot")
-    assert getattr(model, model.base_model_prefix) is model.language_model
-    assert model.base_model is model.language_model
+    assert isinstance(getattr(model, model.base_model_prefix), MemLMBackbone)
+    assert isinstance(model.base_model, MemLMBackbone)  # not the wrapped base, which would run without memory
+    names = set(model.state_dict())
+    assert all(name.startswith(("language_model.", "memory_blocks.")) for name in names)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert set(reloaded.state_dict()) == names
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor)
