@@ -367,6 +367,11 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 f"MemLMForCausalLM.forward got unexpected keyword argument(s) {unknown}. It takes input_ids, "
                 "attention_mask, cache (or past_key_values), inputs_embeds, labels, use_cache, memory_state, "
                 f"logits_to_keep, output_hidden_states, return_dict and {', '.join(_EXTRA_FORWARD_KWARGS)}."
+                + (
+                    " A tokenizer that returns token_type_ids: call it with return_token_type_ids=False."
+                    if "token_type_ids" in unknown
+                    else ""
+                )
             )
         if kwargs.get("position_ids") is not None:
             raise ValueError(

@@ -43,6 +43,13 @@ def test_unknown_keyword_arguments_are_refused_by_name(kwargs):
         model(torch.randint(1, VOCAB, (1, 5)), **kwargs)
 
 
+def test_token_type_ids_are_refused_with_the_tokenizer_setting_that_drops_them():
+    model = build("llama", "kv")
+    ids = torch.randint(1, VOCAB, (1, 5))
+    with pytest.raises(TypeError, match="return_token_type_ids=False"):
+        model(ids, token_type_ids=torch.zeros_like(ids))
+
+
 def test_what_the_trainer_generation_and_peft_pass_is_accepted():
     model = build("llama", "kv")
     ids = torch.randint(1, VOCAB, (2, 11))
