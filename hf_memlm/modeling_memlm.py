@@ -24,12 +24,10 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
@@ -56,64 +54,11 @@ from .memory_state import MemoryState
 from .memory_writes import write_only_pass
 from .model_card import HubSharingMixin
 from .model_inputs import check_inputs
+from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutput, check_forward_kwargs
 
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
 _DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
-
-
-# Keyword arguments that callers of a causal LM pass besides the named ones of `forward`: the Trainer's loss
-# normaliser, the loss's ignore index, and what generation and PEFT pass as None/False (positions and attention
-# maps are refused when set). Any other keyword is a mistake and is refused (it would be silently dropped).
-_EXTRA_FORWARD_KWARGS = ("num_items_in_batch", "ignore_index", "position_ids", "output_attentions", "cache_position")
-# transformers' earlier names of `cache`
-_CACHE_ALIASES = ("past_key_values", "cache_params")
-
-
-@dataclass
-class MemLMCausalLMOutput(CausalLMOutputWithPast):
-    """Output of [`MemLMForCausalLM`]: transformers' `CausalLMOutputWithPast` (loss, logits, cache, hidden_states;
-    `attentions` is always None) plus the memory state after the call."""
-
-    memory_state: MemoryState | None = None
-
-
-@dataclass
-class MemLMModelOutput(BaseModelOutputWithPast):
-    """Output of [`MemLMBackbone`]: the final hidden states (what the LM head reads), plus the memory state."""
-
-    memory_state: MemoryState | None = None
-
-
-class MemLMBackbone:
-    """`model.base_model` of a [`MemLMForCausalLM`]: the same model, memory included, without its LM head. Calling it
-    takes `forward`'s arguments (but `labels`) and returns `last_hidden_state`, the final hidden states that the
-    LM head turns into logits, as transformers' headless models do (TRL's fused LM head reads them).
-
-    A view, not a module: it holds no weights of its own, so parameter names and checkpoints are unchanged. The
-    logits are still computed inside (segments run through the whole base model) and dropped."""
-
-    _tp_plan = None  # read through `base_model` by transformers' parallelism checks
-    _pp_plan = None
-
-    def __init__(self, model: MemLMForCausalLM):
-        self.model = model
-
-    def __call__(self, *args, **kwargs) -> MemLMModelOutput:
-        if kwargs.get("labels") is not None:
-            raise TypeError("The backbone has no LM head and takes no labels; call the model itself for a loss.")
-        kwargs.pop("labels", None)
-        hidden_wanted = bool(kwargs.pop("output_hidden_states", False))
-        kwargs.pop("return_dict", None)
-        out = MemLMForCausalLM.forward(self.model, *args, output_hidden_states=True, return_dict=True, **kwargs)
-        return MemLMModelOutput(
-            last_hidden_state=out.hidden_states[-1],
-            cache=out.cache,
-            hidden_states=out.hidden_states if hidden_wanted else None,
-            memory_state=out.memory_state,
-        )
-
-    forward = __call__
 
 
 class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
@@ -360,19 +305,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         `past_key_values` (transformers' earlier name of `cache`) is read as `cache`; any keyword this model does
         not use is refused with a TypeError rather than dropped.
         """
-        cache = self._cache_from_aliases(cache, kwargs)
-        unknown = sorted(set(kwargs) - set(_EXTRA_FORWARD_KWARGS))
-        if unknown:
-            raise TypeError(
-                f"MemLMForCausalLM.forward got unexpected keyword argument(s) {unknown}. It takes input_ids, "
-                "attention_mask, cache (or past_key_values), inputs_embeds, labels, use_cache, memory_state, "
-                f"logits_to_keep, output_hidden_states, return_dict and {', '.join(_EXTRA_FORWARD_KWARGS)}."
-                + (
-                    " A tokenizer that returns token_type_ids: call it with return_token_type_ids=False."
-                    if "token_type_ids" in unknown
-                    else ""
-                )
-            )
+        cache = check_forward_kwargs(cache, kwargs)
         if kwargs.get("position_ids") is not None:
             raise ValueError(
                 "MemLMForCausalLM computes positions itself (local to each segment); do not pass position_ids."
@@ -423,20 +356,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         output = MemLMCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, memory_state=state)
         return output if return_dict else output.to_tuple()
-
-    @staticmethod
-    def _cache_from_aliases(cache, kwargs: dict):
-        """`cache` from `past_key_values=` / `cache_params=` (popped from `kwargs`), as transformers reads them."""
-        for alias in _CACHE_ALIASES:
-            if alias not in kwargs:
-                continue
-            value = kwargs.pop(alias)
-            if value is None:
-                continue
-            if cache is not None:
-                raise ValueError(f"Pass the KV cache once: got both cache= and {alias}= (they are the same argument).")
-            cache = value
-        return cache
 
     @staticmethod
     def _token_mask(attention_mask, batch, length, device, generating):
