@@ -33,6 +33,11 @@ Writes happen after the segment is read (a token never reads what it or later to
 segment the per-token updates are applied exactly, in order, by a closed form with suffix products
 (`M_new = prod_t (1 - g_t) * M + sum_t g_t prod_{s>t} (1 - g_s) v_t^T`, `g_t = beta_t w_t`), not a loop.
 Anchors: Neural Turing Machine / DNC (erase/add), Schlag et al. 2021 and ARMT (delta rule), Larimar.
+
+In bfloat16 / float16 models the projections run in the model's dtype, but the write itself (centring,
+addressing, gates and the closed form) runs in float32, and the stream's key sum and count are kept in float32:
+in half precision `1 - g` rounds to 0 for a strong write (log 0 = -inf, then NaN), and a count or a sum of keys
+stops growing (bfloat16) or overflows (float16) on a long stream.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ from .memory_base import MemoryBlock, merge_heads, split_heads
 
 # Initial softmax temperature on cosine scores (learned per head afterwards), as in `kv`.
 INITIAL_TEMPERATURE = 16.0
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 class SlotMemory(MemoryBlock):
@@ -96,10 +105,11 @@ class SlotMemory(MemoryBlock):
 
     # -- state -------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device, dtype) -> dict[str, torch.Tensor]:
+        statistics = _at_least_float32(dtype)  # a running sum and count: half precision would stall or overflow
         return {
             "memory": torch.zeros(batch_size, self.num_slots, self.width, device=device, dtype=dtype),
-            "key_sum": torch.zeros(batch_size, self.width, device=device, dtype=dtype),
-            "key_count": torch.zeros(batch_size, device=device, dtype=dtype),
+            "key_sum": torch.zeros(batch_size, self.width, device=device, dtype=statistics),
+            "key_count": torch.zeros(batch_size, device=device, dtype=statistics),
             "pending_key": torch.zeros(batch_size, self.width, device=device, dtype=dtype),
             "pending_valid": torch.zeros(batch_size, device=device, dtype=torch.bool),
         }
@@ -138,24 +148,26 @@ class SlotMemory(MemoryBlock):
         memory = state["memory"].to(hidden_states.dtype)
         queries = self.address_proj(hidden_states)
         # centred on the mean of the keys written so far (earlier segments), as the keys were when written
-        count = state["key_count"].to(queries.dtype).clamp(min=1.0)[:, None, None]
-        queries = queries - state["key_sum"].to(queries.dtype)[:, None, :] / count
+        count = state["key_count"].clamp(min=1.0)[:, None]
+        queries = queries - (state["key_sum"] / count).to(queries.dtype)[:, None, :]
         weights = self.address_weights(queries)  # (B, H, T, N)
         slots = memory.view(memory.shape[0], self.num_slots, self.num_heads, self.head_dim).transpose(1, 2)
         return self.readout_proj(merge_heads(torch.matmul(weights, slots)))
 
     # -- writing -----------------------------------------------------------------------------------------
     def write(self, hidden_states, mask, state):
-        memory = state["memory"]
-        hidden_states = hidden_states.to(memory.dtype)
+        dtype = state["memory"].dtype
+        compute = _at_least_float32(dtype)  # the write runs in float32 even in a half-precision model
+        memory = state["memory"].to(compute)
+        hidden_states = hidden_states.to(dtype)
         batch, tokens, _ = hidden_states.shape
         token_mask = mask[..., None]
         # where (not multiply): padded tokens may carry garbage, even NaN, that must not reach memory
-        keys = torch.where(token_mask, self.address_proj(hidden_states), 0.0)  # (B, T, W)
+        keys = torch.where(token_mask, self.address_proj(hidden_states).to(compute), 0.0)  # (B, T, W)
         # Centre on the mean of every key written so far, this segment's included: the write happens after the
         # segment was read, so no token ever reads anything centred with its own or a later token's key.
-        key_sum = state["key_sum"] + keys.sum(1)
-        key_count = state["key_count"] + mask.to(keys.dtype).sum(1)
+        key_sum = state["key_sum"].to(compute) + keys.sum(1)
+        key_count = state["key_count"].to(compute) + mask.to(compute).sum(1)
         centred = keys - key_sum[:, None, :] / key_count.clamp(min=1.0)[:, None, None]
 
         if self.value_shift == 1:
@@ -168,23 +180,23 @@ class SlotMemory(MemoryBlock):
             entry_valid = mask & torch.where(previous >= 0, torch.ones_like(mask), state["pending_valid"][:, None])
             has_valid = mask.any(-1)
             last_key = centred.gather(1, last_valid[:, -1].clamp(min=0)[:, None, None].expand(-1, 1, self.width))
-            pending_key = torch.where(has_valid[:, None], last_key[:, 0], state["pending_key"])
+            pending_key = torch.where(has_valid[:, None], last_key[:, 0], state["pending_key"].to(compute))
             pending_valid = state["pending_valid"] | has_valid
         else:
             entry_keys, entry_valid = centred, mask
             pending_key, pending_valid = state["pending_key"], state["pending_valid"]
 
         weights = self.address_weights(entry_keys)  # (B, H, T, N)
-        strength = torch.sigmoid(self.erase_proj(hidden_states)).transpose(1, 2)  # beta (B, H, T)
+        strength = torch.sigmoid(self.erase_proj(hidden_states).to(compute)).transpose(1, 2)  # beta (B, H, T)
         gates = torch.where(entry_valid[:, None, :, None], weights * strength[..., None], 0.0)
-        values = torch.where(token_mask, self.add_proj(hidden_states), 0.0)
+        values = torch.where(token_mask, self.add_proj(hidden_states).to(compute), 0.0)
         slots = memory.view(batch, self.num_slots, self.num_heads, self.head_dim).transpose(1, 2)
         slots = self.apply_write(slots, gates, split_heads(values, self.num_heads))
         return {
-            "memory": slots.transpose(1, 2).reshape(batch, self.num_slots, self.width),
-            "key_sum": key_sum,
-            "key_count": key_count,
-            "pending_key": pending_key,
+            "memory": slots.transpose(1, 2).reshape(batch, self.num_slots, self.width).to(dtype),
+            "key_sum": key_sum.to(state["key_sum"].dtype),
+            "key_count": key_count.to(state["key_count"].dtype),
+            "pending_key": pending_key.to(state["pending_key"].dtype),
             "pending_valid": pending_valid,
         }
 
@@ -200,8 +212,9 @@ class SlotMemory(MemoryBlock):
         if gates.shape[-2] == 0:
             return memory
         # products as sums of logs (cumsum along tokens, no flips); the clamp keeps log(1 - g) finite when a
-        # write is total (g = 1), where the slot's earlier content is wiped either way
-        log_keep = torch.log1p(-gates.clamp(max=1.0 - 1e-6))
+        # write is total (g = 1), where the slot's earlier content is wiped either way (a bound below 1 in the
+        # gates' dtype: 1 - 1e-6 rounds to 1 in half precision)
+        log_keep = torch.log1p(-gates.clamp(max=1.0 - max(1e-6, torch.finfo(gates.dtype).eps)))
         prefix = log_keep.cumsum(-2)  # sum_{s<=t} log(1 - g_s)
         total = prefix[..., -1:, :]  # (..., 1, N)
         survive = torch.exp(total - prefix)  # prod_{s>t} (1 - g_s): what is left of token t's write

@@ -24,12 +24,10 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
 
 from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
@@ -56,26 +54,16 @@ from .memory_state import MemoryState
 from .memory_writes import write_only_pass
 from .model_card import HubSharingMixin
 from .model_inputs import check_inputs
+from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutput, check_forward_kwargs
 
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
 _DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
 
 
-@dataclass
-class MemLMCausalLMOutput(ModelOutput):
-    """Output of [`MemLMForCausalLM`]: the usual causal-LM fields plus the memory state after the call."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    memory_state: MemoryState | None = None
-
-
 class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
     config_class = MemLMConfig
-    base_model_prefix = "memlm"
+    base_model_prefix = "backbone"  # `model.base_model`: the model with its memory, without the LM head
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -116,6 +104,12 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         install_read_hooks(layers, config.memory_layers)
         self._warned_no_labels = False
         self.post_init()
+
+    @property
+    def backbone(self) -> MemLMBackbone:
+        """This model without its LM head (`model.base_model`): returns the final hidden states, memory included.
+        (`language_model` is the wrapped base alone: calling it directly runs no memory.)"""
+        return MemLMBackbone(self)
 
     @property
     def memory_enabled(self) -> bool:
@@ -308,7 +302,10 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         gives every row the outputs and memory it has alone. A padded column's logits and hidden states are
         those of the nearest real token before it in its row (of its first real token when none is before).
         Positions are local to each segment and computed here, so `position_ids` is not accepted.
+        `past_key_values` (transformers' earlier name of `cache`) is read as `cache`; any keyword this model does
+        not use is refused with a TypeError rather than dropped.
         """
+        cache = check_forward_kwargs(cache, kwargs)
         if kwargs.get("position_ids") is not None:
             raise ValueError(
                 "MemLMForCausalLM computes positions itself (local to each segment); do not pass position_ids."
@@ -600,4 +597,12 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
-__all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMForCausalLM", "MemLMPreTrainedModel", "find_decoder_layers"]
+__all__ = [
+    "MemLMBackbone",
+    "MemLMCache",
+    "MemLMCausalLMOutput",
+    "MemLMForCausalLM",
+    "MemLMModelOutput",
+    "MemLMPreTrainedModel",
+    "find_decoder_layers",
+]

