@@ -78,6 +78,8 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     except (TypeError, ValueError) as error:
         raise ValueError(f"model: {error}") from error
     check_tokenizer_fits(tokenizer, model.config.text_config)
+    if resume_from is not None:
+        check_checkpoint_matches(Path(resume_from), model.config)
 
     train_dataset, eval_dataset = _build_examples(
         data_cfg, tokenizer, model.config.segment_length, documents, config["seed"]
@@ -123,6 +125,8 @@ def check_config(config: dict) -> None:
     from hf_memlm.recipes.final_eval import check_evaluation
     from hf_memlm.training.model_setup import build_text_config
 
+    _check_output_dir(Path(config["output_dir"]), config)
+    _check_data_source(config["data"])
     model_cfg = config["model"]
     if model_cfg["base"] is not None:
         try:
@@ -144,6 +148,16 @@ def check_config(config: dict) -> None:
 _ANY_VOCAB_SIZE = 256
 
 
+def _check_data_source(data_cfg: dict) -> None:
+    """A local corpus that is not there (a Hub id is checked when it is loaded)."""
+    from hf_memlm.data.corpus import _is_local_path
+
+    source = data_cfg["source"]
+    if data_cfg["task"] == "text" and source is not None and _is_local_path(source):
+        if not Path(source).expanduser().exists():
+            raise FileNotFoundError(f"data.source: the corpus file or folder {source!r} does not exist.")
+
+
 def _config_kwargs(base_kwargs: dict) -> dict:
     # the from_pretrained arguments that also locate a config (the others are about weights)
     return {k: v for k, v in base_kwargs.items() if k in ("revision", "trust_remote_code", "token", "cache_dir")}
@@ -158,6 +172,7 @@ def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[
     resume = config["training"].get("resume_from_checkpoint")
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {str(output_dir)!r} is a file; choose a folder.")
+    _check_writable(output_dir)
     if resume in ("last", "latest"):
         last = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
         if last is None:
@@ -169,6 +184,14 @@ def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[
     if resume:
         if not Path(resume).is_dir():
             raise ValueError(f"training.resume_from_checkpoint: checkpoint folder {resume!r} does not exist.")
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        if not (Path(resume) / TRAINER_STATE_NAME).is_file():
+            raise ValueError(
+                f"training.resume_from_checkpoint: {resume!r} is not a Trainer checkpoint (it has no "
+                f"{TRAINER_STATE_NAME}, so no optimizer and schedule to continue): pass a checkpoint-<step> folder of "
+                "a run (or 'last' for the newest in output_dir). To train a saved model further, start a new run."
+            )
         return str(resume), []
     if output_dir.is_dir() and any(output_dir.iterdir()) and not config["overwrite_output_dir"]:
         raise ValueError(
@@ -176,6 +199,75 @@ def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[
             "--training.resume_from_checkpoint last, or pass --overwrite_output_dir true to write into it anyway."
         )
     return None, _checkpoints(output_dir)
+
+
+# What a checkpoint's weights and optimizer state are shaped by: memory settings (`MemLMConfig`) and the
+# base architecture (`text_config`). Resuming with any of them changed cannot load the checkpoint.
+_BASE_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
+
+
+def check_checkpoint_matches(checkpoint: Path, model_config) -> None:
+    """Refuse to resume from a checkpoint whose model was built with other settings (its weights or optimizer
+    state would not fit), naming each setting that differs."""
+    from hf_memlm.configuration_memlm import WEIGHT_SETTINGS
+
+    saved_path = checkpoint / "config.json"
+    if not saved_path.is_file():
+        return  # a LoRA checkpoint saves the adapter only; PEFT checks its own shapes
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return
+    current = model_config.to_dict()
+    differences = []
+    for name in WEIGHT_SETTINGS:
+        if name in saved and saved[name] != current.get(name):
+            differences.append(f"model.memory.{name}: {saved[name]!r} in the checkpoint, {current.get(name)!r} now")
+    saved_text, text = saved.get("text_config") or {}, current.get("text_config") or {}
+    for name in _BASE_SHAPE_KEYS:
+        if name in saved_text and saved_text[name] != text.get(name):
+            differences.append(f"base {name}: {saved_text[name]!r} in the checkpoint, {text.get(name)!r} now")
+    if differences:
+        raise ValueError(
+            f"training.resume_from_checkpoint: {str(checkpoint)!r} was trained with other model settings ("
+            + "; ".join(differences)
+            + "). Resume with the settings of that run (its train_config.yaml, or the values above), or start a "
+            "new run in another output_dir (or with --overwrite_output_dir true)."
+        )
+
+
+def _check_writable(output_dir: Path) -> None:
+    """The run can create files in `output_dir` (or, when it does not exist yet, in its nearest existing
+    parent): found out now, not as an OSError when the first checkpoint is saved."""
+    import os
+    import tempfile
+
+    place = output_dir
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r}: {str(place)!r} is a file, so no folder can be made there.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".hf_memlm_write_check_", dir=place)
+    except OSError as error:
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} cannot be written: {str(place)!r} does not accept new files "
+            f"({error.strerror}); choose a folder you can write to."
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def _checkpoints(folder: Path) -> list[Path]:
