@@ -63,4 +63,13 @@ def check_inputs(
     return batch, length, not some_label_counts
 
 
-__all__ = ["check_inputs"]
+def check_embedding_width(inputs_embeds, width: int) -> None:
+    """`inputs_embeds` as wide as the model's input embeddings (else the base fails with a bare size mismatch)."""
+    if inputs_embeds is not None and inputs_embeds.shape[-1] != width:
+        raise ValueError(
+            f"inputs_embeds has width {inputs_embeds.shape[-1]} (shape {tuple(inputs_embeds.shape)}) but this "
+            f"model's input embeddings have width {width}; make them with model.get_input_embeddings()(input_ids)."
+        )
+
+
+__all__ = ["check_embedding_width", "check_inputs"]

@@ -403,3 +403,28 @@ def test_load_time_settings_are_checked_as_at_construction(saved_kv_model, setti
 def test_load_time_settings_that_keep_the_weights_meaning_still_apply(saved_kv_model):
     model = AutoModelForCausalLM.from_pretrained(saved_kv_model, memory_size=64, memory_topk=None, segment_length=8)
     assert (model.config.memory_size, model.config.memory_topk, model.config.segment_length) == (64, None, 8)
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "path object", "file", "folder without config"])
+def test_from_base_names_a_missing_or_empty_local_folder(tmp_path, monkeypatch, where):
+    """A missing local folder was reported as a malformed Hub id ("Repo id must be in the form ...")."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    base, message = {
+        "absolute": ("/missing/folder", "the folder '/missing/folder' does not exist"),
+        "relative": ("./missing", "the folder './missing' does not exist"),
+        "path object": (Path("missing/model"), "the folder 'missing/model' does not exist"),
+        "file": ("weights.bin", "'weights.bin' is a file"),
+        "folder without config": ("empty", "the folder 'empty' has no config.json"),
+    }[where]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"from_base: {message}")):
+        MemLMForCausalLM.from_base(base)
+
+
+def test_inputs_embeds_of_the_wrong_width_are_named():
+    model = build("llama", "kv")
+    with pytest.raises(ValueError, match=r"inputs_embeds has width 16 .* input embeddings have width 32"):
+        model(inputs_embeds=torch.zeros(1, 4, 16))
