@@ -55,7 +55,7 @@ from .memory_segments import (
 from .memory_state import MemoryState
 from .memory_writes import write_only_pass
 from .model_card import HubSharingMixin
-from .model_inputs import check_embedding_width, check_inputs
+from .model_inputs import check_embedding_width, check_inputs, check_local_base
 
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
@@ -148,7 +148,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 raise ValueError("base_kwargs only apply when `base` is a model id or folder to load.")
             language_model = base
         elif isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
-            _check_local_base(base)
+            check_local_base(base)
             language_model = AutoModelForCausalLM.from_pretrained(base, **(base_kwargs or {}))
         else:
             raise TypeError(
@@ -600,31 +600,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         # The state now travels inside the MemLMCache; the caller's initial state must not be re-read.
         model_kwargs["memory_state"] = None
         return model_kwargs
-
-
-def _check_local_base(base) -> None:
-    """A `base` written as a local path (absolute, relative with ./ or ../, ~, or a path object) must be a model
-    folder; without this a missing folder is reported as a malformed Hub id."""
-    import os
-
-    path = os.fsdecode(os.fspath(base))
-    looks_local = not isinstance(base, (str, bytes)) or path.startswith(("/", "./", "../", "~", ".\\", "..\\"))
-    looks_local = looks_local or os.path.isabs(path) or path in (".", "..")
-    if os.path.exists(os.path.expanduser(path)):
-        if not os.path.isdir(os.path.expanduser(path)):
-            raise FileNotFoundError(
-                f"from_base: {path!r} is a file; pass the folder holding a saved causal LM (config.json + weights)."
-            )
-        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
-            raise FileNotFoundError(
-                f"from_base: the folder {path!r} has no config.json, so it holds no saved model; pass a folder "
-                "written by save_pretrained, or a Hub id such as 'gpt2'."
-            )
-    elif looks_local:
-        raise FileNotFoundError(
-            f"from_base: the folder {path!r} does not exist; pass a local folder holding a saved causal LM "
-            "(config.json + weights) or a Hub id such as 'gpt2' or 'Qwen/Qwen2.5-0.5B'."
-        )
 
 
 __all__ = ["MemLMCache", "MemLMCausalLMOutput", "MemLMForCausalLM", "MemLMPreTrainedModel", "find_decoder_layers"]
