@@ -120,6 +120,7 @@ def checkpointed_run(tmp_path_factory):
             "was trained with other model settings (model.memory.memory_type: 'kv' in the checkpoint, 'slot' now)",
         ),
         (["--model.text_config.hidden_size", "32"], "base hidden_size: 64 in the checkpoint, 32 now"),
+        (["--model.trainable", "memory_only"], "model.trainable: 'full' in the checkpoint, 'memory_only' now"),
     ],
 )
 def test_resume_with_other_model_settings_names_what_differs(checkpointed_run, capsys, flags, message):
@@ -166,3 +167,10 @@ def test_eval_device_that_is_not_there_is_named(checkpointed_run, tmp_path, monk
     argv = ["eval", str(checkpointed_run), "--task", "passkey", "--output-dir", str(tmp_path / "r")]
     assert main([*argv, "--device", "cuda"]) == 2
     assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_eval_output_dir_that_cannot_be_written_is_named_before_the_work(checkpointed_run, capsys):
+    argv = ["eval", str(checkpointed_run), "--task", "passkey", "--num-examples", "1", "--no-progress"]
+    assert main([*argv, "--output-dir", "/proc/hf_memlm_reports"]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir '/proc/hf_memlm_reports' cannot be written: '/proc' does not accept new files" in err

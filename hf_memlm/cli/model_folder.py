@@ -139,6 +139,21 @@ def check_output_dir(path: str, flag: str) -> Path:
     for parent in folder.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{flag} {path!r}: {str(parent)!r} is a file, so no folder can be made under it.")
+    place = folder
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    import os
+    import tempfile
+
+    try:  # a read-only place fails here, not after the whole evaluation
+        handle, probe = tempfile.mkstemp(prefix=".hf_memlm_write_check_", dir=place)
+    except OSError as error:
+        raise ValueError(
+            f"{flag} {path!r} cannot be written: {str(place)!r} does not accept new files ({error.strerror}); "
+            "choose a folder you can write to."
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
     return folder
 
 

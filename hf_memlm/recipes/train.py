@@ -79,7 +79,7 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
         raise ValueError(f"model: {error}") from error
     check_tokenizer_fits(tokenizer, model.config.text_config)
     if resume_from is not None:
-        check_checkpoint_matches(Path(resume_from), model.config)
+        check_checkpoint_matches(Path(resume_from), model.config, config)
 
     train_dataset, eval_dataset = _build_examples(
         data_cfg, tokenizer, model.config.segment_length, documents, config["seed"]
@@ -218,20 +218,35 @@ _BASE_SHAPE_KEYS = (
 )
 
 
-def check_checkpoint_matches(checkpoint: Path, model_config) -> None:
+def check_checkpoint_matches(checkpoint: Path, model_config, config: dict | None = None) -> None:
     """Refuse to resume from a checkpoint whose model was built with other settings (its weights or optimizer
-    state would not fit), naming each setting that differs."""
+    state would not fit), naming each setting that differs: the saved model config, and what is trained
+    (model.trainable, lora.*) from the run config each checkpoint carries (`CONFIG_FILE`)."""
+    import yaml
+
     from hf_memlm.configuration_memlm import WEIGHT_SETTINGS
 
-    saved_path = checkpoint / "config.json"
-    if not saved_path.is_file():
-        return  # a LoRA checkpoint saves the adapter only; PEFT checks its own shapes
-    try:
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return
-    current = model_config.to_dict()
     differences = []
+    run_config = checkpoint / CONFIG_FILE
+    if config is not None and run_config.is_file():
+        try:
+            saved_run = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            saved_run = {}
+        before, now = saved_run.get("model", {}).get("trainable"), config["model"]["trainable"]
+        if before is not None and before != now:
+            differences.append(f"model.trainable: {before!r} in the checkpoint, {now!r} now")
+        if "lora" in saved_run and now == "lora" and saved_run["lora"] != config["lora"]:
+            changed = sorted(
+                k for k in {*saved_run["lora"], *config["lora"]} if saved_run["lora"].get(k) != config["lora"].get(k)
+            )
+            differences.append(f"lora settings {', '.join(changed)} differ from the checkpoint's")
+    saved_path = checkpoint / "config.json"
+    try:  # a LoRA checkpoint saves the adapter only (no config.json); PEFT checks its own shapes
+        saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        saved = {}
+    current = model_config.to_dict()
     for name in WEIGHT_SETTINGS:
         if name in saved and saved[name] != current.get(name):
             differences.append(f"model.memory.{name}: {saved[name]!r} in the checkpoint, {current.get(name)!r} now")
@@ -397,6 +412,21 @@ def _training_arguments(config: dict, output_dir: Path):
 
 
 # -- training ------------------------------------------------------------------------------------------
+def run_config_callback(config: dict):
+    """A callback writing the run config (`CONFIG_FILE`) into every checkpoint, so a resume can tell what the
+    checkpoint's run trained (model.trainable, lora) and refuse another setting before the optimizer fails."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class _RunConfigCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / CONFIG_FILE).write_text(dump_config(config))
+
+    return _RunConfigCallback()
+
+
 def run_training(prepared: PreparedRun) -> dict:
     """Train, save the model and tokenizer, and return a summary (also written to `train_summary.json`)."""
     from transformers import default_data_collator
@@ -411,7 +441,9 @@ def run_training(prepared: PreparedRun) -> dict:
     from hf_memlm.integrations.hub import HubCodeCallback
 
     # pushes during training (Trainer's hub_strategy) carry the modeling code and the card
-    callbacks = [HubCodeCallback()] if prepared.training_args.push_to_hub else None
+    callbacks = [run_config_callback(prepared.config)] + (
+        [HubCodeCallback()] if prepared.training_args.push_to_hub else []
+    )
     trainer = MemLMTrainer(
         callbacks=callbacks,
         model=prepared.model,
