@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import ClassVar
 
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, DynamicCache, PreTrainedConfig
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.configuration_utils import SubConfigSpec
 
@@ -305,7 +305,10 @@ def check_causal_base(text_config: PreTrainedConfig) -> None:
             f"MemLMConfig: the base {model_type!r} attends to later tokens (it is not a causal LM), so every "
             f"position would see the future. {supported}"
         )
-    if getattr(text_config, "is_decoder", None) is False:
+    # BERT-like encoders that can also run as decoders are causal only with is_decoder=True (an `is_decoder`
+    # field alone says nothing: GPT-NeoX declares it, and older config.json files store it for every model)
+    is_encoder = type(text_config) in AutoModelForMaskedLM._model_mapping
+    if is_encoder and getattr(text_config, "is_decoder", None) is not True:
         raise ValueError(
             f"MemLMConfig: the base {model_type!r} is configured as a bidirectional encoder (is_decoder=False), "
             f"so every position would see the future. Use a causal LM, or set is_decoder=True in its config to "

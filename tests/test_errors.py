@@ -309,6 +309,12 @@ def _tiny(config_class, **settings):
     return config_class(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, **settings)
 
 
+def test_a_causal_base_with_is_decoder_false_in_its_config_is_accepted():
+    """Configs saved by older transformers store is_decoder=false for every model; GPT-NeoX declares it."""
+    for model_type in ("gpt_neox", "llama"):
+        MemLMConfig(text_config=base_config(model_type, is_decoder=False), memory_layers=[0], segment_length=SEGMENT)
+
+
 def test_a_bidirectional_encoder_base_is_refused():
     """A BERT encoder let position 0 see the last token; it is refused unless configured as a causal decoder."""
     from transformers import BertConfig
