@@ -84,7 +84,7 @@ def test_dry_run_refuses_what_the_real_run_refuses(tmp_path, capsys, problem):
         message = "output_dir '/proc/hf_memlm_out' cannot be written: '/proc' does not accept new files"
     elif problem == "missing source":
         flags = ["--data.source", str(tmp_path / "missing.txt")]
-        message = f"data.source: the corpus file or folder '{tmp_path / 'missing.txt'}' does not exist"
+        message = f"data.source: the corpus file {tmp_path / 'missing.txt'} does not exist"
     else:
         flags = ["--model.text_config", "{model_type: t5, d_model: 32, num_layers: 2, num_heads: 2}"]
         message = "model.memory: MemLMConfig: the base 't5' is an encoder-decoder model, not a causal LM"

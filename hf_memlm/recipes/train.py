@@ -155,7 +155,9 @@ def _check_data_source(data_cfg: dict) -> None:
     source = data_cfg["source"]
     if data_cfg["task"] == "text" and source is not None and _is_local_path(source):
         if not Path(source).expanduser().exists():
-            raise FileNotFoundError(f"data.source: the corpus file or folder {source!r} does not exist.")
+            raise FileNotFoundError(
+                f"data.source: the corpus file {source} does not exist (nor a folder of that name)."
+            )
 
 
 def _config_kwargs(base_kwargs: dict) -> dict:
