@@ -10,10 +10,14 @@ import difflib
 from typing import ClassVar
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, DynamicCache, PreTrainedConfig
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.configuration_utils import SubConfigSpec
 
 from .memory_kinds import MEMORY_KINDS
+
+try:  # the cache layer of recurrent (state-space, linear-attention) layers, in recent transformers
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+except ImportError:  # older releases: such bases are told by model_type and layer_types only
+    LinearAttentionCacheLayerMixin = None
 
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_SEARCHES = ("auto", "exact")
@@ -289,7 +293,7 @@ def check_causal_base(text_config: PreTrainedConfig) -> None:
         for layer_type in (getattr(text_config, "layer_types", None) or ())
         for word in _RECURRENT_LAYER_WORDS
     )
-    if not is_recurrent:
+    if not is_recurrent and LinearAttentionCacheLayerMixin is not None:
         try:
             layers = DynamicCache(config=text_config).layers
             is_recurrent = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
