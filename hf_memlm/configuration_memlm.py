@@ -6,15 +6,68 @@ nothing but torch and transformers and uses single-dot relative imports only.
 
 from __future__ import annotations
 
+import difflib
 from typing import ClassVar
 
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, DynamicCache, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .memory_kinds import MEMORY_KINDS
 
+try:  # the cache layer of recurrent (state-space, linear-attention) layers, in recent transformers
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+except ImportError:  # older releases: such bases are told by model_type and layer_types only
+    LinearAttentionCacheLayerMixin = None
+
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_SEARCHES = ("auto", "exact")
+# Settings that may change when a saved model is loaded (`from_pretrained(folder, memory_size=...)`): they
+# change how much is kept and how it is searched, not what the weights compute.
+LOAD_TIME_SETTINGS = (
+    "memory_size",
+    "memory_topk",
+    "memory_dtype",
+    "memory_search",
+    "memory_search_threshold",
+    "memory_search_probes",
+    "bptt_segments",
+)
+# Settings the weights were trained with: changing them at load time would run the weights on a different
+# computation (other layers, segment boundaries, heads, addressing).
+WEIGHT_SETTINGS = (
+    "memory_type",
+    "memory_layers",
+    "segment_length",
+    "memory_heads",
+    "memory_head_dim",
+    "num_slots",
+    "memory_value_shift",
+)
+# The bases hf_memlm is tested on (tests/conftest.py); other decoder-only causal LMs usually work as well.
+TESTED_BASES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "phi3", "opt", "gemma")
+# Causal-LM mappings whose attention is not causal (XLNet's permutation LM attends both ways) and bases whose
+# layers keep a recurrent state that the memory's segment window cannot carry (no per-token KV cache).
+NON_CAUSAL_BASES = ("xlnet",)
+RECURRENT_BASES = (
+    "mamba",
+    "mamba2",
+    "falcon_mamba",
+    "rwkv",
+    "xlstm",
+    "recurrent_gemma",
+    "jamba",
+    "zamba",
+    "zamba2",
+    "bamba",
+    "falcon_h1",
+    "granitemoehybrid",
+    "nemotron_h",
+    "lfm2",
+    "lfm2_moe",
+    "qwen3_next",
+    "minimax",
+)
+_RECURRENT_LAYER_WORDS = ("mamba", "conv", "linear", "recurrent", "rwkv", "mlstm", "hybrid", "ssm")
 
 
 class MemLMConfig(PreTrainedConfig):
@@ -74,6 +127,14 @@ class MemLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        _check_unknown_settings(kwargs)
+        if isinstance(self.text_config, dict) and "model_type" not in self.text_config:
+            # Without this the sub-config default (a full-size Llama) would be built from the dict silently.
+            raise ValueError(
+                "MemLMConfig: text_config is a dict without 'model_type', so the kind of base model is unknown; "
+                "add it (e.g. {'model_type': 'llama', ...}) or pass a config object "
+                "(AutoConfig.from_pretrained(base) or AutoConfig.for_model('llama', ...))."
+            )
         if self.text_config is None:
             # Without this the sub-config default (a full-size Llama) would be built silently.
             raise ValueError(
@@ -87,6 +148,7 @@ class MemLMConfig(PreTrainedConfig):
             raise ValueError(
                 "MemLMConfig: text_config is itself a memlm config; wrap a plain causal LM (its config) instead."
             )
+        check_causal_base(text)
         # Tied embeddings live in the base model's config; mirror it so tools reading the top level agree.
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         num_layers = _base_num_layers(text)
@@ -171,6 +233,32 @@ class MemLMConfig(PreTrainedConfig):
             raise ValueError(f"MemLMConfig: memory_layers={self.memory_layers!r} names a layer twice.")
         self.memory_layers = sorted(normalised)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, with memory settings given at load time (`from_pretrained(folder,
+        memory_size=...)`) checked as at construction; settings the weights depend on may not change."""
+        config_dict = dict(config_dict)
+        if config_dict.get("model_type", cls.model_type) == cls.model_type and "text_config" in config_dict:
+            changed = [
+                name
+                for name in WEIGHT_SETTINGS
+                if name in kwargs and name in config_dict and kwargs[name] != config_dict[name]
+            ]
+            if changed:
+                given = ", ".join(f"{name}={kwargs[name]!r}" for name in changed)
+                saved = ", ".join(f"{name}={config_dict[name]!r}" for name in changed)
+                raise ValueError(
+                    f"MemLMConfig: {given} cannot change when loading a saved model (it holds {saved}): its weights "
+                    f"were trained for those settings and would compute something else. Only "
+                    f"{', '.join(LOAD_TIME_SETTINGS)} may change at load time; to use other settings, build a new "
+                    "model (MemLMForCausalLM.from_base) and train it."
+                )
+            # validated by __post_init__ with the rest, instead of set on the built config unchecked
+            for name in LOAD_TIME_SETTINGS:
+                if name in kwargs:
+                    config_dict[name] = kwargs.pop(name)
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def memory_width(self) -> int:
         """Width of a memory read before the output projection (heads x head_dim)."""
@@ -186,6 +274,72 @@ def _base_num_layers(text_config: PreTrainedConfig) -> int:
         f"MemLMConfig: cannot tell how many decoder layers the base config ({text_config.model_type}) has; "
         "it should define `num_hidden_layers`."
     )
+
+
+def check_causal_base(text_config: PreTrainedConfig) -> None:
+    """Refuse a base that is not a causal decoder: one that sees later tokens would let every position read
+    the future, and a recurrent one keeps a state the segment window cannot carry."""
+    model_type = text_config.model_type
+    supported = (
+        f"Supported bases are decoder-only causal LMs that AutoModelForCausalLM loads with a per-token attention "
+        f"cache (tested: {', '.join(TESTED_BASES)})."
+    )
+    if getattr(text_config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"MemLMConfig: the base {model_type!r} is an encoder-decoder model, not a causal LM. {supported}"
+        )
+    is_recurrent = model_type in RECURRENT_BASES or any(
+        word in str(layer_type).lower()
+        for layer_type in (getattr(text_config, "layer_types", None) or ())
+        for word in _RECURRENT_LAYER_WORDS
+    )
+    if not is_recurrent and LinearAttentionCacheLayerMixin is not None:
+        try:
+            layers = DynamicCache(config=text_config).layers
+            is_recurrent = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
+        except Exception:  # a cache layout transformers cannot build from this config: nothing to learn from it
+            is_recurrent = False
+    if is_recurrent:
+        raise ValueError(
+            f"MemLMConfig: the base {model_type!r} has recurrent (state-space or linear-attention) layers; "
+            f"hf_memlm needs attention layers whose keys and values are cached per token. {supported}"
+        )
+    if model_type in NON_CAUSAL_BASES:
+        raise ValueError(
+            f"MemLMConfig: the base {model_type!r} attends to later tokens (it is not a causal LM), so every "
+            f"position would see the future. {supported}"
+        )
+    # BERT-like encoders that can also run as decoders are causal only with is_decoder=True (an `is_decoder`
+    # field alone says nothing: GPT-NeoX declares it, and older config.json files store it for every model)
+    is_encoder = type(text_config) in AutoModelForMaskedLM._model_mapping
+    if is_encoder and getattr(text_config, "is_decoder", None) is not True:
+        raise ValueError(
+            f"MemLMConfig: the base {model_type!r} is configured as a bidirectional encoder (is_decoder=False), "
+            f"so every position would see the future. Use a causal LM, or set is_decoder=True in its config to "
+            f"run it as a causal decoder. {supported}"
+        )
+    known = type(text_config) in AutoModelForCausalLM._model_mapping
+    remote = "AutoModelForCausalLM" in (getattr(text_config, "auto_map", None) or {})
+    if not (known or remote):
+        raise ValueError(
+            f"MemLMConfig: the base {model_type!r} has no causal-LM class (AutoModelForCausalLM does not load it). "
+            f"{supported}"
+        )
+
+
+def _check_unknown_settings(kwargs: dict) -> None:
+    """A misspelt memory setting would be kept as an unused attribute and the default used silently."""
+    fields = [name for name in MemLMConfig.__dataclass_fields__ if name != "text_config"]
+    memory_names = [n for n in fields if n not in PreTrainedConfig.__dataclass_fields__ and n != "tie_word_embeddings"]
+    for key in kwargs:
+        if key in fields:
+            continue
+        close = difflib.get_close_matches(key, memory_names, n=1, cutoff=0.8)
+        if close or key.startswith("memory_"):
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"MemLMConfig got an unknown setting {key!r}; {hint}The memory settings are: {', '.join(memory_names)}."
+            )
 
 
 def _check_positive_int(name: str, value) -> None:

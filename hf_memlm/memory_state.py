@@ -7,10 +7,12 @@ Part of the Hub payload: imports only torch and transformers-side dependencies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -137,8 +139,12 @@ class MemoryState:
         return MEMORY_KINDS[self.memory_type].count_entries(first)
 
     # -- persistence -------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, model=None) -> None:
         """Write to a safetensors file (e.g. `memory.safetensors`).
+
+        With `model` (the model that wrote this memory) the file records a fingerprint of its weights, and
+        `load(path, model=other)` warns when `other` is not that model: another model's memory has the
+        same shapes but means nothing to it.
 
         The file is written next to its destination and then renamed over it, so a crash never leaves a
         half-written file. An existing file is replaced only if it is a MemoryState file (or empty): saving
@@ -152,6 +158,8 @@ class MemoryState:
             "memory_type": self.memory_type,
             "layers": json.dumps(sorted(self.layers)),
         }
+        if model is not None:
+            metadata["model_fingerprint"] = model_fingerprint(model)
         # A unique hidden name in the same folder: the final rename stays on one file system (atomic).
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
         try:
@@ -163,16 +171,18 @@ class MemoryState:
             partial.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> MemoryState:
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", model=None) -> MemoryState:
         """Read a file written by `save`.
 
         Raises FileNotFoundError when `path` does not exist and ValueError, naming the file and what is
         wrong, when it is not a readable MemoryState file (a folder, empty, truncated, another safetensors
-        file, or metadata that does not match the tensors stored).
+        file, metadata that does not match the tensors stored, NaN or inf values), or when `device` is not
+        available. With `model`, warns when the file records the fingerprint of other weights (see `save`).
         """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"memory file {str(path)!r} does not exist.")
+        _check_device(device, path)
         header, metadata = _read_header(path)
         if metadata.get("format") != _FORMAT:
             raise ValueError(
@@ -189,6 +199,21 @@ class MemoryState:
         }
         window = {name: flat[f"{WINDOW}.{name}"] for name in window_names}
         state = cls(memory_type, layers, window)
+        for name, tensor in state._tensors():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"memory file {path} holds NaN or inf values (in {name!r}); the memory is damaged (it was saved "
+                    "from a run whose values overflowed). Read the documents into memory again."
+                )
+        recorded = metadata.get("model_fingerprint")
+        if model is not None and recorded is not None and recorded != model_fingerprint(model):
+            warnings.warn(
+                f"memory file {path} was written by a model with other weights than this one (fingerprint "
+                f"{recorded} vs {model_fingerprint(model)}); its contents mean nothing to this model. Read the "
+                "documents again with this model.",
+                UserWarning,
+                stacklevel=2,
+            )
         sizes = {tensor.shape[0] if tensor.dim() else None for _, tensor in state._tensors()}
         if len(sizes) != 1 or None in sizes:
             raise ValueError(
@@ -214,10 +239,11 @@ def _read_header(path: Path) -> tuple[dict, dict]:
         raise ValueError(
             f"memory file {str(path)!r} is a folder; pass the path of a file written by MemoryState.save()."
         )
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"memory file {path} is empty; it was not (completely) written by MemoryState.save().")
+    # size and header from one open file: a save that renames a new file over `path` meanwhile cannot mix them
     with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            raise ValueError(f"memory file {path} is empty; it was not (completely) written by MemoryState.save().")
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise ValueError(f"memory file {path} is truncated ({size} bytes, shorter than a safetensors header).")
@@ -293,6 +319,31 @@ def _check_layout(path: Path, metadata: dict, header: dict) -> tuple[str, dict[i
     return memory_type, layer_names, window_names
 
 
+def model_fingerprint(model) -> str:
+    """A short digest of a memory model's weights: names, shapes and a strided sample of the values of its
+    memory blocks and input embeddings (cheap for any model size; two trainings differ in it)."""
+    digest = hashlib.sha256()
+    parts = list(model.memory_blocks.named_parameters()) + [("embeddings", model.get_input_embeddings().weight)]
+    for name, param in sorted(parts, key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(repr(sample.tolist()).encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_device(device, path: Path) -> None:
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"cannot load memory file {path}: {device!r} is not a device ({error}).") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"cannot load memory file {path} onto {str(target)!r}: CUDA is not available here (no GPU, or torch "
+            "built without CUDA). Load it with device='cpu'."
+        )
+
+
 def is_memory_file(path: str | os.PathLike) -> bool:
     """True when `path` is a file written by `MemoryState.save` (only its header is read)."""
     path = Path(path)
@@ -324,4 +375,4 @@ def check_save_target(path: str | os.PathLike) -> None:
         )
 
 
-__all__ = ["MemoryState", "check_save_target", "is_memory_file"]
+__all__ = ["MemoryState", "check_save_target", "is_memory_file", "model_fingerprint"]

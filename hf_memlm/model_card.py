@@ -288,6 +288,48 @@ def _evaluation(table: str | None, command: str | None) -> str:
     return table.strip() + (f"\n\nProduced by: `{command}`" if command else "")
 
 
+# Weight files `from_pretrained` looks for, besides the shards their index files name. transformers removes
+# stale shards of the names it writes, but not these: a stale one left by another model would be loaded
+# instead of (or beside) what was just saved, or keeps pickled weights around.
+_WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _weight_files(folder) -> dict[str, tuple]:
+    """Weight files in `folder` (the fixed names and the shards their indexes list) -> (inode, mtime, size)."""
+    if not os.path.isdir(folder):
+        return {}
+    names = set(_WEIGHT_NAMES)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        try:
+            with open(os.path.join(folder, index), encoding="utf-8") as handle:
+                names.update(str(name) for name in json.load(handle).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            pass
+    found = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.basename(name) == name and os.path.isfile(path):
+            info = os.stat(path)
+            found[name] = (info.st_ino, info.st_mtime_ns, info.st_size)
+    return found
+
+
+def _remove_stale_weights(folder, before: dict[str, tuple]) -> None:
+    """Remove the weight files that were there before a save and were not rewritten by it."""
+    after = _weight_files(folder)
+    for name, signature in before.items():
+        if after.get(name) == signature:
+            logger.warning(
+                "save_pretrained: removing %s, a weight file of an earlier save that would shadow this one", name
+            )
+            os.remove(os.path.join(folder, name))
+
+
 class HubSharingMixin:
     """What `MemLMPreTrainedModel` adds to `PreTrainedModel`'s saving: the model card, and pushes that upload
     it (transformers' own `push_to_hub` would replace it with a generic card)."""
@@ -305,9 +347,11 @@ class HubSharingMixin:
                 for name in ("repo_id", "commit_message", "commit_description", "private", "token", "create_pr")
                 if name in kwargs
             }
+        before = _weight_files(save_directory)
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if not self.should_save_on_this_rank(is_main_process) or not os.path.isdir(save_directory):
             return  # another rank saves; or a file path, which transformers logs and ignores
+        _remove_stale_weights(save_directory, before)
         write_model_card(save_directory, self.config, num_parameters=parameter_counts(self))
         if push_to_hub:
             repo_id = hub_settings.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))

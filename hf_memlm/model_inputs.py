@@ -1,8 +1,11 @@
 """Checks of what a forward receives, so bad input fails with a message that names it and says how to fix it,
-instead of an index error deep in the base model (or a memory silently poisoned by NaN). Part of the Hub payload.
+instead of an index error deep in the base model (or a memory silently poisoned by NaN), and of what
+`from_base` is given to load. Part of the Hub payload.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -63,4 +66,39 @@ def check_inputs(
     return batch, length, not some_label_counts
 
 
-__all__ = ["check_inputs"]
+def check_embedding_width(inputs_embeds, width: int) -> None:
+    """`inputs_embeds` as wide as the model's input embeddings (else the base fails with a bare size mismatch)."""
+    if inputs_embeds is not None and inputs_embeds.shape[-1] != width:
+        raise ValueError(
+            f"inputs_embeds has width {inputs_embeds.shape[-1]} (shape {tuple(inputs_embeds.shape)}) but this "
+            f"model's input embeddings have width {width}; make them with model.get_input_embeddings()(input_ids)."
+        )
+
+
+def check_local_base(base, gguf_file: str | None = None) -> None:
+    """A `base` written as a local path (absolute, relative with ./ or ../, ~, or a path object) must be a model
+    folder (holding `gguf_file` when one is named); without this a missing folder is reported as a malformed Hub id."""
+    path = os.fsdecode(os.fspath(base))
+    looks_local = not isinstance(base, (str, bytes)) or path.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+    looks_local = looks_local or os.path.isabs(path) or path in (".", "..")
+    if os.path.exists(os.path.expanduser(path)):
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise FileNotFoundError(
+                f"from_base: {path!r} is a file; pass the folder holding a saved causal LM (config.json + weights)."
+            )
+        if gguf_file is not None:
+            if not os.path.isfile(os.path.join(os.path.expanduser(path), gguf_file)):
+                raise FileNotFoundError(f"from_base: the folder {path!r} has no GGUF file {gguf_file!r}.")
+        elif not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            raise FileNotFoundError(
+                f"from_base: the folder {path!r} has no config.json, so it holds no saved model; pass a folder "
+                "written by save_pretrained, or a Hub id such as 'gpt2'."
+            )
+    elif looks_local:
+        raise FileNotFoundError(
+            f"from_base: the folder {path!r} does not exist; pass a local folder holding a saved causal LM "
+            "(config.json + weights) or a Hub id such as 'gpt2' or 'Qwen/Qwen2.5-0.5B'."
+        )
+
+
+__all__ = ["check_embedding_width", "check_inputs", "check_local_base"]

@@ -53,7 +53,7 @@ from .memory_segments import (
 from .memory_state import MemoryState
 from .memory_writes import write_only_pass
 from .model_card import HubSharingMixin
-from .model_inputs import check_inputs
+from .model_inputs import check_embedding_width, check_inputs, check_local_base
 from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutput, check_forward_kwargs
 
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
@@ -142,6 +142,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 raise ValueError("base_kwargs only apply when `base` is a model id or folder to load.")
             language_model = base
         elif isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
+            check_local_base(base, (base_kwargs or {}).get("gguf_file"))
             language_model = AutoModelForCausalLM.from_pretrained(base, **(base_kwargs or {}))
         else:
             raise TypeError(
@@ -317,6 +318,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         batch, length, no_label_counts = check_inputs(
             input_ids, inputs_embeds, labels, ignore_index, vocab_size, check_labels=not self._warned_no_labels
         )
+        check_embedding_width(inputs_embeds, self.get_input_embeddings().embedding_dim)
         if no_label_counts:
             self._warned_no_labels = True
             warnings.warn(

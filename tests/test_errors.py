@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import SEGMENT, base_config, build
+from conftest import SEGMENT, VOCAB, base_config, build
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 import hf_memlm
@@ -59,6 +59,8 @@ class _ToyModel(PreTrainedModel):
 
 
 def test_unsupported_base_is_named_and_left_untouched():
+    # a causal LM class as far as the auto classes know, whose layers cannot be found
+    AutoModelForCausalLM.register(_ToyConfig, _ToyModel, exist_ok=True)
     base = _ToyModel(_ToyConfig())
     before = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(ValueError, match="cannot find the decoder layers of a 'toy_no_layers' model"):
@@ -301,3 +303,134 @@ def test_generation_window_without_its_cache():
         continued = model(ids, cache=out.cache, use_cache=True)
         committed = model(ids, memory_state=model.commit_window(out.memory_state))
     assert continued.logits.shape == committed.logits.shape == (1, 5, 97)
+
+
+def _tiny(config_class, **settings):
+    return config_class(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, **settings)
+
+
+def test_a_causal_base_with_is_decoder_false_in_its_config_is_accepted():
+    """Configs saved by older transformers store is_decoder=false for every model; GPT-NeoX declares it."""
+    for model_type in ("gpt_neox", "llama"):
+        MemLMConfig(text_config=base_config(model_type, is_decoder=False), memory_layers=[0], segment_length=SEGMENT)
+
+
+def test_a_bidirectional_encoder_base_is_refused():
+    """A BERT encoder let position 0 see the last token; it is refused unless configured as a causal decoder."""
+    from transformers import BertConfig
+
+    with pytest.raises(ValueError, match=r"'bert' is configured as a bidirectional encoder \(is_decoder=False\)"):
+        MemLMConfig(text_config=_tiny(BertConfig, intermediate_size=64), memory_layers=[0], segment_length=16)
+    config = MemLMConfig(
+        text_config=_tiny(BertConfig, intermediate_size=64, is_decoder=True), memory_layers=[0], segment_length=16
+    )
+    model = MemLMForCausalLM(config).eval()
+    ids = torch.randint(3, 90, (1, 10))
+    changed = ids.clone()
+    changed[0, -1] = 91
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[0, :-1], model(changed).logits[0, :-1])
+
+
+@pytest.mark.parametrize(
+    "model_type, message",
+    [
+        ("xlnet", r"'xlnet' attends to later tokens \(it is not a causal LM\)"),
+        ("t5", r"'t5' is an encoder-decoder model, not a causal LM"),
+        ("mamba", r"'mamba' has recurrent \(state-space or linear-attention\) layers"),
+        ("rwkv", r"'rwkv' has recurrent"),
+        ("jamba", r"'jamba' has recurrent"),
+    ],
+)
+def test_bases_that_are_not_causal_attention_decoders_are_refused(model_type, message):
+    from transformers import AutoConfig
+
+    with pytest.raises(ValueError, match=message + r".*Supported bases are decoder-only causal LMs.*tested: gpt2"):
+        MemLMConfig(text_config=AutoConfig.for_model(model_type), memory_layers=[0], segment_length=16)
+
+
+class _ToyEncoderConfig(PretrainedConfig):
+    model_type = "toy_encoder"
+    hidden_size: int = 8
+    num_hidden_layers: int = 1
+
+
+def test_a_base_without_a_causal_lm_class_is_refused():
+    with pytest.raises(ValueError, match="'toy_encoder' has no causal-LM class"):
+        MemLMConfig(text_config=_ToyEncoderConfig(), memory_layers=[0], segment_length=8)
+
+
+@pytest.mark.parametrize(
+    "typo, suggestion", [("memory_sise", "memory_size"), ("segment_lenght", "segment_length"), ("memory_foo", None)]
+)
+def test_misspelt_memory_settings_are_refused(typo, suggestion):
+    message = f"unknown setting '{typo}'; " + (f"did you mean '{suggestion}'" if suggestion else "The memory settings")
+    with pytest.raises(ValueError, match=message):
+        MemLMConfig(text_config=base_config("llama"), **{typo: 10})
+
+
+def test_text_config_dict_without_model_type_is_refused():
+    """It became a default 4096-wide, 32-layer Llama."""
+    with pytest.raises(ValueError, match="text_config is a dict without 'model_type'"):
+        MemLMConfig(text_config={"hidden_size": 32, "num_hidden_layers": 2}, memory_layers=[0])
+
+
+@pytest.fixture(scope="module")
+def saved_kv_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kv_model")
+    build("llama", "kv").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(memory_size=0), "memory_size=0 must be a positive integer"),
+        (dict(memory_topk=0), "memory_topk=0 must be a positive integer"),
+        (dict(memory_topk=100), "memory_topk=100 is larger than memory_size=12"),
+        (dict(memory_size=2), "memory_topk=4 is larger than memory_size=2"),
+        (dict(memory_search="fast"), "memory_search='fast' is unknown"),
+        (
+            dict(segment_length=32),
+            "segment_length=32 cannot change when loading a saved model (it holds segment_length=8)",
+        ),
+        (
+            dict(memory_type="slot"),
+            "memory_type='slot' cannot change when loading a saved model (it holds memory_type='kv')",
+        ),
+        (dict(memory_layers=[1]), "memory_layers=[1] cannot change"),
+    ],
+)
+def test_load_time_settings_are_checked_as_at_construction(saved_kv_model, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AutoModelForCausalLM.from_pretrained(saved_kv_model, **settings)
+
+
+def test_load_time_settings_that_keep_the_weights_meaning_still_apply(saved_kv_model):
+    model = AutoModelForCausalLM.from_pretrained(saved_kv_model, memory_size=64, memory_topk=None, segment_length=8)
+    assert (model.config.memory_size, model.config.memory_topk, model.config.segment_length) == (64, None, 8)
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "path object", "file", "folder without config"])
+def test_from_base_names_a_missing_or_empty_local_folder(tmp_path, monkeypatch, where):
+    """A missing local folder was reported as a malformed Hub id ("Repo id must be in the form ...")."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    base, message = {
+        "absolute": ("/missing/folder", "the folder '/missing/folder' does not exist"),
+        "relative": ("./missing", "the folder './missing' does not exist"),
+        "path object": (Path("missing/model"), "the folder 'missing/model' does not exist"),
+        "file": ("weights.bin", "'weights.bin' is a file"),
+        "folder without config": ("empty", "the folder 'empty' has no config.json"),
+    }[where]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"from_base: {message}")):
+        MemLMForCausalLM.from_base(base)
+
+
+def test_inputs_embeds_of_the_wrong_width_are_named():
+    model = build("llama", "kv")
+    with pytest.raises(ValueError, match=r"inputs_embeds has width 16 .* input embeddings have width 32"):
+        model(inputs_embeds=torch.zeros(1, 4, 16))

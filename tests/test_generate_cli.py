@@ -196,3 +196,64 @@ def test_chat_asks_through_the_chat_template_after_reading(tmp_path, capsys):
     assert printed == expected and printed
     assert generate(folder, "--chat", "   ") == 2
     assert "--chat is empty" in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_not_utf8_is_named(kv_model, capsys):
+    """`--prompt "$(printf 'caf\\xe9')"`: the shell hands Python the byte as a lone surrogate (a TypeError before)."""
+    assert generate(kv_model, "--prompt", "caf\udce9") == 2
+    assert "--prompt is not UTF-8 text (byte 0xe9 at offset 3); convert it first" in capsys.readouterr().err
+
+
+def test_read_takes_standard_input(kv_model, monkeypatch, capsys):
+    import io
+    import sys
+
+    document = default_text()[:128]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert generate(kv_model, "--read", "-", "--prompt", PROMPT, "--max-new-tokens", 4) == 2
+    assert "--read file '<standard input>' is empty" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(document.encode())))
+    assert generate(kv_model, "--read", "-", "--prompt", PROMPT, "--max-new-tokens", 4) == 0
+    from_stdin = capsys.readouterr().out
+    with open(kv_model.parent / "doc.txt", "w") as handle:
+        handle.write(document)
+    assert generate(kv_model, "--read", kv_model.parent / "doc.txt", "--prompt", PROMPT, "--max-new-tokens", 4) == 0
+    assert capsys.readouterr().out == from_stdin
+
+
+def test_read_from_a_pipe_is_not_called_a_folder(kv_model, tmp_path, capsys):
+    import os
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text(default_text()[:64]), daemon=True)
+    writer.start()
+    status = generate(kv_model, "--read", pipe, "--prompt", PROMPT, "--max-new-tokens", 2)
+    if writer.is_alive():  # the pipe was never opened: release the writer
+        os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
+    writer.join(5)
+    assert "is a folder" not in capsys.readouterr().err
+    assert status == 0
+
+
+def test_a_device_that_is_not_there_is_named(kv_model, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert generate(kv_model, "--prompt", PROMPT, "--device", "cuda") == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    assert generate(kv_model, "--prompt", PROMPT, "--device", "gpu") == 2
+    assert "--device 'gpu' is not a device; use cpu, cuda" in capsys.readouterr().err
+
+
+def test_a_memory_file_of_another_model_is_warned_about(kv_model, tmp_path, capsys):
+    other = _save(tmp_path / "other", "kv", seed=1)
+    document = tmp_path / "doc.txt"
+    document.write_text(default_text()[:100])
+    memory = tmp_path / "memory.safetensors"
+    argv = ["--prompt", PROMPT, "--max-new-tokens", 2]
+    assert generate(kv_model, *argv, "--read", document, "--save-memory", memory) == 0
+    assert generate(kv_model, *argv, "--memory", memory) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert generate(other, *argv, "--memory", memory) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --memory '{memory}': memory file {memory} was written by a model with other weights" in err

@@ -177,3 +177,21 @@ def test_reload_in_another_dtype(tmp_path, dtype):
     assert {p.dtype for p in reloaded.parameters()} == {dtype}
     with torch.no_grad():
         assert torch.isfinite(reloaded(_ids()).logits).all()
+
+
+@pytest.mark.parametrize("first_sharded", [True, False], ids=["shards-then-one-file", "one-file-then-shards"])
+def test_saving_over_another_models_weights_leaves_none_of_them(tmp_path, first_sharded):
+    """Weight files of an earlier save that this save did not rewrite would be loaded instead of it (a stale
+    model.safetensors shadows new shards) or linger (an index naming old shards, a pickled pytorch_model.bin)."""
+    old, new = build("llama", "kv", seed=0), build("llama", "kv", seed=1)
+    old.save_pretrained(tmp_path, max_shard_size="20KB" if first_sharded else "50GB")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"stale pickle")
+    new.save_pretrained(tmp_path, max_shard_size="50GB" if first_sharded else "20KB")
+    names = sorted(p.name for p in tmp_path.iterdir() if "model" in p.name and not p.name.endswith(".py"))
+    if first_sharded:
+        assert names == ["model.safetensors"]
+    else:
+        assert "model.safetensors" not in names and "pytorch_model.bin" not in names
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert sorted(names) == sorted({"model.safetensors.index.json", *index["weight_map"].values()})
+    _assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path), new)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 
 import pytest
 import torch
@@ -199,3 +200,65 @@ def test_generate_save_memory_onto_the_weights_keeps_the_model(tmp_path, capsys)
         assert code == 2 and "refusing to overwrite" in capsys.readouterr().err
     assert weights.read_bytes() == before
     AutoModelForCausalLM.from_pretrained(tmp_path)  # still a loadable model
+
+
+def test_load_rejects_nan_and_inf_values(tmp_path):
+    """A memory saved from a run that overflowed gave NaN logits silently."""
+    path = tmp_path / "memory.safetensors"
+    _state().save(path)
+    tensors = load_file(str(path))
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        metadata = json.loads(handle.read(length))["__metadata__"]
+    tensors["layer.0.values"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=r"memory\.safetensors holds NaN or inf values \(in 'layer\.0\.values'\)"):
+        MemoryState.load(path)
+
+
+def test_load_warns_when_another_model_wrote_the_memory(tmp_path):
+    writer, other = build("llama", "kv", seed=0), build("llama", "kv", seed=1)
+    path = tmp_path / "memory.safetensors"
+    with torch.no_grad():
+        writer(torch.arange(3, 3 + 2 * SEGMENT)[None]).memory_state.save(path, model=writer)
+    with pytest.warns(UserWarning, match=r"was written by a model with other weights than this one"):
+        MemoryState.load(path, model=other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MemoryState.load(path, model=writer)
+        MemoryState.load(path)  # no model to compare with
+
+
+def test_load_onto_cuda_without_cuda_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "memory.safetensors"
+    _state().save(path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"onto 'cuda': CUDA is not available here.*device='cpu'"):
+        MemoryState.load(path, device="cuda")
+    with pytest.raises(ValueError, match=r"'gpu' is not a device"):
+        MemoryState.load(path, device="gpu")
+
+
+def test_saves_racing_to_one_path_never_look_damaged(tmp_path):
+    """A thread saving states of different sizes to one path while others check it (as every save does
+    first): they must only ever see whole MemoryState files, never a header of one and the size of another."""
+    from conftest import run_in_threads
+
+    path = tmp_path / "memory.safetensors"
+    states = [_state(batch=1), _state(batch=3)]
+    states[0].save(path)
+    done = []
+
+    def task(thread):
+        if thread == 0:
+            for step in range(60):
+                states[step % 2].save(path)
+            done.append(True)
+            return 0
+        damaged = 0
+        while not done:
+            damaged += not hf_memlm.memory_state.is_memory_file(path)
+        return damaged
+
+    assert sum(run_in_threads(task, 4).values()) == 0
+    assert MemoryState.load(path).batch_size in (1, 3)

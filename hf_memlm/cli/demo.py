@@ -4,6 +4,12 @@ through it segment by segment, save it, reload it with `AutoModelForCausalLM` an
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .common import fail
+
+# Written into the demo's folder: a later demo may replace a folder holding it, and no other.
+DEMO_MARKER = "hf_memlm_demo.txt"
 
 
 def add_parser(subparsers) -> None:
@@ -20,9 +26,36 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def check_demo_folder(path: str) -> Path:
+    """The demo's output folder: new, empty, or written by an earlier demo (it holds `DEMO_MARKER`). A folder
+    holding anything else (a trained model above all) is never written into."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output-dir {path!r} is an existing file; choose a folder for the demo model.")
+    if folder.is_dir():
+        names = sorted(item.name for item in folder.iterdir())
+        if names and DEMO_MARKER not in names:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ValueError(
+                f"--output-dir {path!r} already holds files that hf-memlm demo did not write ({shown}); the demo "
+                "would overwrite them (a model there would be replaced). Choose a new or empty folder."
+            )
+    return folder
+
+
 def run(args) -> int:
+    try:
+        output_dir = check_demo_folder(args.output_dir)
+    except ValueError as error:
+        return fail("demo", str(error))
+    try:
+        return _run(args, output_dir)
+    except (ValueError, OSError) as error:  # bad settings, or a folder that cannot be written
+        return fail("demo", str(error))
+
+
+def _run(args, output_dir: Path) -> int:
     import time
-    from pathlib import Path
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -86,7 +119,10 @@ def run(args) -> int:
         f"streaming in two calls vs one call: max |logit difference| = {(streamed - out.logits).abs().max().item():.2e}"
     )
 
-    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / DEMO_MARKER).write_text(
+        "Written by `hf-memlm demo`: running the demo again with this --output-dir replaces this folder's files.\n"
+    )
     model.save_pretrained(output_dir)
     out.memory_state.save(output_dir / "memory.safetensors")
     print(f"saved: {output_dir}/ ({', '.join(sorted(p.name for p in output_dir.iterdir()))})")

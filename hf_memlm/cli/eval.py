@@ -15,7 +15,14 @@ from pathlib import Path
 from hf_memlm.data import TASK_BUILDERS
 
 from .common import fail
-from .model_folder import add_memory_arguments, check_output_dir, check_weights, memory_overrides, read_saved_config
+from .model_folder import (
+    add_memory_arguments,
+    check_output_dir,
+    check_weights,
+    memory_overrides,
+    read_saved_config,
+    resolve_device,
+)
 
 RETRIEVAL_TASKS = tuple(TASK_BUILDERS)  # the synthetic tasks of hf_memlm.data
 TASKS = (*RETRIEVAL_TASKS, "perplexity")
@@ -106,6 +113,8 @@ def _run(args) -> int:
     try:
         overrides = memory_overrides(args, read_saved_config(model_dir), model_dir)
         check_output_dir(args.output_dir, "--output-dir")
+        check_training_report(args.output_dir, args.task)
+        device = resolve_device(args.device)
     except ValueError as error:
         raise EvalInputError(str(error)) from error
     task_options = parse_task_options(args.task_option)
@@ -129,7 +138,6 @@ def _run(args) -> int:
 
         transformers_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), **overrides)
     model = model.to(device).eval()
     tokenizer = load_tokenizer(args.tokenizer, model_dir, model)
@@ -193,6 +201,21 @@ def check_model_dir(path) -> Path:
     except ValueError as error:
         raise EvalInputError(str(error)) from error
     return folder
+
+
+def check_training_report(output_dir: str, task: str) -> None:
+    """Refuse to replace the report that training wrote into a trained model's `eval/` folder (the model card
+    shows it); other folders may be written into again."""
+    folder = Path(output_dir)
+    report = folder / f"{task}.json"
+    from hf_memlm.recipes.train import SUMMARY_FILE
+
+    if report.is_file() and (folder.parent / SUMMARY_FILE).is_file() and (folder.parent / "config.json").is_file():
+        raise ValueError(
+            f"--output-dir {output_dir!r} is the evaluation folder of the trained model in {str(folder.parent)!r}: "
+            f"its {task} report from training ({report.name}, shown in the model card) would be replaced. Choose "
+            "another --output-dir."
+        )
 
 
 def parse_task_options(items: list[str]) -> dict:

@@ -4,7 +4,8 @@ with a saved memory LM, optionally after reading a document into its memory.
   --chat MESSAGE       ask as a user of an instruct model: the message goes through the tokenizer's chat template
                        in a fresh call after the document was read (what `configs/smollm2_passkey_cpu.yaml` trains)
 
-  --read FILE          read the UTF-8 text file into memory first (segment by segment; any length)
+  --read FILE          read the UTF-8 text file into memory first (segment by segment; any length);
+                       `-` reads standard input
   --memory FILE        start from a memory saved earlier (memory.safetensors); --read adds to it
   --save-memory FILE   save the memory after reading, to answer more prompts later without re-reading
   --memory-size N      keep N entries (one per token read) instead of the saved model's memory_size
@@ -19,16 +20,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .common import fail
 from .model_folder import (
     add_memory_arguments,
     check_memory_output,
+    check_text_argument,
     check_weights,
     memory_overrides,
     read_saved_config,
     read_text_file,
+    resolve_device,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 256  # a ceiling: a model trained with an end marker stops well before it
@@ -50,7 +54,9 @@ def add_parser(subparsers) -> None:
         help="a user message, written with the tokenizer's chat template (instruct models); the assistant's reply "
         "is printed",
     )
-    parser.add_argument("--read", metavar="FILE", help="UTF-8 text file to read into memory before generating")
+    parser.add_argument(
+        "--read", metavar="FILE", help="UTF-8 text file to read into memory before generating ('-': standard input)"
+    )
     parser.add_argument("--memory", metavar="FILE", help="memory saved earlier (MemoryState safetensors file)")
     parser.add_argument("--save-memory", metavar="FILE", help="save the memory (after --read) to this file")
     parser.add_argument(
@@ -99,6 +105,8 @@ def _run(args) -> int:
         raise ValueError("--prompt is empty; give some text to continue.")
     if args.chat is not None and not args.chat.strip():
         raise ValueError("--chat is empty; give the message to ask.")
+    prompt = check_text_argument(args.prompt, "--prompt") if args.prompt is not None else None
+    chat = check_text_argument(args.chat, "--chat") if args.chat is not None else None
     if args.memory is not None:
         from hf_memlm.memory_state import is_memory_file
 
@@ -113,6 +121,7 @@ def _run(args) -> int:
         if not (args.read or args.memory):
             raise ValueError("--save-memory needs something in memory: pass --read FILE (and/or --memory FILE).")
         check_memory_output(args.save_memory, "--save-memory")
+    device = resolve_device(args.device)
     document = read_text_file(args.read, "--read") if args.read else None
 
     import torch
@@ -121,7 +130,6 @@ def _run(args) -> int:
     from hf_memlm import MemoryState
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, **overrides).to(device).eval()
@@ -131,9 +139,13 @@ def _run(args) -> int:
     state = None
     if args.memory:
         try:
-            state = MemoryState.load(args.memory, device=device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                state = MemoryState.load(args.memory, device=device, model=model)
         except (OSError, ValueError) as error:
             raise ValueError(f"--memory {args.memory!r}: {error}") from error
+        for warning in caught:
+            print(f"hf-memlm generate: warning: --memory {args.memory!r}: {warning.message}", file=sys.stderr)
     if document is not None:
         ids = tokenizer(document, return_tensors="pt")["input_ids"]
         before = 0 if state is None else int(state.num_entries().max())
@@ -144,20 +156,20 @@ def _run(args) -> int:
             print(note, file=sys.stderr)
         state = after_state
     if args.save_memory:
-        state.save(args.save_memory)
+        state.save(args.save_memory, model=model)
         print(f"memory saved to {args.save_memory}", file=sys.stderr)
 
-    if args.chat is not None:
+    if chat is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 f"--chat needs a tokenizer with a chat template; the one in {args.model_dir!r} has none. Use --prompt."
             )
         encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.chat}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [{"role": "user", "content": chat}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(device)
     else:
         # a prompt that continues a remembered document carries no new beginning-of-text token
-        encoded = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=state is None).to(device)
+        encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=state is None).to(device)
     if encoded["input_ids"].shape[1] == 0:
         raise ValueError("--prompt is empty after tokenization; give some text.")
     settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}

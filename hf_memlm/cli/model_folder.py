@@ -139,24 +139,88 @@ def check_output_dir(path: str, flag: str) -> Path:
     for parent in folder.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{flag} {path!r}: {str(parent)!r} is a file, so no folder can be made under it.")
+    place = folder
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    import os
+    import tempfile
+
+    try:  # a read-only place fails here, not after the whole evaluation
+        handle, probe = tempfile.mkstemp(prefix=".hf_memlm_write_check_", dir=place)
+    except OSError as error:
+        raise ValueError(
+            f"{flag} {path!r} cannot be written: {str(place)!r} does not accept new files ({error.strerror}); "
+            "choose a folder you can write to."
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
     return folder
 
 
 def read_text_file(path: str, flag: str) -> str:
-    """The UTF-8 text of `path`, or a ValueError naming it (missing, a folder, not UTF-8, empty)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(
-            f"{flag} file {path!r} does not exist." if not file.exists() else f"{flag} {path!r} is a folder."
-        )
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{flag} file {path!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
-            "convert it first, e.g. `iconv -f latin1 -t utf-8`."
-        ) from None
+    """The UTF-8 text of `path` (`-`: standard input; a pipe or device such as /dev/stdin is read as it
+    is), or a ValueError naming it (missing, a folder, not UTF-8, empty)."""
+    if path == "-":
+        import sys
+
+        data, path = sys.stdin.buffer.read(), "<standard input>"
+    else:
+        file = Path(path)
+        if not file.exists():
+            raise ValueError(f"{flag} file {path!r} does not exist.")
+        if file.is_dir():
+            raise ValueError(f"{flag} {path!r} is a folder; pass a text file (or '-' for standard input).")
+        data = file.read_bytes()
+    text = decode_utf8(data, f"{flag} file {path!r}")
     if not text:
         raise ValueError(f"{flag} file {path!r} is empty.")
     return text
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """`data` as UTF-8 text, or a ValueError naming `what`, the first bad byte and its offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{what} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            "convert it first, e.g. `iconv -f latin1 -t utf-8`."
+        ) from None
+
+
+def check_text_argument(text: str, flag: str) -> str:
+    """A command-line argument that must be UTF-8 text (bytes that are not arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as error:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise ValueError(f"{flag} is not valid text (a lone surrogate at character {error.start}).") from None
+    return decode_utf8(raw, flag)
+
+
+def resolve_device(name: str | None, flag: str = "--device") -> str:
+    """`name` (None or 'auto': cuda when available, else cpu), checked to exist on this machine."""
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} {name!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{flag} {name}: CUDA is not available on this machine (no GPU, or torch built without CUDA); "
+                f"use {flag} cpu."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {name}: MPS is not available on this machine; use {flag} cpu.")
+    return name

@@ -115,7 +115,38 @@ def _expand_paths(sources) -> list[Path]:
             raise FileNotFoundError(f"load_text_corpus: the corpus file {path} does not exist.")
     if not files:
         raise ValueError("load_text_corpus: the list of corpus files is empty; name at least one file or folder.")
+    for path in files:
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            check_utf8_file(path)
     return files
+
+
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl")  # read as UTF-8 text by their `datasets` builders
+
+
+def check_utf8_file(path: Path, chunk_size: int = 1 << 20) -> None:
+    """Raise a ValueError naming `path`, the first byte that is not UTF-8 and its offset (the `datasets`
+    builders only say that generating the dataset failed, without naming the file)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                # error.start counts from the bytes the decoder still held plus this chunk
+                held = len(error.object) - len(chunk)
+                position = offset - held + error.start
+                raise ValueError(
+                    f"load_text_corpus: {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                    f"{position}); convert it first, e.g. `iconv -f latin1 -t utf-8`."
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def _load_local_files(files: list[Path], text_column: str, split: str, streaming: bool = False):

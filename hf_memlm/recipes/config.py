@@ -164,6 +164,7 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> d
     overrides = _joined_overrides(overrides)
     given = [*_flat_keys(raw), *(item[2:].partition("=")[0] for item in overrides)]
     _check_keys(given, parser)
+    _refuse_class_paths(raw, overrides, parser)
     from jsonargparse import ArgumentError
 
     try:
@@ -197,10 +198,20 @@ def dump_config(config: dict) -> str:
 
 def _read_yaml(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file (see configs/).")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
+    data = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            "convert it first, e.g. `iconv -f latin1 -t utf-8`."
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
     if data is None:
@@ -258,6 +269,45 @@ def _check_keys(keys: list[str], parser) -> None:
         if key in leaves or key in sections or any(key.startswith(f + ".") for f in free):
             continue
         raise ConfigError(_unknown_key_message(key, leaves | sections))
+
+
+def _refuse_class_paths(raw: dict, overrides: list[str], parser) -> None:
+    """jsonargparse imports the module named by a `class_path` (or a dotted name given for a class-typed
+    value) to build it: a config must not make `hf-memlm train` import arbitrary code. Nested settings are
+    given as plain mappings instead (lora.loftq_config: {loftq_bits: 4})."""
+    dests = {action.dest for action in parser._actions}
+    class_typed = {dest for dest in dests if f"{dest}.help" in dests}  # jsonargparse's class-path help entries
+    values = [("", raw)]
+    for item in overrides:
+        key, _, text = item[2:].partition("=")
+        try:
+            values.append((key, yaml.safe_load(text)))
+        except yaml.YAMLError:
+            values.append((key, text))
+    while values:
+        key, value = values.pop()
+        if set(key.split(".")) & {"class_path", "__path__", "_target_"}:
+            raise ConfigError(
+                f"{key} is not accepted: the train config never imports code by name. Give the settings as a plain "
+                "mapping of values instead (e.g. --lora.loftq_config '{loftq_bits: 4}')."
+            )
+        if key in class_typed and isinstance(value, str):
+            raise ConfigError(
+                f"{key}={value!r} is not accepted: a name given here would be imported as code. Give the settings "
+                f"of {key} as a plain mapping of values instead (e.g. --lora.loftq_config '{{loftq_bits: 4}}')."
+            )
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                where = f"{key}.{name}" if key else str(name)
+                if name in ("class_path", "__path__", "_target_"):
+                    raise ConfigError(
+                        f"{where}={inner!r} is not accepted: the train config never imports code by name. Give the "
+                        f"settings of {key or 'this section'} as a plain mapping of values instead "
+                        "(e.g. --lora.loftq_config '{loftq_bits: 4}')."
+                    )
+                values.append((where, inner))
+        elif isinstance(value, list):
+            values.extend((key, inner) for inner in value)
 
 
 def _is_free_mapping(parser, key: str) -> bool:

@@ -81,6 +81,8 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     except (TypeError, ValueError) as error:
         raise ValueError(f"model: {error}") from error
     check_tokenizer_fits(tokenizer, model.config.text_config)
+    if resume_from is not None:
+        check_checkpoint_matches(Path(resume_from), model.config, config)
 
     train_dataset, eval_dataset = _build_examples(
         data_cfg, tokenizer, model.config.segment_length, documents, config["seed"]
@@ -142,6 +144,8 @@ def check_config(config: dict) -> None:
     from hf_memlm.recipes.final_eval import check_evaluation
     from hf_memlm.training.model_setup import build_text_config
 
+    _check_output_dir(Path(config["output_dir"]), config)
+    _check_data_source(config["data"])
     model_cfg = config["model"]
     if model_cfg["base"] is not None:
         try:
@@ -164,6 +168,18 @@ def check_config(config: dict) -> None:
 _ANY_VOCAB_SIZE = 256
 
 
+def _check_data_source(data_cfg: dict) -> None:
+    """A local corpus that is not there (a Hub id is checked when it is loaded)."""
+    from hf_memlm.data.corpus import _is_local_path
+
+    source = data_cfg["source"]
+    if data_cfg["task"] == "text" and source is not None and _is_local_path(source):
+        if not Path(source).expanduser().exists():
+            raise FileNotFoundError(
+                f"data.source: the corpus file {source} does not exist (nor a folder of that name)."
+            )
+
+
 def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[Path]]:
     """Refuse to mix a new run into a folder with files; find the checkpoint to resume from.
 
@@ -173,6 +189,7 @@ def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[
     resume = config["training"].get("resume_from_checkpoint")
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {str(output_dir)!r} is a file; choose a folder.")
+    _check_writable(output_dir)
     if resume in ("last", "latest"):
         last = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
         if last is None:
@@ -184,6 +201,14 @@ def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[
     if resume:
         if not Path(resume).is_dir():
             raise ValueError(f"training.resume_from_checkpoint: checkpoint folder {resume!r} does not exist.")
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        if not (Path(resume) / TRAINER_STATE_NAME).is_file():
+            raise ValueError(
+                f"training.resume_from_checkpoint: {resume!r} is not a Trainer checkpoint (it has no "
+                f"{TRAINER_STATE_NAME}, so no optimizer and schedule to continue): pass a checkpoint-<step> folder of "
+                "a run (or 'last' for the newest in output_dir). To train a saved model further, start a new run."
+            )
         return str(resume), []
     if output_dir.is_dir() and any(output_dir.iterdir()) and not config["overwrite_output_dir"]:
         raise ValueError(
@@ -191,6 +216,90 @@ def _check_output_dir(output_dir: Path, config: dict) -> tuple[str | None, list[
             "--training.resume_from_checkpoint last, or pass --overwrite_output_dir true to write into it anyway."
         )
     return None, _checkpoints(output_dir)
+
+
+# What a checkpoint's weights and optimizer state are shaped by: memory settings (`MemLMConfig`) and the
+# base architecture (`text_config`). Resuming with any of them changed cannot load the checkpoint.
+_BASE_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
+
+
+def check_checkpoint_matches(checkpoint: Path, model_config, config: dict | None = None) -> None:
+    """Refuse to resume from a checkpoint whose model was built with other settings (its weights or optimizer
+    state would not fit), naming each setting that differs: the saved model config, and what is trained
+    (model.trainable, lora.*) from the run config each checkpoint carries (`CONFIG_FILE`)."""
+    import yaml
+
+    from hf_memlm.configuration_memlm import WEIGHT_SETTINGS
+
+    differences = []
+    run_config = checkpoint / CONFIG_FILE
+    if config is not None and run_config.is_file():
+        try:
+            saved_run = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            saved_run = {}
+        before, now = saved_run.get("model", {}).get("trainable"), config["model"]["trainable"]
+        if before is not None and before != now:
+            differences.append(f"model.trainable: {before!r} in the checkpoint, {now!r} now")
+        if "lora" in saved_run and now == "lora" and saved_run["lora"] != config["lora"]:
+            changed = sorted(
+                k for k in {*saved_run["lora"], *config["lora"]} if saved_run["lora"].get(k) != config["lora"].get(k)
+            )
+            differences.append(f"lora settings {', '.join(changed)} differ from the checkpoint's")
+    saved_path = checkpoint / "config.json"
+    try:  # a LoRA checkpoint saves the adapter only (no config.json); PEFT checks its own shapes
+        saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        saved = {}
+    current = model_config.to_dict()
+    for name in WEIGHT_SETTINGS:
+        if name in saved and saved[name] != current.get(name):
+            differences.append(f"model.memory.{name}: {saved[name]!r} in the checkpoint, {current.get(name)!r} now")
+    saved_text, text = saved.get("text_config") or {}, current.get("text_config") or {}
+    for name in _BASE_SHAPE_KEYS:
+        if name in saved_text and saved_text[name] != text.get(name):
+            differences.append(f"base {name}: {saved_text[name]!r} in the checkpoint, {text.get(name)!r} now")
+    if differences:
+        raise ValueError(
+            f"training.resume_from_checkpoint: {str(checkpoint)!r} was trained with other model settings ("
+            + "; ".join(differences)
+            + "). Resume with the settings of that run (its train_config.yaml, or the values above), or start a "
+            "new run in another output_dir (or with --overwrite_output_dir true)."
+        )
+
+
+def _check_writable(output_dir: Path) -> None:
+    """The run can create files in `output_dir` (or, when it does not exist yet, in its nearest existing
+    parent): found out now, not as an OSError when the first checkpoint is saved."""
+    import os
+    import tempfile
+
+    place = output_dir
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r}: {str(place)!r} is a file, so no folder can be made there.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".hf_memlm_write_check_", dir=place)
+    except OSError as error:
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} cannot be written: {str(place)!r} does not accept new files "
+            f"({error.strerror}); choose a folder you can write to."
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -325,6 +434,21 @@ def _training_arguments(config: dict, output_dir: Path):
 
 
 # -- training ------------------------------------------------------------------------------------------
+def run_config_callback(config: dict):
+    """A callback writing the run config (`CONFIG_FILE`) into every checkpoint, so a resume can tell what the
+    checkpoint's run trained (model.trainable, lora) and refuse another setting before the optimizer fails."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class _RunConfigCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / CONFIG_FILE).write_text(dump_config(config))
+
+    return _RunConfigCallback()
+
+
 def run_training(prepared: PreparedRun) -> dict:
     """Train, save the model and tokenizer, and return a summary (also written to `train_summary.json`)."""
     from transformers import default_data_collator
@@ -339,7 +463,9 @@ def run_training(prepared: PreparedRun) -> dict:
     from hf_memlm.integrations.hub import HubCodeCallback
 
     # pushes during training (Trainer's hub_strategy) carry the modeling code and the card
-    callbacks = [HubCodeCallback()] if prepared.training_args.push_to_hub else None
+    callbacks = [run_config_callback(prepared.config)] + (
+        [HubCodeCallback()] if prepared.training_args.push_to_hub else []
+    )
     trainer = MemLMTrainer(
         callbacks=callbacks,
         model=prepared.model,
