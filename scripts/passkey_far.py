@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_memlm  # noqa: F401  (registers the memlm auto classes)
-from hf_memlm.evaluation import evaluate_retrieval, retrieval_dataset
+from hf_memlm.evaluation import environment, environment_line, evaluate_retrieval, retrieval_dataset
 
 HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "books" / "held_out" / "moby_dick.txt"
 
@@ -42,6 +42,7 @@ def main(argv=None) -> None:
         args.model, memory_size=args.memory_size, memory_topk=topk, memory_search=args.search, memory_dtype=args.dtype
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    print(environment_line(environment()), flush=True)
     options = {"needle_segment": 0, "filler": "natural", "text": HELD_OUT.read_text(encoding="utf-8")}
     for segments in args.segments:
         start = time.perf_counter()
