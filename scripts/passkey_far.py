@@ -36,6 +36,9 @@ def main(argv=None) -> None:
     parser.add_argument("--search", default="exact", choices=("exact", "auto"), help="memory_search at load time")
     parser.add_argument("--dtype", default="float16", help="memory_dtype at load time")
     parser.add_argument("--memory-size", type=int, default=1_100_000, help="memory_size at load time")
+    parser.add_argument(
+        "--text", default=str(HELD_OUT), help="filler text file (default: Moby-Dick, data/books/held_out)"
+    )
     args = parser.parse_args(argv)
     topk = None if args.topk == "none" else int(args.topk)
     model = AutoModelForCausalLM.from_pretrained(
@@ -43,7 +46,7 @@ def main(argv=None) -> None:
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     print(environment_line(environment()), flush=True)
-    options = {"needle_segment": 0, "filler": "natural", "text": HELD_OUT.read_text(encoding="utf-8")}
+    options = {"needle_segment": 0, "filler": "natural", "text": Path(args.text).read_text(encoding="utf-8")}
     for segments in args.segments:
         start = time.perf_counter()
         dataset = retrieval_dataset(
