@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_memlm  # noqa: F401  (registers the memlm auto classes)
-from hf_memlm.evaluation import evaluate_retrieval, retrieval_dataset
+from hf_memlm.evaluation import environment, environment_line, evaluate_retrieval, retrieval_dataset
 
 HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "books" / "held_out" / "moby_dick.txt"
 
@@ -36,13 +36,17 @@ def main(argv=None) -> None:
     parser.add_argument("--search", default="exact", choices=("exact", "auto"), help="memory_search at load time")
     parser.add_argument("--dtype", default="float16", help="memory_dtype at load time")
     parser.add_argument("--memory-size", type=int, default=1_100_000, help="memory_size at load time")
+    parser.add_argument(
+        "--text", default=str(HELD_OUT), help="filler text file (default: Moby-Dick, data/books/held_out)"
+    )
     args = parser.parse_args(argv)
     topk = None if args.topk == "none" else int(args.topk)
     model = AutoModelForCausalLM.from_pretrained(
         args.model, memory_size=args.memory_size, memory_topk=topk, memory_search=args.search, memory_dtype=args.dtype
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    options = {"needle_segment": 0, "filler": "natural", "text": HELD_OUT.read_text(encoding="utf-8")}
+    print(environment_line(environment()), flush=True)
+    options = {"needle_segment": 0, "filler": "natural", "text": Path(args.text).read_text(encoding="utf-8")}
     for segments in args.segments:
         start = time.perf_counter()
         dataset = retrieval_dataset(

@@ -13,7 +13,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 # `test`: what the default suite needs (faiss, lm-eval, pytest, the pinned ruff); `dev` adds pre-commit
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# -c constraints.txt: the exact versions the README's figures were measured with (a newer transformers is tried
+# on purpose by changing its pin, not by accident of the install date)
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
 # the benchmark peers (tests/test_bench_peers.py), in their own folder, never hf_memlm's dependencies
 if [ ! -d benchmarks/.peers-env ]; then
   .venv/bin/python -m pip install --quiet --no-deps --target benchmarks/.peers-env -r benchmarks/peers_requirements.txt

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import hf_memlm
@@ -186,6 +187,10 @@ def test_train_saves_a_reloadable_model_and_generate_reads_a_document(tmp_path, 
     assert f"model + tokenizer saved to {output_dir}" in printed
     summary = json.loads((output_dir / "train_summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["log_history"]) == 4
+    environment = summary["environment"]  # what a rerun must match to learn the same weights
+    assert (environment["torch"], environment["transformers"]) == (torch.__version__, transformers.__version__)
+    assert environment["torch_threads"] == torch.get_num_threads()
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert isinstance(model, hf_memlm.MemLMForCausalLM) and len(tokenizer) == 260

@@ -323,6 +323,40 @@ def test_reports_are_written_and_parse(tmp_path):
     )
 
 
+def test_reports_record_the_environment_they_were_measured_in(tmp_path):
+    """A figure depends on more than its config (torch's CPU kernels changed what the 1M passkey recipe learned):
+    the JSON and the Markdown say which torch, transformers, threads, CPU kernels and platform measured it."""
+    import platform
+
+    import transformers
+
+    model = tiny_model("kv")
+    retrieval = evaluate_retrieval(model, known_answer_dataset(model, [25, 17]), task="passkey", progress=False)
+    perplexity = evaluate_perplexity(model, Dataset.from_list([{"input_ids": random_ids(32, 3)}]), progress=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for results in (retrieval, perplexity):
+            paths = write_report(results, tmp_path)
+            env = json.loads(paths["json"].read_text())["environment"]
+            assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
+            assert env["torch_threads"] == 2
+            assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+            assert env["platform"] == platform.platform() and env["python"] == platform.python_version()
+            table = paths["markdown"].read_text()
+            assert (
+                f"Environment: torch {torch.__version__} ({env['cpu_capability']} kernels, 2 threads), "
+                f"transformers {transformers.__version__}, Python {platform.python_version()}, {platform.platform()}"
+            ) in table
+    finally:
+        torch.set_num_threads(threads)
+    # results measured elsewhere keep the environment they carry
+    carried = dict(retrieval, environment=dict(retrieval["environment"], torch_threads=16, transformers="5.24.0"))
+    paths = write_report(carried, tmp_path / "elsewhere")
+    assert json.loads(paths["json"].read_text())["environment"]["torch_threads"] == 16
+    assert "16 threads), transformers 5.24.0," in paths["markdown"].read_text()
+
+
 # -- command line ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):

@@ -11,7 +11,7 @@ and (retrieval) the base model alone reading its own window; see `conditions.py`
 
 from .conditions import BASE_MODEL, CONDITIONS, MEMORY, MEMORY_DISABLED, describe_conditions
 from .perplexity import evaluate_perplexity
-from .report import format_markdown, plot_results, write_report
+from .report import environment, environment_line, format_markdown, plot_results, write_report
 from .retrieval import answer_spans, bucket_by_segments, bucket_by_tokens, evaluate_retrieval, greedy_answer
 from .task_data import answer_alphabet, retrieval_dataset
 
@@ -25,6 +25,8 @@ __all__ = [
     "bucket_by_segments",
     "bucket_by_tokens",
     "describe_conditions",
+    "environment",
+    "environment_line",
     "evaluate_perplexity",
     "evaluate_retrieval",
     "format_markdown",

@@ -9,11 +9,55 @@ Comparison (several trained models, `comparison.py`): rows are segment positions
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 
+def environment() -> dict:
+    """What a figure depends on beyond its config: the library versions, torch's threads, the CPU kernels torch
+    dispatches to (AVX2 and AVX-512 kernels round differently, which is enough to change what a training run
+    learns), the CPU, the GPU if any, Python and the platform."""
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_model(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def environment_line(env: dict) -> str:
+    """One Markdown line naming the environment of a report (`environment()`)."""
+    threads = env["torch_threads"]
+    gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
+    return (
+        f"Environment: torch {env['torch']} ({env['cpu_capability']} kernels, {threads} thread"
+        f"{'' if threads == 1 else 's'}{gpu}), transformers {env['transformers']}, Python {env['python']}, "
+        f"{env['platform']}, CPU {env['cpu'] or 'unknown'}."
+    )
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def write_report(results: dict, output_dir, name: str | None = None) -> dict[str, Path]:
-    """Write `<name>.json`, `<name>.md` and `<name>.png` (name: the task) into `output_dir`; return the paths."""
+    """Write `<name>.json`, `<name>.md` and `<name>.png` (name: the task) into `output_dir`; return the paths.
+    The results get the `environment` they were measured in (this process's, unless they carry one)."""
+    results.setdefault("environment", environment())
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     name = name or results.get("task") or results["kind"]
@@ -29,15 +73,23 @@ def write_report(results: dict, output_dir, name: str | None = None) -> dict[str
 
 
 def format_markdown(results: dict) -> str:
-    """The results as Markdown: a heading, the table(s), and what each condition saw."""
+    """The results as Markdown: a heading, the table(s), what each condition saw, and the environment."""
     if results["kind"] == "chat_passkey":  # generation-scored, distances in tokens: its own layout
         from .chat_passkey import format_chat_passkey
 
-        return format_chat_passkey(results)
-    if results["kind"] == "comparison":  # several trained models side by side: its own layout
+        text = format_chat_passkey(results)
+    elif results["kind"] == "comparison":  # several trained models side by side: its own layout
         from .comparison import comparison_markdown
 
-        return comparison_markdown(results)
+        text = comparison_markdown(results)
+    else:
+        text = _single_model_markdown(results)
+    if results.get("environment"):
+        text += "\n" + environment_line(results["environment"]) + "\n"
+    return text
+
+
+def _single_model_markdown(results: dict) -> str:
     if results["kind"] == "retrieval":
         body = _retrieval_markdown(results)
     elif results["kind"] == "perplexity":

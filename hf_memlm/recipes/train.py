@@ -453,6 +453,7 @@ def run_training(prepared: PreparedRun) -> dict:
     """Train, save the model and tokenizer, and return a summary (also written to `train_summary.json`)."""
     from transformers import default_data_collator
 
+    from hf_memlm.evaluation import environment
     from hf_memlm.training.model_setup import is_peft_model, parameter_counts, save_trained_model
     from hf_memlm.training.trainer import MemLMTrainer
 
@@ -504,6 +505,7 @@ def run_training(prepared: PreparedRun) -> dict:
         "checkpoints": sorted(str(p) for p in output_dir.glob("checkpoint-*")),
         "log_history": losses,
         "is_main_process": trainer.is_world_process_zero(),
+        "environment": environment(),  # versions, threads and CPU kernels: a rerun elsewhere may learn otherwise
     }
     if trainer.args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
