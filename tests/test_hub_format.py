@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import BASES, KINDS, SEGMENT, base_config, build
+from conftest import BASES, KINDS, SEGMENT, base_config, build, run_python_json
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,18 +149,7 @@ def test_trust_remote_code_without_the_package(tmp_path):
             weights = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
             save_file(weights, str(folder / "expected_weights.safetensors"))
             folders.append(str(folder))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    done = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, *folders],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_python_json(REMOTE_SCRIPT, folders, tmp_path)
     for folder, result in results.items():
         assert result["weights_equal"], folder
         assert result["max_diff"] < 1e-5, (folder, result)
@@ -195,3 +182,24 @@ def test_saving_over_another_models_weights_leaves_none_of_them(tmp_path, first_
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
         assert sorted(names) == sorted({"model.safetensors.index.json", *index["weight_map"].values()})
     _assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path), new)
+
+
+def test_saved_tokenizer_loads_without_remote_code_or_a_prompt(tmp_path):
+    """The saved tokenizer is a plain tokenizer: where hf_memlm is not installed, `AutoTokenizer.from_pretrained(
+    folder, trust_remote_code=False)` loads it without running remote code and without the "[y/N]" prompt
+    (transformers reads config.json first, whose auto_map would otherwise ask), and it tokenizes as saved."""
+    from hf_memlm.data import build_tokenizer
+
+    build("llama", "kv").save_pretrained(tmp_path)
+    tokenizer = build_tokenizer("byte")
+    tokenizer.save_pretrained(tmp_path)
+    code = (
+        "import json, sys\n"
+        "sys.modules['hf_memlm'] = None\n"
+        "from transformers import AutoTokenizer\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=False)\n"
+        "print(json.dumps({'ids': tokenizer('The pass key is 48213.')['input_ids'], 'module': type(tokenizer).__module__}))\n"
+    )
+    result = run_python_json(code, [str(tmp_path)], tmp_path)
+    assert result["ids"] == tokenizer("The pass key is 48213.")["input_ids"]
+    assert not result["module"].startswith("transformers_modules")
