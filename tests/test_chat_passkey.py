@@ -127,7 +127,8 @@ def test_far_evaluation_scores_every_condition_and_writes_its_report(tokenizer, 
         assert len(answer["key"]) == 5
     paths = write_chat_passkey_report(results, tmp_path)
     assert json.loads(paths["json"].read_text())["kind"] == "chat_passkey"
-    assert "| 4 |" in paths["markdown"].read_text() and paths["plot"].stat().st_size > 1000
+    markdown = paths["markdown"].read_text()
+    assert "| 4 |" in markdown and "Environment: torch" in markdown and paths["plot"].stat().st_size > 1000
 
 
 def test_first_number_scoring():

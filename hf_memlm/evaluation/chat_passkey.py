@@ -327,6 +327,9 @@ def write_chat_passkey_report(results: dict, output_dir) -> dict:
     import json
     from pathlib import Path
 
+    from .report import environment, format_markdown
+
+    results.setdefault("environment", environment())
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -334,7 +337,7 @@ def write_chat_passkey_report(results: dict, output_dir) -> dict:
         for name, suffix in (("json", "json"), ("markdown", "md"), ("plot", "png"))
     }
     paths["json"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(format_chat_passkey(results), encoding="utf-8")
+    paths["markdown"].write_text(format_markdown(results), encoding="utf-8")  # + the environment line
     plot_chat_passkey(results, paths["plot"])
     return paths
 
