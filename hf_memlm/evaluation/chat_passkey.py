@@ -249,7 +249,8 @@ def _inside_row(inside: list[dict], settings) -> dict:
 
 
 def _printer(progress: bool):
-    return print if progress else (lambda *args, **kwargs: None)
+    # flushed: a long evaluation writing to a file (nohup, a CI log) shows where it is
+    return (lambda *args: print(*args, flush=True)) if progress else (lambda *args: None)
 
 
 def format_chat_passkey(results: dict) -> str:
