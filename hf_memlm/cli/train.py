@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from hf_memlm.recipes.comparison import has_comparison, train_compared_models
     from hf_memlm.recipes.config import ConfigError, dump_config, load_train_config
-    from hf_memlm.recipes.train import check_config, format_summary, prepare_run, publish, run_training
+    from hf_memlm.recipes.train import check_config, prepare_run, publish, run_training
 
     overrides = list(args.overrides)
     dry_run = args.dry_run or "--dry-run" in overrides
@@ -139,3 +139,35 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_warning()
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run report printed by `hf-memlm train`."""
+    counts = summary["parameters"]
+    lines = ["", "== training finished =="]
+    final = summary["final_loss"]
+    lines.append(
+        f"final loss {final:.4f}"
+        if final is not None
+        else "final loss: none logged (raise training.max_steps or lower training.logging_steps)"
+    )
+    lines[-1] += f" | mean loss over the run {summary['mean_train_loss']:.4f}"
+    if summary["eval_loss"] is not None:
+        lines.append(f"eval loss {summary['eval_loss']:.4f}")
+    lines.append(
+        f"{summary['steps']} steps in {summary['seconds']:.1f} s on {summary['processes']} process(es)"
+        + (f", resumed from {summary['resumed_from']}" if summary["resumed_from"] else "")
+    )
+    lines.append(
+        f"trained {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_memory']:,} in memory)"
+    )
+    saved = summary["saved"]
+    if "model" in saved:
+        lines.append(f"model + tokenizer saved to {saved['model']} (load with AutoModelForCausalLM.from_pretrained)")
+    if "adapter" in saved:
+        lines.append(f"LoRA adapter + memory weights saved to {saved['adapter']} (load with PeftModel.from_pretrained)")
+    if summary["removed_checkpoints"]:
+        lines.append(f"removed the earlier run's checkpoints: {', '.join(summary['removed_checkpoints'])}")
+    if summary["checkpoints"]:
+        lines.append(f"checkpoints: {', '.join(summary['checkpoints'])}")
+    return "\n".join(lines)

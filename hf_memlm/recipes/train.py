@@ -557,44 +557,11 @@ def publish(config: dict, summary: dict, evaluation: dict | None, config_path: s
     return done
 
 
-def format_summary(summary: dict) -> str:
-    """The end-of-run report printed by `hf-memlm train`."""
-    counts = summary["parameters"]
-    lines = ["", "== training finished =="]
-    final = summary["final_loss"]
-    lines.append(
-        f"final loss {final:.4f}"
-        if final is not None
-        else "final loss: none logged (raise training.max_steps or lower training.logging_steps)"
-    )
-    lines[-1] += f" | mean loss over the run {summary['mean_train_loss']:.4f}"
-    if summary["eval_loss"] is not None:
-        lines.append(f"eval loss {summary['eval_loss']:.4f}")
-    lines.append(
-        f"{summary['steps']} steps in {summary['seconds']:.1f} s on {summary['processes']} process(es)"
-        + (f", resumed from {summary['resumed_from']}" if summary["resumed_from"] else "")
-    )
-    lines.append(
-        f"trained {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_memory']:,} in memory)"
-    )
-    saved = summary["saved"]
-    if "model" in saved:
-        lines.append(f"model + tokenizer saved to {saved['model']} (load with AutoModelForCausalLM.from_pretrained)")
-    if "adapter" in saved:
-        lines.append(f"LoRA adapter + memory weights saved to {saved['adapter']} (load with PeftModel.from_pretrained)")
-    if summary["removed_checkpoints"]:
-        lines.append(f"removed the earlier run's checkpoints: {', '.join(summary['removed_checkpoints'])}")
-    if summary["checkpoints"]:
-        lines.append(f"checkpoints: {', '.join(summary['checkpoints'])}")
-    return "\n".join(lines)
-
-
 __all__ = [
     "CONFIG_FILE",
     "SUMMARY_FILE",
     "PreparedRun",
     "check_config",
-    "format_summary",
     "last_complete_checkpoint",
     "prepare_run",
     "publish",
