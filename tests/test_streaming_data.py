@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import randomize_memory
 from datasets import Dataset, IterableDataset, IterableDatasetDict
-from transformers import LlamaConfig, default_data_collator
+from transformers import default_data_collator
 
 import hf_memlm
 from hf_memlm.data import build_tokenizer, load_text_corpus, pack_documents
 from hf_memlm.data.tokenizer import BYTE_VOCAB_SIZE
+from hf_memlm.recipes.defaults import tiny_llama_config
 from hf_memlm.training import MemLMTrainer, MemLMTrainingArguments
 
 SEGMENT, SEGMENTS = 8, 2  # windows of 16 byte tokens
@@ -62,15 +63,7 @@ def test_the_trainer_trains_memory_on_a_packed_stream_with_max_steps(tmp_path):
     tokenizer = build_tokenizer("byte")
     texts = [f"document {i}: " + f"the key is {31 * i:05d}. " * 6 for i in range(12)]
     packed = pack_documents(load_text_corpus(stream(text=texts)), tokenizer, SEGMENT, SEGMENTS)
-    text_config = LlamaConfig(
-        vocab_size=BYTE_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    text_config = tiny_llama_config(BYTE_VOCAB_SIZE, hidden_size=32, max_positions=64)
     torch.manual_seed(0)
     config = hf_memlm.MemLMConfig(
         text_config=text_config, memory_type="slot", memory_layers=[0], segment_length=SEGMENT, num_slots=8

@@ -13,10 +13,11 @@ import torch
 import transformers
 from conftest import KINDS, VOCAB, build, randomize_memory
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import hf_memlm
 from hf_memlm.data.tokenizer import BYTE_VOCAB_SIZE, build_tokenizer
+from hf_memlm.recipes.defaults import tiny_llama_config
 
 
 @pytest.mark.parametrize("base", ["llama", "gpt2", "gemma"])
@@ -54,18 +55,8 @@ def test_a_saved_model_class_is_found_by_its_architecture_name(tmp_path):
 def tiny_chat_model(kind: str, seed: int = 0) -> hf_memlm.MemLMForCausalLM:
     """A tiny Llama on the byte tokenizer with memory beside layer 0, memory weights randomised (non-zero output
     projection) so that every memory parameter gets a gradient from the first step."""
-    text = LlamaConfig(
-        vocab_size=BYTE_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=256,
-        bos_token_id=257,
-        eos_token_id=258,
-    )
+    text = tiny_llama_config(BYTE_VOCAB_SIZE, hidden_size=32, max_positions=64)
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = 256, 257, 258  # the byte tokenizer's
     torch.manual_seed(seed)
     config = hf_memlm.MemLMConfig(
         text_config=text,
