@@ -34,6 +34,12 @@ def pack_segments(input_ids: torch.Tensor, mask: torch.Tensor, segment_length: i
     return ids[:, :width], packed_mask, segments
 
 
+def capture_for_write(model, ids: torch.Tensor, piece_mask: torch.Tensor, state) -> dict[int, torch.Tensor]:
+    """What each memory layer writes for one piece (rows of real tokens first): the base runs up to the last one."""
+    positions = (piece_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model._run_segment({"input_ids": ids}, piece_mask, positions, state, None, 1, False, write_only=True)[1]
+
+
 def write_only_pass(model, input_ids: torch.Tensor, mask: torch.Tensor, state):
     """The memory state after `model` reads `input_ids` (`mask`: real tokens) on from `state`."""
     segment = model.config.segment_length
@@ -42,7 +48,7 @@ def write_only_pass(model, input_ids: torch.Tensor, mask: torch.Tensor, state):
     if len(model.config.memory_layers) > 1:
         for start in range(0, segments * segment, segment):
             columns = slice(start, start + segment)
-            captured = model._capture_for_write(ids[:, columns], packed_mask[:, columns], state)
+            captured = capture_for_write(model, ids[:, columns], packed_mask[:, columns], state)
             state = model._write(state, captured, packed_mask[:, columns])
         return state
     layer = model.config.memory_layers[0]
@@ -53,8 +59,8 @@ def write_only_pass(model, input_ids: torch.Tensor, mask: torch.Tensor, state):
         columns = slice(first * segment, (first + count) * segment)
         chunk_mask = packed_mask[:, columns]
         # rows (b, s): segment s of row b, each on its own
-        hidden = model._capture_for_write(
-            ids[:, columns].reshape(batch * count, segment), chunk_mask.reshape(batch * count, segment), None
+        hidden = capture_for_write(
+            model, ids[:, columns].reshape(batch * count, segment), chunk_mask.reshape(batch * count, segment), None
         )[layer]
         hidden = hidden.view(batch, count * segment, hidden.shape[-1])
         if tokenwise:
@@ -66,4 +72,4 @@ def write_only_pass(model, input_ids: torch.Tensor, mask: torch.Tensor, state):
     return state
 
 
-__all__ = ["TOKENS_PER_CALL", "pack_segments", "write_only_pass"]
+__all__ = ["TOKENS_PER_CALL", "capture_for_write", "pack_segments", "write_only_pass"]

@@ -101,4 +101,16 @@ def check_local_base(base, gguf_file: str | None = None) -> None:
         )
 
 
-__all__ = ["check_embedding_width", "check_inputs", "check_local_base"]
+def check_memorize_inputs(input_ids, attention_mask) -> None:
+    """`memorize` reads a (batch, tokens) tensor of ids, with one mask value per token when a mask is given."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"memorize: input_ids must be a (batch, tokens) tensor with tokens > 0, got {shape}.")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"memorize: attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            f"{tuple(input_ids.shape)}; pass one mask value per token."
+        )
+
+
+__all__ = ["check_embedding_width", "check_inputs", "check_local_base", "check_memorize_inputs"]

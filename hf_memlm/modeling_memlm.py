@@ -53,7 +53,7 @@ from .memory_segments import (
 from .memory_state import MemoryState
 from .memory_writes import write_only_pass
 from .model_card import HubSharingMixin
-from .model_inputs import check_embedding_width, check_inputs, check_local_base
+from .model_inputs import check_embedding_width, check_inputs, check_local_base, check_memorize_inputs
 from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutput, check_forward_kwargs
 
 # The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
@@ -530,14 +530,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         nothing they write depends on the memory. Continue with `memorize(more_ids, memory_state=state)`;
         then ask with `generate(prompt_ids, memory_state=state)`.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"memorize: input_ids must be a (batch, tokens) tensor with tokens > 0, got {shape}.")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"memorize: attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                f"{tuple(input_ids.shape)}; pass one mask value per token."
-            )
+        check_memorize_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
         check_inputs(input_ids, None, None, -100, self.get_input_embeddings().num_embeddings, check_labels=False)
         state = self._prepare_state(memory_state, batch)
@@ -547,17 +540,11 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 "model.commit_window(memory_state)."
             )
         mask = self._token_mask(attention_mask, batch, length, input_ids.device, generating=False)
-        counts = mask.sum(-1)
-        if not bool(counts.any()):
+        if not bool(mask.any()):
             raise ValueError("memorize: attention_mask is 0 for every token of every row: there is nothing to read.")
         if not self.memory_enabled:
             return state
         return write_only_pass(self, input_ids, mask, state)
-
-    def _capture_for_write(self, ids, piece_mask, state) -> dict[int, torch.Tensor]:
-        """What each memory layer writes for one piece (rows of real tokens first), base run up to the last one."""
-        positions = (piece_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self._run_segment({"input_ids": ids}, piece_mask, positions, state, None, 1, False, write_only=True)[1]
 
     # -- generation --------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(
