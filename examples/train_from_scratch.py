@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
         memory_type=args.memory_type,
         memory_layers=[layers // 2],
         segment_length=args.segment_length,
-        memory_size=4096,
-        num_slots=64,
+        # each kind has settings of its own: kv keeps up to memory_size entries, slot has num_slots slots
+        **{"kv": {"memory_size": 4096}, "slot": {"num_slots": 64}}[args.memory_type],
     )
     model = MemLMForCausalLM(config)
 

@@ -1,47 +1,38 @@
 """Configuration of a memory-augmented causal LM: a base model's config plus the memory settings.
 
-This file is part of the Hub payload (copied next to the weights by `save_pretrained`), so it imports
-nothing but torch and transformers and uses single-dot relative imports only.
+This file is part of the Hub payload (copied next to the weights by `save_pretrained`), so it uses
+single-dot relative imports only. It imports transformers and the plain-Python kind registry, not torch nor
+a memory block (transformers' own `PreTrainedConfig` may load torch where it is installed).
 """
 
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import ClassVar
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, DynamicCache, PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import is_torch_available
 
 from .memory_kinds import MEMORY_KINDS
+from .memory_settings import KVSettings, MemorySettings, SlotSettings, check_positive_int
 
-try:  # the cache layer of recurrent (state-space, linear-attention) layers, in recent transformers
-    from transformers.cache_utils import LinearAttentionCacheLayerMixin
-except ImportError:  # older releases: such bases are told by model_type and layer_types only
-    LinearAttentionCacheLayerMixin = None
-
-MEMORY_DTYPES = ("float32", "float16", "bfloat16")
-MEMORY_SEARCHES = ("auto", "exact")
-# Settings that may change when a saved model is loaded (`from_pretrained(folder, memory_size=...)`): they
-# change how much is kept and how it is searched, not what the weights compute.
+# Settings of every kind (load time or weight) are the kind's (`memory_settings.py`); these are the shared ones.
+# `bptt_segments` may change when a saved model is loaded (it changes where gradients stop, not what the
+# weights compute); the others were trained with: changing them at load time would run the weights on a
+# different computation (other layers, segment boundaries, heads).
+COMMON_LOAD_TIME_SETTINGS = ("bptt_segments",)
+COMMON_WEIGHT_SETTINGS = ("memory_type", "memory_layers", "segment_length", "memory_heads", "memory_head_dim")
+# Over the built-in kinds, for messages and for checks that compare two configs setting by setting.
 LOAD_TIME_SETTINGS = (
-    "memory_size",
-    "memory_topk",
-    "memory_dtype",
-    "memory_search",
-    "memory_search_threshold",
-    "memory_search_probes",
-    "bptt_segments",
+    tuple(dict.fromkeys(name for kind in MEMORY_KINDS.values() for name in kind.settings.load_time))
+    + COMMON_LOAD_TIME_SETTINGS
 )
-# Settings the weights were trained with: changing them at load time would run the weights on a different
-# computation (other layers, segment boundaries, heads, addressing).
-WEIGHT_SETTINGS = (
-    "memory_type",
-    "memory_layers",
-    "segment_length",
-    "memory_heads",
-    "memory_head_dim",
-    "num_slots",
-    "memory_value_shift",
+WEIGHT_SETTINGS = COMMON_WEIGHT_SETTINGS + tuple(
+    dict.fromkeys(
+        name for kind in MEMORY_KINDS.values() for name in kind.settings.names() if name not in kind.settings.load_time
+    )
 )
 # The bases hf_memlm is tested on (tests/conftest.py); other decoder-only causal LMs usually work as well.
 TESTED_BASES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "phi3", "opt", "gemma")
@@ -88,15 +79,19 @@ class MemLMConfig(PreTrainedConfig):
             (truncated back-propagation through time). `None`: gradients flow through all segments of a call.
         memory_heads (`int`): heads of the memory read.
         memory_head_dim (`int` or `None`): width per head (default `hidden_size // memory_heads`).
-        num_slots (`int`): slots per sequence (`slot` memory).
-        memory_size (`int`): stored entries per sequence before FIFO eviction (`kv` memory).
-        memory_topk (`int` or `None`): read only the top-k entries per head when more are stored (`kv`);
-            `None` reads all with an exact softmax.
-        memory_value_shift (`int`): memory pairs the key of token `j` with the value of token
-            `j + memory_value_shift` (1 = "what followed this context", which trains much faster than 0).
-        memory_dtype (`str` or `None`): storage dtype of the `kv` entries (default: the model's dtype).
         memory_init_std (`float` or `None`): std of the memory projections at init (default: the base
             model's `initializer_range`). The output projection always starts at zero.
+
+    Settings of one kind (each kind's class in `memory_settings.py`, `config.memory_settings` for this
+    config's kind). A setting of another kind than `memory_type` is ignored with a warning (left at its default).
+
+        memory_value_shift (`int`, `kv` and `slot`): memory pairs the key of token `j` with the value of token
+            `j + memory_value_shift` (1 = "what followed this context", which trains much faster than 0).
+        num_slots (`int`, `slot`): slots per sequence.
+        memory_size (`int`, `kv`): stored entries per sequence before FIFO eviction.
+        memory_topk (`int` or `None`, `kv`): read only the top-k entries per head when more are stored;
+            `None` reads all with an exact softmax.
+        memory_dtype (`str` or `None`, `kv`): storage dtype of the entries (default: the model's dtype).
         memory_search (`str`): how a `kv` top-k read finds its entries. `"exact"`: score every stored entry.
             `"auto"` (default): exact while a row holds at most `memory_search_threshold` entries, then an
             approximate nearest-neighbour index (faiss IVF, `pip install hf-memlm[faiss]`; without faiss,
@@ -115,19 +110,25 @@ class MemLMConfig(PreTrainedConfig):
     bptt_segments: int | None = None
     memory_heads: int = 4
     memory_head_dim: int | None = None
-    num_slots: int = 64
-    memory_size: int = 65536
-    memory_topk: int | None = 32
-    memory_value_shift: int = 1
-    memory_dtype: str | None = None
     memory_init_std: float | None = None
-    memory_search: str = "auto"
-    memory_search_threshold: int = 4096
-    memory_search_probes: int = 32
+    # the built-in kinds' settings, flat as config.json holds them; defaults and checks are the kind's
+    memory_value_shift: int = KVSettings.memory_value_shift
+    num_slots: int = SlotSettings.num_slots
+    memory_size: int = KVSettings.memory_size
+    memory_topk: int | None = KVSettings.memory_topk
+    memory_dtype: str | None = KVSettings.memory_dtype
+    memory_search: str = KVSettings.memory_search
+    memory_search_threshold: int = KVSettings.memory_search_threshold
+    memory_search_probes: int = KVSettings.memory_search_probes
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        _check_unknown_settings(kwargs)
+        kind = MEMORY_KINDS.get(self.memory_type)
+        if kind is None:
+            raise ValueError(
+                f"MemLMConfig: memory_type={self.memory_type!r} is unknown; choose one of {tuple(MEMORY_KINDS)}."
+            )
+        _check_unknown_settings(kwargs, kind.settings)
         if isinstance(self.text_config, dict) and "model_type" not in self.text_config:
             # Without this the sub-config default (a full-size Llama) would be built from the dict silently.
             raise ValueError(
@@ -159,42 +160,20 @@ class MemLMConfig(PreTrainedConfig):
                 "use a causal-LM config such as LlamaConfig, GPT2Config or Qwen2Config."
             )
 
-        if self.memory_type not in MEMORY_KINDS:
-            raise ValueError(
-                f"MemLMConfig: memory_type={self.memory_type!r} is unknown; choose one of {tuple(MEMORY_KINDS)}."
-            )
-        _check_positive_int("segment_length", self.segment_length)
-        _check_positive_int("memory_heads", self.memory_heads)
-        _check_positive_int("num_slots", self.num_slots)
-        _check_positive_int("memory_size", self.memory_size)
-        for name in ("bptt_segments", "memory_head_dim", "memory_topk"):
+        check_positive_int("segment_length", self.segment_length)
+        check_positive_int("memory_heads", self.memory_heads)
+        for name in ("bptt_segments", "memory_head_dim"):
             if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
-        if self.memory_topk is not None and self.memory_topk > self.memory_size:
-            raise ValueError(
-                f"MemLMConfig: memory_topk={self.memory_topk} is larger than memory_size={self.memory_size}; "
-                "top-k cannot read more entries than the memory holds. Lower memory_topk or raise memory_size."
-            )
-        if self.memory_value_shift not in (0, 1) or isinstance(self.memory_value_shift, bool):
-            raise ValueError(
-                f"MemLMConfig: memory_value_shift={self.memory_value_shift!r} must be 0 (value of the same token) "
-                "or 1 (value of the next token)."
-            )
-        if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
-            raise ValueError(
-                f"MemLMConfig: memory_dtype={self.memory_dtype!r} is not supported; choose one of {MEMORY_DTYPES} "
-                "or None (the model's dtype)."
-            )
+                check_positive_int(name, getattr(self, name))
+        self._ignore_other_kinds_settings(kind.settings)
+        for name, default in kind.settings.defaults().items():
+            if not hasattr(self, name):  # a setting of a registered kind that MemLMConfig does not declare
+                setattr(self, name, default)
+        self.memory_settings.check()
         if self.memory_init_std is not None and (
             not isinstance(self.memory_init_std, (int, float)) or self.memory_init_std <= 0
         ):
             raise ValueError(f"MemLMConfig: memory_init_std={self.memory_init_std!r} must be a positive number.")
-        if self.memory_search not in MEMORY_SEARCHES:
-            raise ValueError(
-                f"MemLMConfig: memory_search={self.memory_search!r} is unknown; choose one of {MEMORY_SEARCHES}."
-            )
-        _check_positive_int("memory_search_threshold", self.memory_search_threshold)
-        _check_positive_int("memory_search_probes", self.memory_search_probes)
         if self.memory_head_dim is None:
             if hidden % self.memory_heads:
                 raise ValueError(
@@ -238,11 +217,25 @@ class MemLMConfig(PreTrainedConfig):
         """`PreTrainedConfig.from_dict`, with memory settings given at load time (`from_pretrained(folder,
         memory_size=...)`) checked as at construction; settings the weights depend on may not change."""
         config_dict = dict(config_dict)
-        if config_dict.get("model_type", cls.model_type) == cls.model_type and "text_config" in config_dict:
+        kind = MEMORY_KINDS.get(config_dict.get("memory_type", cls.memory_type))
+        is_memlm = config_dict.get("model_type", cls.model_type) == cls.model_type and "text_config" in config_dict
+        if is_memlm and kind is not None:  # (an unknown kind is refused by __post_init__, naming the known ones)
+            own = kind.settings.names()
+            others = [name for name in _settings_of_kinds() if name not in own]
+            given = [name for name in others if name in kwargs]
+            if given:
+                raise ValueError(
+                    f"MemLMConfig: {', '.join(given)} cannot be set when loading this model: "
+                    f"{_owned_by(given)}, and this model has {config_dict['memory_type']!r} memory. Its settings "
+                    f"that may change at load time: {', '.join(kind.settings.load_time + COMMON_LOAD_TIME_SETTINGS)}."
+                )
+            # A config.json written before settings belonged to kinds holds every kind's; other kinds' were never read.
+            for name in others:
+                config_dict.pop(name, None)
+            load_time = kind.settings.load_time + COMMON_LOAD_TIME_SETTINGS
+            weight = COMMON_WEIGHT_SETTINGS + tuple(name for name in own if name not in load_time)
             changed = [
-                name
-                for name in WEIGHT_SETTINGS
-                if name in kwargs and name in config_dict and kwargs[name] != config_dict[name]
+                name for name in weight if name in kwargs and name in config_dict and kwargs[name] != config_dict[name]
             ]
             if changed:
                 given = ", ".join(f"{name}={kwargs[name]!r}" for name in changed)
@@ -250,14 +243,40 @@ class MemLMConfig(PreTrainedConfig):
                 raise ValueError(
                     f"MemLMConfig: {given} cannot change when loading a saved model (it holds {saved}): its weights "
                     f"were trained for those settings and would compute something else. Only "
-                    f"{', '.join(LOAD_TIME_SETTINGS)} may change at load time; to use other settings, build a new "
+                    f"{', '.join(load_time)} may change at load time; to use other settings, build a new "
                     "model (MemLMForCausalLM.from_base) and train it."
                 )
             # validated by __post_init__ with the rest, instead of set on the built config unchecked
-            for name in LOAD_TIME_SETTINGS:
+            for name in load_time:
                 if name in kwargs:
                     config_dict[name] = kwargs.pop(name)
         return super().from_dict(config_dict, **kwargs)
+
+    @property
+    def memory_settings(self) -> MemorySettings:
+        """The settings of this config's memory kind (a `memory_settings.py` class): what its blocks read."""
+        settings = MEMORY_KINDS[self.memory_type].settings
+        return settings(**{name: getattr(self, name) for name in settings.names()})
+
+    def _ignore_other_kinds_settings(self, settings: type[MemorySettings]) -> None:
+        """A setting only other kinds have (`memory_topk` given to a `slot` config, as when a config file
+        written for `kv` runs with `--model.memory.memory_type slot`) is put back to its default, with a warning,
+        so that it reads and saves as what it is: unused."""
+        ignored = []
+        for name in _settings_of_kinds():
+            field = type(self).__dataclass_fields__.get(name)
+            if name in settings.names() or field is None or getattr(self, name) == field.default:
+                continue
+            ignored.append(f"{name}={getattr(self, name)!r}")
+            setattr(self, name, field.default)
+        if ignored:
+            warnings.warn(
+                f"MemLMConfig: {', '.join(ignored)} {'is a setting' if len(ignored) == 1 else 'are settings'} of "
+                f"other memory kinds, not of {self.memory_type!r} memory (whose settings are "
+                f"{', '.join(settings.names())}): ignored, left at the default.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     @property
     def memory_width(self) -> int:
@@ -293,12 +312,8 @@ def check_causal_base(text_config: PreTrainedConfig) -> None:
         for layer_type in (getattr(text_config, "layer_types", None) or ())
         for word in _RECURRENT_LAYER_WORDS
     )
-    if not is_recurrent and LinearAttentionCacheLayerMixin is not None:
-        try:
-            layers = DynamicCache(config=text_config).layers
-            is_recurrent = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
-        except Exception:  # a cache layout transformers cannot build from this config: nothing to learn from it
-            is_recurrent = False
+    if not is_recurrent:
+        is_recurrent = _caches_recurrent_layers(text_config)
     if is_recurrent:
         raise ValueError(
             f"MemLMConfig: the base {model_type!r} has recurrent (state-space or linear-attention) layers; "
@@ -309,6 +324,10 @@ def check_causal_base(text_config: PreTrainedConfig) -> None:
             f"MemLMConfig: the base {model_type!r} attends to later tokens (it is not a causal LM), so every "
             f"position would see the future. {supported}"
         )
+    if not is_torch_available():
+        return  # the checks below ask transformers' model classes (torch); a config read without torch runs no model
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
     # BERT-like encoders that can also run as decoders are causal only with is_decoder=True (an `is_decoder`
     # field alone says nothing: GPT-NeoX declares it, and older config.json files store it for every model)
     is_encoder = type(text_config) in AutoModelForMaskedLM._model_mapping
@@ -327,9 +346,43 @@ def check_causal_base(text_config: PreTrainedConfig) -> None:
         )
 
 
-def _check_unknown_settings(kwargs: dict) -> None:
-    """A misspelt memory setting would be kept as an unused attribute and the default used silently."""
+def _settings_of_kinds() -> dict[str, list[str]]:
+    """Every registered kind's setting names, each with the kinds that have it."""
+    owners: dict[str, list[str]] = {}
+    for name, kind in MEMORY_KINDS.items():
+        for setting in kind.settings.names():
+            owners.setdefault(setting, []).append(name)
+    return owners
+
+
+def _owned_by(names: list[str]) -> str:
+    owners = _settings_of_kinds()
+    return "; ".join(f"{name} is a setting of {' and '.join(repr(k) for k in owners[name])} memory" for name in names)
+
+
+def _caches_recurrent_layers(text_config: PreTrainedConfig) -> bool:
+    """Whether transformers' cache for this base keeps a recurrent layer state (a linear-attention cache layer,
+    in recent releases), read from the cache it would build; False where that cannot be told (no torch, an older
+    transformers, a layout it cannot build)."""
+    if not is_torch_available():
+        return False
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:  # older releases: such bases are told by model_type and layer_types only
+        return False
+    try:
+        layers = DynamicCache(config=text_config).layers
+    except Exception:  # a cache layout transformers cannot build from this config: nothing to learn from it
+        return False
+    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
+
+
+def _check_unknown_settings(kwargs: dict, settings: type[MemorySettings]) -> None:
+    """A misspelt memory setting would be kept as an unused attribute and the default used silently. Settings
+    that a registered kind declares and `MemLMConfig` does not (a new kind's) are accepted for that kind."""
     fields = [name for name in MemLMConfig.__dataclass_fields__ if name != "text_config"]
+    fields += [name for name in settings.names() if name not in fields]
     memory_names = [n for n in fields if n not in PreTrainedConfig.__dataclass_fields__ and n != "tie_word_embeddings"]
     for key in kwargs:
         if key in fields:
@@ -340,11 +393,6 @@ def _check_unknown_settings(kwargs: dict) -> None:
             raise ValueError(
                 f"MemLMConfig got an unknown setting {key!r}; {hint}The memory settings are: {', '.join(memory_names)}."
             )
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"MemLMConfig: {name}={value!r} must be a positive integer.")
 
 
 __all__ = ["MemLMConfig"]

@@ -14,6 +14,21 @@ import torch
 from torch import nn
 
 
+class LayerState(dict):
+    """One memory layer's state: its tensors by name, batch first, plus `index`, what the kind built from them
+    to read them faster (the `kv` search index), or None. The index lives and dies with the state holding it:
+    it is not saved, and a copy (`copy.deepcopy`, pickling) of the tensors goes without it."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, tensors=(), index=None):
+        super().__init__(tensors)
+        self.index = index
+
+    def __reduce__(self):
+        return (type(self), (dict(self),))
+
+
 class MemoryBlock(nn.Module):
     """Base class of memory kinds. Subclasses implement `init_state`, `read`, `write`, `check_state`."""
 
@@ -44,10 +59,11 @@ class MemoryBlock(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def follow_rows(state: dict[str, torch.Tensor], selected: dict[str, torch.Tensor], rows: list[int]) -> None:
+    def follow_rows(state: LayerState, selected: LayerState, rows: list[int]) -> None:
         """`selected` is one layer's `state` with rows `rows` (in that order; `MemoryState.select` and
-        `repeat_interleave`, e.g. beam search): a kind that keeps something built from a state's contents
-        (the `kv` index) may carry it over instead of building it again. Nothing to do by default."""
+        `repeat_interleave`, e.g. beam search): a kind that keeps an index built from a state's contents
+        (`LayerState.index`, the `kv` search index) may derive `selected.index` from it instead of building
+        one again. Nothing to do by default."""
 
     @staticmethod
     def describe_settings(config) -> list[tuple[str, str]]:

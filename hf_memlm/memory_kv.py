@@ -7,8 +7,9 @@ Keys and queries are L2-normalised; a learned per-head temperature sharpens the 
 Anchors: Memorizing Transformers (Wu et al. 2022), LongLLaMA / Focused Transformer.
 
 Reads over large memories: with `memory_search="auto"` a row holding more than `memory_search_threshold`
-entries is searched through a faiss IVF index per (row, head) (`_SearchIndex`, `memory_kv_index.py`), kept up to date by
-writes; below the threshold, without faiss, or off CPU, the read is the exact top-k.
+entries is searched through a faiss IVF index per (row, head) (`_SearchIndex`, `memory_kv_index.py`), held by
+the state it indexes (`LayerState.index`) and moved by a write to the state the write makes; below the threshold,
+without faiss, or off CPU, the read is the exact top-k.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .memory_base import MemoryBlock, merge_heads, split_heads
+from .memory_base import LayerState, MemoryBlock, merge_heads, split_heads
 from .memory_kv_index import _import_faiss, _SearchIndex, _warn_faiss_missing, valid_counts
 
 # Cap on one chunk of the (batch, heads, queries, entries) score tensor, in elements.
@@ -220,35 +221,23 @@ def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
     return order, kept
 
 
-# Guards the two caches below: a model may serve several threads, and an index must not change between
-# the check that it fits a state and the search (or the append) that relies on it.
-_CACHE_LOCK = threading.RLock()
-# The indexes of each block's latest states, most recently used first, outside the module so that copying
-# or pickling a model never touches faiss objects; they go away with the block. Two, so that a memorized
-# document keeps its index while beams read rows taken from it (`follow_rows`); not more, because each index
-# holds its state's keys (a state of 1M entries is gigabytes).
-_SEARCH_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_KEPT_INDEXES = 2
+# Several threads may read one state (a document remembered once, asked about in parallel): an index must not
+# change between the check that it fits a state and the search (or the append) that relies on it.
+_INDEX_LOCK = threading.RLock()
 
 
-def _fitting_index(block, keys: torch.Tensor, valid: torch.Tensor) -> _SearchIndex | None:
-    """The kept index built for the state of `keys`/`valid`, moved to the front as the most recently used."""
-    indexes = _SEARCH_INDEXES.get(block, [])
-    for number, index in enumerate(indexes):
-        if index.fits(keys, valid):
-            indexes.insert(0, indexes.pop(number))
-            return index
-    return None
+def _fitting_index(state) -> _SearchIndex | None:
+    """The index `state` holds, if it indexes the state's keys as they are (not a state that was written
+    since, nor a mask edited in place)."""
+    index = getattr(state, "index", None)
+    return index if index is not None and index.fits(state["keys"], state["valid"]) else None
 
 
-def _drop_index(block, index: _SearchIndex) -> None:
-    _SEARCH_INDEXES[block] = [kept for kept in _SEARCH_INDEXES.get(block, []) if kept is not index]
-
-
-def _keep_index(block, index: _SearchIndex, replacing: _SearchIndex | None = None) -> None:
-    if replacing is not None:
-        _drop_index(block, replacing)
-    _SEARCH_INDEXES[block] = [index, *_SEARCH_INDEXES.get(block, [])][:_KEPT_INDEXES]
+def _keep_index(state, index: _SearchIndex | None) -> None:
+    """Give `state` its index. A plain dict (a state made by hand, not by this block) cannot hold one: its
+    reads build their own each time."""
+    if isinstance(state, LayerState):
+        state.index = index
 
 
 class _AppendBuffers:
@@ -324,13 +313,14 @@ class KVMemory(MemoryBlock):
     def __init__(self, config, layer_index: int):
         super().__init__(config, layer_index)
         width = self.num_heads * self.head_dim
-        self.capacity = config.memory_size
-        self.topk = config.memory_topk
-        self.value_shift = config.memory_value_shift
-        self.storage_dtype = _DTYPES.get(config.memory_dtype) if config.memory_dtype else None
-        self.search = config.memory_search
-        self.search_threshold = config.memory_search_threshold
-        self.search_probes = config.memory_search_probes
+        settings = config.memory_settings  # KVSettings (memory_settings.py)
+        self.capacity = settings.memory_size
+        self.topk = settings.memory_topk
+        self.value_shift = settings.memory_value_shift
+        self.storage_dtype = _DTYPES.get(settings.memory_dtype) if settings.memory_dtype else None
+        self.search = settings.memory_search
+        self.search_threshold = settings.memory_search_threshold
+        self.search_probes = settings.memory_search_probes
         # Names no base model uses: PEFT matches `target_modules` by name suffix, so a memory projection
         # called `q_proj` would silently get LoRA from LoraConfig(target_modules=["q_proj", "v_proj"]).
         self.mem_query = nn.Linear(self.hidden_size, width, bias=False)
@@ -351,16 +341,12 @@ class KVMemory(MemoryBlock):
     @staticmethod
     def follow_rows(state, selected, rows) -> None:
         # Beam search reorders the rows at every step: without this each step would build the index anew
-        # (k-means over every row), about 100 times the cost of the step at 65k entries.
-        with _CACHE_LOCK:
-            for block in list(_SEARCH_INDEXES.keys()):
-                source = _fitting_index(block, state["keys"], state["valid"])
-                if source is not None:
-                    # A reorder of rows taken from another state replaces that (transient) index; rows taken
-                    # from a built or written state leave its index in place for its next reader.
-                    derived = source.rows_of(rows, selected["keys"], selected["valid"])
-                    _keep_index(block, derived, replacing=source if source.derived else None)
-                    return
+        # (k-means over every row), about 100 times the cost of the step at 65k entries. The source keeps its
+        # index for its next reader (a remembered document asked several questions).
+        with _INDEX_LOCK:
+            source = _fitting_index(state)
+            if source is not None:
+                _keep_index(selected, source.rows_of(rows, selected["keys"], selected["valid"]))
 
     @staticmethod
     def describe_settings(config):
@@ -388,16 +374,18 @@ class KVMemory(MemoryBlock):
     def _store_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.storage_dtype or dtype
 
-    def init_state(self, batch_size: int, device, dtype) -> dict[str, torch.Tensor]:
+    def init_state(self, batch_size: int, device, dtype) -> LayerState:
         store = self._store_dtype(dtype)
         heads, dim = self.num_heads, self.head_dim
-        return {
-            "keys": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store),
-            "values": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store),
-            "valid": torch.zeros(batch_size, 0, device=device, dtype=torch.bool),
-            "pending_key": torch.zeros(batch_size, heads, dim, device=device, dtype=store),
-            "pending_valid": torch.zeros(batch_size, device=device, dtype=torch.bool),
-        }
+        return LayerState(
+            {
+                "keys": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store),
+                "values": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store),
+                "valid": torch.zeros(batch_size, 0, device=device, dtype=torch.bool),
+                "pending_key": torch.zeros(batch_size, heads, dim, device=device, dtype=store),
+                "pending_valid": torch.zeros(batch_size, device=device, dtype=torch.bool),
+            }
+        )
 
     def check_state(self, state, batch_size: int) -> None:
         super().check_state(state, batch_size)
@@ -426,7 +414,7 @@ class KVMemory(MemoryBlock):
 
     def _index_picks(self, queries, state) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The approximate index's picks for `queries`, or None where the read is exact."""
-        with _CACHE_LOCK:
+        with _INDEX_LOCK:
             index = self._search_index(state)
             return None if index is None else index.search(queries, self.topk)
 
@@ -450,15 +438,16 @@ class KVMemory(MemoryBlock):
 
     def uses_index(self, state) -> bool:
         """Whether a read of `state` goes through the approximate index (else it is exact)."""
-        with _CACHE_LOCK:
+        with _INDEX_LOCK:
             return self._search_index(state) is not None
 
     def _search_index(self, state) -> _SearchIndex | None:
-        """The approximate index for `state`, built if needed; None where the read is exact."""
+        """The approximate index for `state`, built if needed (and kept by the state); None where the read is
+        exact."""
         keys, valid = state["keys"], state["valid"]
         if self.topk is None or self.search == "exact" or keys.shape[2] <= self.search_threshold:
             return None
-        index = _fitting_index(self, keys, valid)
+        index = _fitting_index(state)
         if index is not None:
             return index if max(index.counts) > self.search_threshold else None
         faiss = _import_faiss()
@@ -472,7 +461,7 @@ class KVMemory(MemoryBlock):
             return None
         index = _SearchIndex(faiss, keys, counts, self.search_probes, self.capacity)
         index.remember_valid(valid)
-        _keep_index(self, index)
+        _keep_index(state, index)
         return index
 
     def _append_in_place(self, state, entry_keys, entry_values, drop: int):
@@ -488,7 +477,7 @@ class KVMemory(MemoryBlock):
         added = entry_keys.shape[2]
         if added > self.capacity:
             return None
-        with _CACHE_LOCK:
+        with _INDEX_LOCK:
             return self._append_locked(state, entry_keys, entry_values, drop, added)
 
     def _append_locked(self, state, entry_keys, entry_values, drop: int, added: int):
@@ -503,21 +492,22 @@ class KVMemory(MemoryBlock):
         return buffers.append(entry_keys, entry_values, live)
 
     def _follow_write(self, state, new_state, entry_valid) -> None:
-        """Move this block's index from `state` to `new_state` (adding and evicting what the write did)."""
-        with _CACHE_LOCK:
+        """Move `state`'s index to `new_state` (adding and evicting what the write did)."""
+        with _INDEX_LOCK:
             self._follow_write_locked(state, new_state, entry_valid)
 
     def _follow_write_locked(self, state, new_state, entry_valid) -> None:
-        index = _fitting_index(self, state["keys"], state["valid"])
+        index = _fitting_index(state)
         if index is not None:
+            # the index becomes the new state's: it no longer indexes `state` (read again, that builds its own)
+            _keep_index(state, None)
             new_counts = valid_counts(new_state["valid"])
             if new_counts is not None and index.advance(new_state["keys"], entry_valid.sum(-1).tolist(), new_counts):
                 index.remember_valid(new_state["valid"])
                 index.refresh(new_state["keys"])
+                _keep_index(new_state, index)
                 return
-            _drop_index(self, index)
-        elif _SEARCH_INDEXES.get(self):
-            return  # the indexes kept are of other states, which may still be read
+            index.retire()
         if not torch.is_grad_enabled():
             # Streaming or memorizing: build the index as soon as the memory outgrows exact search, so that
             # it grows with the writes (re-clustered as the row doubles, up to 262k entries) instead of being
@@ -584,5 +574,6 @@ class KVMemory(MemoryBlock):
                 "pending_key": pending_key,
                 "pending_valid": pending_valid,
             }
+        new_state = LayerState(new_state)  # it holds the index the write moves from `state`
         self._follow_write(state, new_state, entry_valid)
         return new_state

@@ -89,8 +89,9 @@ class _SearchIndex:
     """faiss IVF indexes (inner product on the unit keys) over one `kv` memory state, one per (row, head).
 
     Entry `p` of row `r` has the id `first_id[r] + p`; a write appends ids and evicts the smallest ones, so
-    the index follows the state without being rebuilt. It belongs to exactly one state's keys tensor
-    (`matches`), and holds that tensor so its storage cannot be freed and reused by another state.
+    the index follows the state without being rebuilt. The state it indexes holds it (`LayerState.index`); it
+    is bound to that state's keys tensor (`matches`) and holds it, so that the storage cannot be freed and
+    reused by another state while the index could still be taken for it.
     """
 
     def __init__(self, faiss, keys: torch.Tensor, counts: list[int], probes: int, capacity: int):
@@ -105,9 +106,8 @@ class _SearchIndex:
         self.written_since_build = [0] * len(counts)
         self.indexes: list[list] = [[] for _ in counts]
         # Rows whose faiss indexes another row or another `_SearchIndex` also holds (`rows_of`): a write
-        # copies them first. `derived`: made by `rows_of` (a reorder), not built or written.
+        # copies them first.
         self.shared = [False] * len(counts)
-        self.derived = False
         self._bind(keys)
         for row in range(len(counts)):
             self._build_row(row, keys)
@@ -129,7 +129,6 @@ class _SearchIndex:
         for row in rows:
             self.shared[row] = True
         derived.shared = [True] * len(rows)
-        derived.derived = True
         derived._bind(keys)
         derived.remember_valid(valid)
         return derived
@@ -145,6 +144,10 @@ class _SearchIndex:
         self.keys = keys
         self.fingerprint = _fingerprint(keys)
         self.valid_fingerprint = None
+
+    def retire(self) -> None:
+        """Match no state any more (a write it could not follow left it part-way)."""
+        self.keys, self.fingerprint, self.valid_fingerprint = None, None, None
 
     def matches(self, keys: torch.Tensor, counts: list[int]) -> bool:
         """True when this index was built for `keys` (the same tensor, a detached alias of it, unchanged)."""
@@ -201,9 +204,9 @@ class _SearchIndex:
         """Follow a write: row `r` appended its newest `added[r]` entries (the last ones of `new_keys`'s
         valid prefix) and evicted its oldest. Returns False (index unusable) when it cannot follow."""
         self.faiss.omp_set_num_threads(torch.get_num_threads())
+        if any(new > new_count for new, new_count in zip(added, new_counts, strict=True)):
+            return False  # one write replaced everything
         for row, (count, new, new_count) in enumerate(zip(self.counts, added, new_counts, strict=True)):
-            if new > new_count:  # one write replaced everything
-                return False
             evicted = count + new - new_count
             self.written_since_build[row] += new
             if new or evicted:

@@ -68,9 +68,10 @@ class SlotMemory(MemoryBlock):
     def __init__(self, config, layer_index: int):
         super().__init__(config, layer_index)
         width = self.num_heads * self.head_dim
-        self.num_slots = config.num_slots
+        settings = config.memory_settings  # SlotSettings (memory_settings.py)
+        self.num_slots = settings.num_slots
         self.width = width
-        self.value_shift = config.memory_value_shift
+        self.value_shift = settings.memory_value_shift
         # Submodule names differ from the base's attention names (q_proj, ...) so that PEFT never matches them.
         self.address_proj = nn.Linear(self.hidden_size, width, bias=False)  # read queries and write keys
         self.slot_addresses = nn.Parameter(torch.empty(self.num_heads, self.num_slots, self.head_dim))

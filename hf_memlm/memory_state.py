@@ -10,16 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .memory_kinds import MEMORY_KINDS
+from .memory_base import LayerState
+from .memory_kinds import MEMORY_KINDS, memory_block
 
 _FORMAT = "hf_memlm.MemoryState/1"
 # Tensors of the generation window (tokens held in the base model's KV cache whose memory writes are
@@ -30,9 +31,11 @@ WINDOW = "window"
 class MemoryState:
     """Per-layer memory tensors, batch first, plus the pending generation window.
 
-    `layers[layer_index][name]` is a tensor whose first dimension is the batch. `window` holds the
-    hidden states (per memory layer) and attention mask of tokens that are in the base model's KV cache
-    but not yet written to memory (used by `generate`); it is empty after a plain forward.
+    `layers[layer_index][name]` is a tensor whose first dimension is the batch; `layers[layer_index]` is a
+    `LayerState`, whose `index` (the `kv` search index) belongs to this state: it follows the state's rows
+    (`select`), goes with the state's own tensors (`detach`, and `to` where nothing moves), and is dropped with
+    the state. `window` holds the hidden states (per memory layer) and attention mask of tokens that are in the
+    base model's KV cache but not yet written to memory (used by `generate`); it is empty after a plain forward.
     """
 
     def __init__(
@@ -42,7 +45,9 @@ class MemoryState:
         window: dict[str, torch.Tensor] | None = None,
     ):
         self.memory_type = memory_type
-        self.layers = {int(k): dict(v) for k, v in layers.items()}
+        # the same tensors, so the same index (a write moves it to the state it makes; a state whose tensors
+        # it no longer indexes does not use it: `KVMemory` checks that it fits first)
+        self.layers = {int(k): LayerState(v, getattr(v, "index", None)) for k, v in layers.items()}
         self.window = dict(window) if window else {}
 
     # -- shape -------------------------------------------------------------------------------------------
@@ -66,7 +71,7 @@ class MemoryState:
             yield f"{WINDOW}.{name}", tensor
 
     def _map(self, fn) -> MemoryState:
-        layers = {layer: {name: fn(t) for name, t in tensors.items()} for layer, tensors in self.layers.items()}
+        layers = {layer: _mapped(tensors, lambda _, t: fn(t)) for layer, tensors in self.layers.items()}
         window = {name: fn(t) for name, t in self.window.items()}
         return MemoryState(self.memory_type, layers, window)
 
@@ -103,8 +108,8 @@ class MemoryState:
         layers = {layer: {name: pick(t) for name, t in tensors.items()} for layer, tensors in self.layers.items()}
         window = {name: t.index_select(0, index.to(t.device)) for name, t in self.window.items()}
         selected = MemoryState(self.memory_type, layers, window)
-        # What a kind built from the old rows (the kv index) follows them, instead of being built again.
-        kind = MEMORY_KINDS[self.memory_type]
+        # An index built from the old rows (kv) is derived for the new ones, instead of being built again.
+        kind = memory_block(self.memory_type)
         for layer, tensors in self.layers.items():
             kind.follow_rows(tensors, selected.layers[layer], rows)
         return selected
@@ -118,10 +123,10 @@ class MemoryState:
             dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
             return tensor.to(device=like.device, dtype=dtype)
 
-        layers = {
-            layer: {name: place(t, reference.layers[layer].get(name, t)) for name, t in tensors.items()}
-            for layer, tensors in self.layers.items()
-        }
+        layers = {}
+        for layer, tensors in self.layers.items():
+            like = reference.layers[layer]
+            layers[layer] = _mapped(tensors, lambda name, t, like=like: place(t, like.get(name, t)))
         window = {name: place(t, window_like) for name, t in self.window.items()}
         return MemoryState(self.memory_type, layers, window)
 
@@ -136,7 +141,7 @@ class MemoryState:
         """Entries held per row, as the memory kind counts them (kv: stored tokens of the first memory layer;
         slot: its constant number of slots)."""
         first = self.layers[min(self.layers)]
-        return MEMORY_KINDS[self.memory_type].count_entries(first)
+        return memory_block(self.memory_type).count_entries(first)
 
     # -- persistence -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, model=None) -> None:
@@ -183,17 +188,19 @@ class MemoryState:
         if not path.exists():
             raise FileNotFoundError(f"memory file {str(path)!r} does not exist.")
         _check_device(device, path)
-        header, metadata = _read_header(path)
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(
-                f"{path} is not a MemoryState file (format {metadata.get('format')!r}, expected {_FORMAT!r}); "
-                "write it with MemoryState.save()."
-            )
-        memory_type, layer_names, window_names = _check_layout(path, metadata, header)
-        try:
-            flat = load_file(str(path), device=str(device))
-        except Exception as error:  # safetensors raises its own error type for damaged data
-            raise ValueError(f"memory file {path} cannot be read: {error}") from error
+        # header and tensors from one open file: a save that renames a new file over `path` cannot mix them
+        with _open(path, device) as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise ValueError(
+                    f"{path} is not a MemoryState file (format {metadata.get('format')!r}, expected {_FORMAT!r}); "
+                    "write it with MemoryState.save()."
+                )
+            memory_type, layer_names, window_names = _check_layout(path, metadata, list(handle.keys()))
+            try:
+                flat = {name: handle.get_tensor(name) for name in handle.keys()}
+            except SafetensorError as error:
+                raise ValueError(f"memory file {path} cannot be read: {error}") from error
         layers = {
             layer: {name: flat[f"layer.{layer}.{name}"] for name in names} for layer, names in layer_names.items()
         }
@@ -231,52 +238,51 @@ class MemoryState:
         return f"MemoryState({self.memory_type}, layers={{{'; '.join(parts)}}}{window})"
 
 
-def _read_header(path: Path) -> tuple[dict, dict]:
-    """The safetensors header of `path` (tensor entries, metadata), checked against the file's size.
+def _mapped(tensors: LayerState, fn) -> LayerState:
+    """`fn(name, tensor)` of each tensor; the index goes along where every tensor is still the same one (or a
+    view of it in place: `detach`, a `to` that changes nothing), and is dropped where any was copied."""
+    mapped = {name: fn(name, t) for name, t in tensors.items()}
+    same = all(_same_memory(mapped[name], t) for name, t in tensors.items())
+    return LayerState(mapped, tensors.index if same else None)
 
-    Layout: an 8-byte little-endian header length, a JSON header, then the tensor data."""
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    def where(t: torch.Tensor) -> tuple:
+        return (t.device, t.dtype, t.data_ptr(), t.shape, t.stride())
+
+    return where(a) == where(b)
+
+
+_OPEN_ATTEMPTS = 5
+
+
+def _open(path: Path, device="cpu"):
+    """`safe_open` of `path`, whose checks of the header against the file's size give a ValueError naming the
+    file (a folder, an empty, truncated or damaged file)."""
     if path.is_dir():
         raise ValueError(
             f"memory file {str(path)!r} is a folder; pass the path of a file written by MemoryState.save()."
         )
-    # size and header from one open file: a save that renames a new file over `path` meanwhile cannot mix them
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
+    for attempt in range(_OPEN_ATTEMPTS):
+        if path.stat().st_size == 0:
             raise ValueError(f"memory file {path} is empty; it was not (completely) written by MemoryState.save().")
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"memory file {path} is truncated ({size} bytes, shorter than a safetensors header).")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > size - 8:
+        try:
+            return safe_open(str(path), framework="pt", device=str(device))
+        except SafetensorError as error:
+            reason = str(error).removeprefix("Error while deserializing header: ")
             raise ValueError(
-                f"memory file {path} is not a safetensors file or is truncated: its header claims {header_length} "
-                f"bytes but the file holds {size - 8} after the length prefix."
-            )
-        raw = handle.read(header_length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"memory file {path} has a damaged safetensors header ({error}).") from error
-    if not isinstance(header, dict):
-        raise ValueError(f"memory file {path} has a damaged safetensors header (not a JSON object).")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise ValueError(f"memory file {path} has damaged metadata (not a JSON object).")
-    data_size = size - 8 - header_length
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ValueError(f"memory file {path} has a damaged entry for tensor {name!r}.")
-        if offsets[1] > data_size:
-            raise ValueError(
-                f"memory file {path} is truncated: tensor {name!r} ends at byte {offsets[1]} of the data but only "
-                f"{data_size} bytes are there."
-            )
-    return header, metadata
+                f"memory file {path} is truncated or damaged, not a whole safetensors file ({reason}); it was not "
+                "(completely) written by MemoryState.save()."
+            ) from error
+        except RuntimeError as error:
+            # safe_open reads the header and maps the file in two opens of the path: a save that renamed
+            # another file over it in between leaves a header of one file and the size of the other. Once
+            # open, the mapping stays on one file, so opening again reads the new file whole.
+            if attempt == _OPEN_ATTEMPTS - 1:
+                raise ValueError(f"memory file {path} kept changing while being opened ({error}).") from error
 
 
-def _check_layout(path: Path, metadata: dict, header: dict) -> tuple[str, dict[int, list[str]], list[str]]:
+def _check_layout(path: Path, metadata: dict, stored: list[str]) -> tuple[str, dict[int, list[str]], list[str]]:
     """Check the metadata (memory type, layers) against the tensors stored; return the memory type, the
     tensor names per layer and the window's tensor names."""
 
@@ -297,7 +303,7 @@ def _check_layout(path: Path, metadata: dict, header: dict) -> tuple[str, dict[i
         )
     layer_names: dict[int, list[str]] = {layer: [] for layer in listed}
     window_names = []
-    for key in header:
+    for key in stored:
         head, _, rest = key.partition(".")
         layer, _, name = rest.partition(".")
         if head == WINDOW and rest:
@@ -309,7 +315,7 @@ def _check_layout(path: Path, metadata: dict, header: dict) -> tuple[str, dict[i
                 f"memory file {path} holds tensor {key!r}, which belongs to no layer listed in its metadata "
                 f"({listed}); the file is damaged or was not written by MemoryState.save()."
             )
-    expected = set(MEMORY_KINDS[memory_type].state_names)
+    expected = set(memory_block(memory_type).state_names)
     for layer, names in layer_names.items():
         if set(names) != expected:
             raise ValueError(
@@ -350,8 +356,9 @@ def is_memory_file(path: str | os.PathLike) -> bool:
     if not path.is_file():
         return False
     try:
-        _, metadata = _read_header(path)
-    except ValueError:
+        with _open(path) as handle:
+            metadata = handle.metadata() or {}
+    except (ValueError, OSError):
         return False
     return metadata.get("format") == _FORMAT
 

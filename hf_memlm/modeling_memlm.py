@@ -70,7 +70,7 @@ class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = tuple(kind.__name__ for kind in MEMORY_KINDS.values())  # + the base's layer class
+    _no_split_modules = tuple(kind.block.__name__ for kind in MEMORY_KINDS.values())  # + the base's layer class
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -99,7 +99,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 "This base model is already wrapped by a MemLMForCausalLM (its layers carry memory hooks); "
                 "wrap a fresh copy of the base, or use the existing memory model."
             )
-        memory_class = MEMORY_KINDS[config.memory_type]
+        memory_class = MEMORY_KINDS[config.memory_type].block
         self.memory_blocks = nn.ModuleDict({str(i): memory_class(config, i) for i in config.memory_layers})
         install_read_hooks(layers, config.memory_layers)
         self._warned_no_labels = False

@@ -87,10 +87,8 @@ cfg = MemLMConfig(
     memory_layers=[int(x) for x in a.layers.split(",")],
     segment_length=64,
     memory_heads=4,
-    memory_size=2048,
-    memory_topk=None,
-    num_slots=a.slots,
     memory_value_shift=1,
+    **{"kv": dict(memory_size=2048, memory_topk=None), "slot": dict(num_slots=a.slots)}[a.kind],
 )
 m = MemLMForCausalLM(cfg)
 

@@ -102,17 +102,19 @@ def base_config(model_type: str, **overrides):
 
 
 def memory_settings(kind: str, **overrides) -> dict:
-    # small capacity and top-k so eviction and the top-k path run in the multi-segment tests
-    settings = dict(
-        memory_type=kind,
-        memory_layers=[0],
-        segment_length=SEGMENT,
-        memory_heads=2,
-        memory_size=12,
-        memory_topk=4,
-        num_slots=6,
-    )
-    return {**settings, **overrides}
+    """MemLMConfig keyword arguments for a tiny model of `kind`; of the kinds' own settings (small capacity and
+    top-k by default, so eviction and the top-k path run in the multi-segment tests), each kind takes the ones
+    it has (another kind's would be ignored with a warning)."""
+    settings = dict(memory_type=kind, memory_layers=[0], segment_length=SEGMENT, memory_heads=2)
+    settings.update(dict(memory_size=12, memory_topk=4, num_slots=6), **overrides)
+    return kind_settings_only(settings)
+
+
+def kind_settings_only(settings: dict) -> dict:
+    """`settings` less the settings that only other kinds than `settings["memory_type"]` have."""
+    own = MEMORY_KINDS[settings.get("memory_type", "kv")].settings.names()
+    others = {name for kind in MEMORY_KINDS.values() for name in kind.settings.names()} - set(own)
+    return {name: value for name, value in settings.items() if name not in others}
 
 
 def randomize_memory(model, seed: int = 0, std: float = 0.3) -> None:

@@ -27,7 +27,7 @@ from hf_memlm import MemLMConfig, MemLMForCausalLM, MemoryState
         (dict(segment_length=4096), "exceeds the base model's max_position_embeddings=2048"),
         (dict(memory_heads=-1), "memory_heads=-1 must be a positive integer"),
         (dict(memory_heads=3), "not divisible by memory_heads=3"),
-        (dict(num_slots=0), "num_slots=0 must be a positive integer"),
+        (dict(memory_type="slot", num_slots=0), "num_slots=0 must be a positive integer"),
         (dict(memory_size=0), "memory_size=0 must be a positive integer"),
         (dict(memory_size=8, memory_topk=16), "memory_topk=16 is larger than memory_size=8"),
         (dict(memory_topk=0), "memory_topk=0 must be a positive integer"),

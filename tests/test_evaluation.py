@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import kind_settings_only
 from datasets import Dataset
 
 import hf_memlm
@@ -27,15 +28,11 @@ VOCAB = 64
 
 def tiny_model(kind: str = "kv", seed: int = 0, randomized: bool = True, vocab_size: int = VOCAB):
     torch.manual_seed(seed)
+    settings = dict(memory_type=kind, memory_layers=[0], segment_length=SEGMENT, memory_heads=2)
+    settings.update(memory_size=64, memory_topk=4, num_slots=6)
     config = hf_memlm.MemLMConfig(
         text_config=tiny_llama_config(vocab_size=vocab_size, hidden_size=32, num_layers=2),
-        memory_type=kind,
-        memory_layers=[0],
-        segment_length=SEGMENT,
-        memory_heads=2,
-        memory_size=64,
-        memory_topk=4,
-        num_slots=6,
+        **kind_settings_only(settings),
     )
     model = hf_memlm.MemLMForCausalLM(config).eval()
     if randomized:  # non-zero memory weights (o_proj starts at zero), so memory changes the outputs

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import kind_settings_only
 from transformers import AutoModelForCausalLM
 
 import hf_memlm
@@ -21,15 +22,9 @@ def _save(folder, memory_type: str, seed: int = 0):
     torch.manual_seed(seed)
     text_config = tiny_llama_config(vocab_size=260, hidden_size=32)
     text_config.initializer_range = 0.5  # large random weights: greedy decoding varies from token to token
+    settings = dict(memory_layers=[0], segment_length=32, memory_heads=2, memory_size=256, memory_topk=8, num_slots=8)
     config = hf_memlm.MemLMConfig(
-        text_config=text_config,
-        memory_type=memory_type,
-        memory_layers=[0],
-        segment_length=32,
-        memory_heads=2,
-        memory_size=256,
-        memory_topk=8,
-        num_slots=8,
+        text_config=text_config, **kind_settings_only(dict(settings, memory_type=memory_type))
     )
     model = hf_memlm.MemLMForCausalLM(config).eval()
     with torch.no_grad():  # non-zero memory output: what was read changes the answer

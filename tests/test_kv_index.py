@@ -3,12 +3,15 @@ re-clustered, its memory at scale, remote code without faiss, and beam search ov
 
 from __future__ import annotations
 
+import copy
+import gc
 import itertools
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from conftest import (
     write_segments,
 )
 
+import hf_memlm
 import hf_memlm.memory_kv_index as kv_index
 from hf_memlm import MemLMConfig, MemLMForCausalLM
 from hf_memlm.data import default_text
@@ -381,3 +385,66 @@ def test_rows_taken_twice_share_the_index_until_one_is_written():
     assert int(written.num_entries()[0]) == 383 and int(written.num_entries()[1]) == 399
     assert torch.equal(after[0], before[0]) and after_valid[0].all()  # the first row's lists did not change
     assert (after[1] >= 383).any()  # the second row finds its new entries
+
+
+def _same_picks(block, exact, queries, state) -> bool:
+    """Whether `block` (through its index, every list probed) picks the entries exact search picks."""
+    picks, _ = block.select_entries(queries, state)
+    return torch.equal(picks.sort(-1).values, exact.select_entries(queries, state)[0].sort(-1).values)
+
+
+def test_each_state_owns_its_index_and_drops_it_with_itself(monkeypatch, tmp_path):
+    # Three remembered documents on one model: each keeps an index of its own (none evicts another), which
+    # goes along with its tensors (detach), is derived for its rows (select), is not saved or copied, moves to
+    # the state a write makes, and is freed with the state.
+    pytest.importorskip("faiss")
+    model = _indexed_model("auto")
+    block = model.memory_blocks["0"]
+    tokens = torch.randint(0, 97, (3, 400), generator=torch.Generator().manual_seed(18))
+    queries = torch.randn(1, 8, KV_HIDDEN, generator=torch.Generator().manual_seed(19))
+    exact = _indexed_model("exact").memory_blocks["0"]
+    with torch.no_grad():
+        documents = [model.memorize(tokens[row : row + 1, :384]) for row in range(3)]
+        indexes = [document.layers[0].index for document in documents]
+        assert all(index is not None for index in indexes) and len({id(index) for index in indexes}) == 3
+        builds = _record_builds(monkeypatch)
+        for document in documents:  # each reads through its own index
+            assert _same_picks(block, exact, queries, document.layers[0])
+        assert builds == []
+        assert documents[0].detach().layers[0].index is indexes[0]
+        assert documents[0].select([0, 0]).layers[0].index not in (None, indexes[0])
+        documents[0].save(tmp_path / "memory.safetensors")
+        assert hf_memlm.MemoryState.load(tmp_path / "memory.safetensors").layers[0].index is None
+        assert copy.deepcopy(documents[0]).layers[0].index is None
+        written = model(input_ids=tokens[:1, 384:], memory_state=documents[0]).memory_state
+        assert written.layers[0].index is indexes[0] and builds == []
+        # the document's entries did not change: read again, it finds them (a new index), not the written ones
+        assert _same_picks(block, exact, queries, documents[0].layers[0]) and len(builds) == 1
+    freed = weakref.ref(indexes[2])
+    del documents, indexes, document  # (the loop above leaves the last document in `document`)
+    gc.collect()
+    assert freed() is None
+
+
+def test_threads_with_states_of_their_own_read_what_they_read_alone():
+    pytest.importorskip("faiss")
+    model = _indexed_model("auto")
+    block = model.memory_blocks["0"]
+    tokens = torch.randint(0, 97, (4, 432), generator=torch.Generator().manual_seed(21))
+    queries = torch.randn(1, 8, KV_HIDDEN, generator=torch.Generator().manual_seed(22))
+
+    def task(thread):
+        row = tokens[thread : thread + 1]
+        with torch.no_grad():
+            state = model.memorize(row[:, :384])
+            picks = []
+            for start in range(384, 432, 16):  # read, then write a segment, three times
+                picks.append(block.select_entries(queries, state.layers[0])[0])
+                state = model(input_ids=row[:, start : start + 16], memory_state=state).memory_state
+        return torch.stack(picks), state.layers[0].index
+
+    serial = {thread: task(thread)[0] for thread in range(4)}
+    results = run_in_threads(task, 4)
+    for thread in range(4):
+        assert torch.equal(results[thread][0], serial[thread]), f"thread {thread}"
+    assert len({id(index) for _, index in results.values()}) == 4

@@ -1,8 +1,10 @@
-"""A new memory kind is one file plus one registry line: registered in `MEMORY_KINDS`, a toy kind is accepted
-by the config, built beside the chosen layers, carried, saved and reloaded as state, counted, and described
-on the model card, with nothing else changed."""
+"""A new memory kind is one file plus one registry line: registered in `MEMORY_KINDS` with its settings class, a
+toy kind is accepted by the config with a setting of its own, built beside the chosen layers, carried, saved and
+reloaded as state and as a saved model, counted, and described on the model card, with nothing else changed."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,8 +13,18 @@ from torch import nn
 
 import hf_memlm
 from hf_memlm.memory_base import MemoryBlock, merge_heads, split_heads
-from hf_memlm.memory_kinds import MEMORY_KINDS
+from hf_memlm.memory_kinds import MEMORY_KINDS, MemoryKind
+from hf_memlm.memory_settings import MemorySettings
 from hf_memlm.model_card import render_model_card
+
+
+@dataclass(frozen=True)
+class RunningMeanSettings(MemorySettings):
+    mean_scale: float = 1.0  # the read is the running mean times this
+
+    def check(self) -> None:
+        if not self.mean_scale > 0:
+            raise ValueError(f"MemLMConfig: mean_scale={self.mean_scale!r} must be positive.")
 
 
 class RunningMeanMemory(MemoryBlock):
@@ -23,6 +35,7 @@ class RunningMeanMemory(MemoryBlock):
     def __init__(self, config, layer_index: int):
         super().__init__(config, layer_index)
         width = self.num_heads * self.head_dim
+        self.scale = config.memory_settings.mean_scale
         self.value = nn.Linear(self.hidden_size, width, bias=False)
         self.readout = nn.Linear(width, self.hidden_size, bias=False)
 
@@ -50,7 +63,7 @@ class RunningMeanMemory(MemoryBlock):
         }
 
     def read(self, hidden_states, state):
-        mean = state["total"] / state["count"].clamp(min=1)[:, None]
+        mean = self.scale * state["total"] / state["count"].clamp(min=1)[:, None]
         heads = split_heads(mean[:, None, :].expand(-1, hidden_states.shape[1], -1), self.num_heads)
         return self.readout(merge_heads(heads))
 
@@ -60,12 +73,22 @@ class RunningMeanMemory(MemoryBlock):
 
 
 def test_a_registered_kind_works_everywhere_without_other_changes(monkeypatch, tmp_path):
-    monkeypatch.setitem(MEMORY_KINDS, "running_mean", RunningMeanMemory)
+    monkeypatch.setitem(MEMORY_KINDS, "running_mean", MemoryKind(RunningMeanSettings, RunningMeanMemory))
     config = hf_memlm.MemLMConfig(
-        text_config=base_config("llama"), memory_type="running_mean", memory_layers=[1], segment_length=SEGMENT
+        text_config=base_config("llama"),
+        memory_type="running_mean",
+        memory_layers=[1],
+        segment_length=SEGMENT,
+        mean_scale=2.0,
     )
+    assert config.memory_settings == RunningMeanSettings(mean_scale=2.0)
+    with pytest.raises(ValueError, match="mean_scale=-1 must be positive"):
+        hf_memlm.MemLMConfig(text_config=base_config("llama"), memory_type="running_mean", mean_scale=-1)
     model = hf_memlm.MemLMForCausalLM(config).eval()
-    assert isinstance(model.memory_blocks["1"], RunningMeanMemory)
+    assert isinstance(model.memory_blocks["1"], RunningMeanMemory) and model.memory_blocks["1"].scale == 2.0
+    model.save_pretrained(tmp_path / "model")
+    reloaded = hf_memlm.MemLMForCausalLM.from_pretrained(tmp_path / "model")
+    assert reloaded.config.memory_settings == RunningMeanSettings(mean_scale=2.0)
     ids = torch.randint(3, VOCAB, (2, 3 * SEGMENT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.memory_blocks["1"].output_projection.weight.normal_(std=0.3)

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import KINDS, VOCAB, build, randomize_memory
+from conftest import KINDS, VOCAB, build, kind_settings_only, randomize_memory
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
@@ -58,15 +58,8 @@ def tiny_chat_model(kind: str, seed: int = 0) -> hf_memlm.MemLMForCausalLM:
     text = tiny_llama_config(BYTE_VOCAB_SIZE, hidden_size=32, max_positions=64)
     text.pad_token_id, text.bos_token_id, text.eos_token_id = 256, 257, 258  # the byte tokenizer's
     torch.manual_seed(seed)
-    config = hf_memlm.MemLMConfig(
-        text_config=text,
-        memory_type=kind,
-        memory_layers=[0],
-        segment_length=16,
-        memory_heads=2,
-        num_slots=8,
-        memory_size=64,
-    )
+    settings = dict(memory_type=kind, memory_layers=[0], segment_length=16, memory_heads=2, num_slots=8, memory_size=64)
+    config = hf_memlm.MemLMConfig(text_config=text, **kind_settings_only(settings))
     model = hf_memlm.MemLMForCausalLM(config)
     randomize_memory(model, seed, std=0.1)
     return model

@@ -62,17 +62,17 @@ def _run(args, output_dir: Path) -> int:
 
     from hf_memlm import MemLMConfig, MemLMForCausalLM
     from hf_memlm.data import default_text
+    from hf_memlm.memory_kinds import MEMORY_KINDS
     from hf_memlm.recipes.defaults import tiny_llama_config
 
     torch.manual_seed(args.seed)
+    small = {"memory_size": 2048, "memory_topk": 32, "num_slots": 64}  # each kind takes its own
     config = MemLMConfig(
         text_config=tiny_llama_config(),
         memory_type=args.memory_type,
         memory_layers=[1],
         segment_length=args.segment_length,
-        memory_size=2048,
-        memory_topk=32,
-        num_slots=64,
+        **{name: value for name, value in small.items() if name in MEMORY_KINDS[args.memory_type].settings.names()},
     )
     model = MemLMForCausalLM(config).eval()
     # An untrained memory is a no-op (zero output projections, as LoRA starts); give the projections random
@@ -113,7 +113,7 @@ def _run(args, output_dir: Path) -> int:
         f"later segments {(out.logits[:, first_segment:] - without[:, first_segment:]).abs().max().item():.2e}"
     )
     print(f"memory state after the stream: {out.memory_state}")
-    if config.memory_type == "kv":
+    if config.memory_settings.entries_per_token:
         print(f"  entries per row: {out.memory_state.num_entries().tolist()} (capacity {config.memory_size}, FIFO)")
     print(
         f"streaming in two calls vs one call: max |logit difference| = {(streamed - out.logits).abs().max().item():.2e}"

@@ -220,7 +220,7 @@ def read_into_memory(model, tokenizer, text, state=None, chunk_segments: int = 1
 def overflow_note(model, path: str, tokens_read: int, entries_before: int, state, fresh: bool) -> str | None:
     """What a kv memory had to forget while reading `tokens_read` tokens, and how to keep it; None if nothing."""
     config = model.config
-    if config.memory_type != "kv":
+    if not config.memory_settings.entries_per_token:  # a memory of constant size forgets nothing by count
         return None
     capacity = config.memory_size
     # every token read becomes an entry, except the first of a fresh stream when a key waits for the next

@@ -101,10 +101,18 @@ def memory_overrides(args, config: dict, folder: Path) -> dict:
             f"{flags} (memory settings) cannot be used here: {str(folder)!r} holds a "
             f"{config.get('model_type')!r} model, not a memory LM."
         )
-    if config.get("memory_type") != "kv":
+    from hf_memlm.memory_kinds import MEMORY_KINDS
+
+    kind = MEMORY_KINDS.get(config.get("memory_type"))
+    if kind is None or any(name not in kind.settings.load_time for name in overrides):
+        owners = sorted(
+            {k for k, other in MEMORY_KINDS.items() for name in overrides if name in other.settings.load_time}
+        )
+        changeable = ", ".join(kind.settings.load_time) if kind is not None else ""
         raise ValueError(
-            f"{flags} (kv memory settings) cannot be used here: {str(folder)!r} holds "
-            f"{config.get('memory_type')!r} memory, whose size (num_slots) is fixed by its weights."
+            f"{flags} ({' and '.join(owners)} memory settings) cannot be used here: {str(folder)!r} holds "
+            f"{config.get('memory_type')!r} memory, whose settings that may change at load time are: "
+            f"{changeable or 'none (its size is part of its weights)'}."
         )
     size = overrides.get("memory_size", config.get("memory_size"))
     topk = overrides.get("memory_topk", config.get("memory_topk"))

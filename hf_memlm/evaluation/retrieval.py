@@ -414,13 +414,12 @@ def _mean(values: list[float]) -> float | None:
 def describe_model(model) -> dict:
     config = model.config
     text = config.get_text_config()
-    capacity = {"memory_size": config.memory_size, "memory_topk": config.memory_topk}
     return {
         "base_model_type": text.model_type,
         "memory_type": config.memory_type,
         "memory_layers": list(config.memory_layers),
         "segment_length": config.segment_length,
-        **(capacity if config.memory_type == "kv" else {"num_slots": config.num_slots}),
+        **config.memory_settings.capacity(),  # kv: memory_size and memory_topk; slot: num_slots
         "parameters": sum(p.numel() for p in model.parameters()),
         "memory_parameters": sum(p.numel() for p in model.memory_blocks.parameters()),
         "name_or_path": getattr(config, "_name_or_path", "") or "",
