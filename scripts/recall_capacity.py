@@ -124,17 +124,15 @@ def parse_memory(spec: str) -> dict:
 def build_model(memory: dict, vocab_size: int, seed: int) -> MemLMForCausalLM:
     torch.manual_seed(seed)
     text = tiny_llama_config(vocab_size, max_positions=256)  # the main job's 2-layer, 64-wide Llama
-    slots = {"num_slots": memory["num_slots"]} if memory["kind"] == "slot" else {}
+    own = {"kv": {"memory_size": 2048, "memory_topk": None}, "slot": {"num_slots": memory["num_slots"]}}
     config = MemLMConfig(
         text_config=text,
         memory_type=memory["kind"],
         memory_layers=[0],
         segment_length=SEGMENT_LENGTH,
         memory_heads=4,
-        memory_size=2048,
-        memory_topk=None,
         memory_value_shift=1,
-        **slots,
+        **own[memory["kind"]],
     )
     return MemLMForCausalLM(config)
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import BASES, KINDS, SEGMENT, base_config, build, run_python_json
+from conftest import BASES, KINDS, SEGMENT, base_config, build, kind_settings_only, run_python_json
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -50,13 +50,9 @@ def test_save_and_auto_reload(arch_kind, tmp_path):
 
 def test_config_json_round_trip(arch_kind, tmp_path):
     model_type, kind = arch_kind
+    settings = dict(memory_type=kind, memory_layers=[-1], segment_length=SEGMENT, bptt_segments=3)
     config = MemLMConfig(
-        text_config=base_config(model_type),
-        memory_type=kind,
-        memory_layers=[-1],
-        segment_length=SEGMENT,
-        bptt_segments=3,
-        memory_dtype="bfloat16",
+        text_config=base_config(model_type), **kind_settings_only(dict(settings, memory_dtype="bfloat16"))
     )
     config.save_pretrained(tmp_path)
     again = AutoConfig.from_pretrained(tmp_path)
