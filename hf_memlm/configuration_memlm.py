@@ -18,17 +18,13 @@ from transformers.utils import is_torch_available
 from .memory_kinds import MEMORY_KINDS
 from .memory_settings import KVSettings, MemorySettings, SlotSettings, check_positive_int
 
-# Settings of every kind (load time or weight) are the kind's (`memory_settings.py`); these are the shared ones.
+# The settings all kinds share; each kind's own are its settings class's (`memory_settings.py`).
 # `bptt_segments` may change when a saved model is loaded (it changes where gradients stop, not what the
 # weights compute); the others were trained with: changing them at load time would run the weights on a
 # different computation (other layers, segment boundaries, heads).
 COMMON_LOAD_TIME_SETTINGS = ("bptt_segments",)
 COMMON_WEIGHT_SETTINGS = ("memory_type", "memory_layers", "segment_length", "memory_heads", "memory_head_dim")
-# Over the built-in kinds, for messages and for checks that compare two configs setting by setting.
-LOAD_TIME_SETTINGS = (
-    tuple(dict.fromkeys(name for kind in MEMORY_KINDS.values() for name in kind.settings.load_time))
-    + COMMON_LOAD_TIME_SETTINGS
-)
+# The weight settings of the built-in kinds too, for checks that compare two configs setting by setting.
 WEIGHT_SETTINGS = COMMON_WEIGHT_SETTINGS + tuple(
     dict.fromkeys(
         name for kind in MEMORY_KINDS.values() for name in kind.settings.names() if name not in kind.settings.load_time
@@ -66,6 +62,10 @@ class MemLMConfig(PreTrainedConfig):
     Configuration of [`MemLMForCausalLM`]: any causal LM (`text_config`) with external memory blocks beside
     some of its decoder layers.
 
+    Settings marked with a kind belong to that kind (its class in `memory_settings.py`; `config.memory_settings`
+    holds this config's kind's). A setting of another kind than `memory_type` is ignored with a warning (left at
+    its default).
+
     Args:
         text_config (`dict` or `PreTrainedConfig`): config of the base causal LM (any type `AutoConfig` knows).
             Required: there is no default base.
@@ -81,10 +81,6 @@ class MemLMConfig(PreTrainedConfig):
         memory_head_dim (`int` or `None`): width per head (default `hidden_size // memory_heads`).
         memory_init_std (`float` or `None`): std of the memory projections at init (default: the base
             model's `initializer_range`). The output projection always starts at zero.
-
-    Settings of one kind (each kind's class in `memory_settings.py`, `config.memory_settings` for this
-    config's kind). A setting of another kind than `memory_type` is ignored with a warning (left at its default).
-
         memory_value_shift (`int`, `kv` and `slot`): memory pairs the key of token `j` with the value of token
             `j + memory_value_shift` (1 = "what followed this context", which trains much faster than 0).
         num_slots (`int`, `slot`): slots per sequence.
@@ -92,12 +88,12 @@ class MemLMConfig(PreTrainedConfig):
         memory_topk (`int` or `None`, `kv`): read only the top-k entries per head when more are stored;
             `None` reads all with an exact softmax.
         memory_dtype (`str` or `None`, `kv`): storage dtype of the entries (default: the model's dtype).
-        memory_search (`str`): how a `kv` top-k read finds its entries. `"exact"`: score every stored entry.
+        memory_search (`str`, `kv`): how a top-k read finds its entries. `"exact"`: score every stored entry.
             `"auto"` (default): exact while a row holds at most `memory_search_threshold` entries, then an
             approximate nearest-neighbour index (faiss IVF, `pip install hf-memlm[faiss]`; without faiss,
             exact with a warning). The index only selects entries: scores and values stay differentiable.
-        memory_search_threshold (`int`): stored entries per row above which `"auto"` search uses the index.
-        memory_search_probes (`int`): index lists searched per query (more: higher recall, slower reads).
+        memory_search_threshold (`int`, `kv`): stored entries per row above which `"auto"` search uses the index.
+        memory_search_probes (`int`, `kv`): index lists searched per query (more: higher recall, slower reads).
     """
 
     model_type = "memlm"

@@ -405,12 +405,12 @@ def test_each_state_owns_its_index_and_drops_it_with_itself(monkeypatch, tmp_pat
     exact = _indexed_model("exact").memory_blocks["0"]
     with torch.no_grad():
         documents = [model.memorize(tokens[row : row + 1, :384]) for row in range(3)]
-        indexes = [document.layers[0].index for document in documents]
-        assert all(index is not None for index in indexes) and len({id(index) for index in indexes}) == 3
         builds = _record_builds(monkeypatch)
-        for document in documents:  # each reads through its own index
+        for document in documents:  # each reads through the index built while it was memorized
             assert _same_picks(block, exact, queries, document.layers[0])
         assert builds == []
+        indexes = [document.layers[0].index for document in documents]
+        assert all(index is not None for index in indexes) and len({id(index) for index in indexes}) == 3
         assert documents[0].detach().layers[0].index is indexes[0]
         assert documents[0].select([0, 0]).layers[0].index not in (None, indexes[0])
         documents[0].save(tmp_path / "memory.safetensors")
