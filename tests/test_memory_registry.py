@@ -10,9 +10,9 @@ from conftest import SEGMENT, VOCAB, base_config
 from torch import nn
 
 import hf_memlm
+from hf_memlm.integrations.model_card import render_model_card
 from hf_memlm.memory_base import MemoryBlock, merge_heads, split_heads
 from hf_memlm.memory_kinds import MEMORY_KINDS
-from hf_memlm.model_card import render_model_card
 
 
 class RunningMeanMemory(MemoryBlock):
