@@ -158,3 +158,13 @@ def test_hf_memlm_train_card_section_is_checked(tmp_path, capsys):
     assert "card.datasets: '../my data' is not a Hub dataset id" in capsys.readouterr().err
     assert main(["train", config, "--card.license", "apache-2.0", "--dry-run", *out]) == 0
     assert "license: apache-2.0" in capsys.readouterr().out
+
+
+def test_a_card_of_ours_with_broken_metadata_is_rebuilt(tmp_path):
+    """Metadata a person broke by hand in our card (not YAML) does not stop the save; the card is rebuilt."""
+    model = build("llama", "kv")
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    (tmp_path / "README.md").write_text(text.replace("library_name: transformers", "library_name: [unclosed", 1))
+    model.save_pretrained(tmp_path)
+    assert _front_matter((tmp_path / "README.md").read_text())["library_name"] == "transformers"

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from hf_memlm.memory_kinds import MEMORY_KINDS
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def read_card(text: str) -> CardFacts | None:
     try:
         card = ModelCard(text, ignore_metadata_errors=True)
         metadata = card.data.to_dict()
-    except ValueError:  # metadata that is not a mapping
+    except (ValueError, yaml.YAMLError):  # metadata that is not a mapping, or not YAML
         card, metadata = None, {}
     if not ours:
         return CardFacts(metadata={key: metadata[key] for key in _KEPT_FROM_DRAFTS if key in metadata})
