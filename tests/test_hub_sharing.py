@@ -308,7 +308,7 @@ def test_trainer_push_to_hub_ends_with_our_card(fake_hub, tmp_path):
         callbacks=[HubCodeCallback()],
     )
     trainer.train()
-    trainer.push_to_hub(license="apache-2.0", dataset="emozilla/pg19")
+    trainer.push_to_hub(license="apache-2.0", dataset_tags="emozilla/pg19", dataset="PG-19")
     repo, _, files, message = fake_hub.uploads[-1]
     assert (repo, message) == ("me/trained", "End of training") and CODE_FILES <= set(files)
     card = files["README.md"].decode()

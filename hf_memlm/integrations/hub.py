@@ -190,10 +190,13 @@ def upload_folder_to_hub(
     )
 
 
-def write_trainer_card(trainer, *, license=None, tags=None, dataset=None, language=None, **unused) -> bool:
+def write_trainer_card(
+    trainer, *, license=None, tags=None, dataset_tags=None, dataset=None, language=None, **unused
+) -> bool:
     """What `MemLMTrainer.create_model_card` writes (Trainer calls it in `push_to_hub`, right before the
-    upload): our card for the trainer's repo, with its training facts. Returns False for a model that is not
-    a whole memory LM (a PEFT adapter), whose card Trainer writes."""
+    upload): our card for the trainer's repo, with its training facts. The Hub dataset ids are `dataset_tags`,
+    as in Trainer's card (else `dataset`). Returns False for a model that is not a whole memory LM (a PEFT
+    adapter), whose card Trainer writes."""
     from hf_memlm.training.model_setup import is_peft_model
 
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -205,9 +208,9 @@ def write_trainer_card(trainer, *, license=None, tags=None, dataset=None, langua
         model_id=getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id,
         training=training_facts(trainer),
         license=license,
-        datasets=[dataset] if isinstance(dataset, str) else dataset,
+        datasets=_as_list(dataset_tags or dataset),
         language=language,
-        tags=[tags] if isinstance(tags, str) else tags,
+        tags=_as_list(tags),
         num_parameters=parameter_counts(model),
     )
     return True
@@ -315,6 +318,10 @@ def _merge(local: CardFacts | None, remote: CardFacts | None) -> CardFacts | Non
         evaluation=local.evaluation or remote.evaluation,
         parameters=local.parameters or remote.parameters,
     )
+
+
+def _as_list(value) -> list | None:
+    return [value] if isinstance(value, str) else value
 
 
 def _is_repo_id(name: str | None) -> bool:
