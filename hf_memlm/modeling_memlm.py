@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 
 from .configuration_memlm import MemLMConfig
+from .hub_sharing import HubSharingMixin
 from .memory_base import MemoryBlock
 from .memory_cache import MemLMCache
 from .memory_hooks import (
@@ -52,7 +53,6 @@ from .memory_segments import (
 )
 from .memory_state import MemoryState
 from .memory_writes import write_only_pass
-from .model_card import HubSharingMixin
 from .model_inputs import check_embedding_width, check_inputs, check_local_base, check_memorize_inputs
 from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutput, check_forward_kwargs
 

@@ -17,12 +17,14 @@ import torch
 import transformers.utils.hub as transformers_hub
 import yaml
 from conftest import SEGMENT, base_config, build
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoModelForCausalLM
 
 import hf_memlm
 from hf_memlm.integrations.hub import HubCodeCallback, push_trained_model, write_model_card
-from hf_memlm.model_card import CARD_MARKER, render_model_card
+from hf_memlm.integrations.model_card import CARD_MARKER, render_model_card
 
 CODE_FILES = {"modeling_memlm.py", "configuration_memlm.py", "memory_base.py", "memory_kv.py", "memory_state.py"}
 
@@ -72,6 +74,13 @@ class FakeHubApi:
             return future
         return result
 
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        """What transformers' own `push_to_hub` (tokenizers, configs) calls."""
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        self.uploads.append((repo_id, "", files, commit_message))
+        self.remote.update({name: content.decode(errors="replace") for name, content in files.items()})
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}")
+
 
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
@@ -79,6 +88,17 @@ def fake_hub(monkeypatch, tmp_path):
     api.download_dir = tmp_path / "downloads"
     api.download_dir.mkdir()
     monkeypatch.setattr(transformers_hub, "_hf_api", api)
+
+    class RemoteModelCard(ModelCard):
+        """transformers' push_to_hub loads the repo's card (or starts its generic one) through `ModelCard.load`."""
+
+        @classmethod
+        def load(cls, repo_id_or_path, *args, **kwargs):
+            if "README.md" not in api.remote:
+                raise EntryNotFoundError(f"{repo_id_or_path} has no README.md")
+            return cls(api.remote["README.md"])
+
+    monkeypatch.setattr(transformers_hub, "ModelCard", RemoteModelCard)
     return api
 
 
@@ -158,13 +178,14 @@ def test_card_with_training_and_the_evaluation_report(tmp_path):
     assert '"me/passkey", trust_remote_code=True' in card
 
 
-def test_card_template_is_package_data_and_checked():
-    from hf_memlm import model_card
+def test_card_template_is_package_data_and_checked(monkeypatch, tmp_path):
+    from hf_memlm.integrations import model_card
 
-    assert model_card.TEMPLATE_FILE.is_file()
-    assert model_card._template() == model_card.TEMPLATE_FILE.read_text()
+    assert model_card.TEMPLATE_FILE.is_file() and "{{ card_data }}" in model_card.TEMPLATE_FILE.read_text()
+    (tmp_path / "card.md").write_text("---\n{{ card_data }}\n---\n{{ nonsense }}\n")
+    monkeypatch.setattr(model_card, "TEMPLATE_FILE", tmp_path / "card.md")
     with pytest.raises(ValueError, match=r"unknown fields \['nonsense'\]"):
-        model_card._fill("{{ nonsense }}", {"model_id": "x"})
+        render_model_card(build("llama", "kv").config)
 
 
 # -- pushing -------------------------------------------------------------------------------------------
@@ -225,6 +246,79 @@ def test_push_trained_model_rejects_a_folder_without_a_model(fake_hub, tmp_path)
     assert fake_hub.uploads == []
 
 
+def test_push_trained_model_card_loads_the_repo_not_the_folder(fake_hub, tmp_path):
+    folder = tmp_path / "passkey_cpu"
+    build("llama", "kv").save_pretrained(folder)
+    write_model_card(folder, training={"steps": 10}, license="mit")
+    assert '"passkey_cpu", trust_remote_code=True' in (folder / "README.md").read_text()
+    push_trained_model(folder, "run")  # the owner comes from the Hub
+    card = fake_hub.uploads[-1][2]["README.md"].decode()
+    assert '"me/run", trust_remote_code=True' in card and '"passkey_cpu"' not in card
+    assert "| steps | 10 |" in card and _front_matter(card)["license"] == "mit"
+
+
+@pytest.mark.parametrize("order", ["tokenizer first", "model first"])
+def test_tokenizer_and_model_pushes_end_with_our_card(fake_hub, order):
+    """transformers' own push (the tokenizer's) writes a generic card when the repo has none, and keeps the card
+    it finds: either way the repo ends with ours."""
+    from hf_memlm.data import build_tokenizer
+
+    tokenizer, model = build_tokenizer("byte"), build("llama", "kv")
+    pushes = [lambda: tokenizer.push_to_hub("me/both"), lambda: model.push_to_hub("me/both", license="mit")]
+    for push in pushes if order == "tokenizer first" else pushes[::-1]:
+        push()
+    card = fake_hub.remote["README.md"]
+    meta = _front_matter(card)
+    assert CARD_MARKER in card and '"me/both", trust_remote_code=True' in card
+    assert {"custom_code", "hf_memlm"} <= set(meta["tags"]) and meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "mit" and "tokenizer.json" in fake_hub.remote
+
+
+def test_a_later_push_keeps_the_metadata_already_on_the_hub(fake_hub):
+    build("llama", "kv").push_to_hub("me/kept", license="mit", datasets=["emozilla/pg19"])
+    build("llama", "kv").push_to_hub("me/kept")  # from another process: no local card to merge
+    meta = _front_matter(fake_hub.remote["README.md"])
+    assert meta["license"] == "mit" and meta["datasets"] == ["emozilla/pg19"]
+
+
+def test_trainer_push_to_hub_ends_with_our_card(fake_hub, tmp_path):
+    """`trainer.push_to_hub()` writes the trainer's card right before its upload: MemLMTrainer's is ours, with the
+    repo id, the training facts and what push_to_hub was given for the card."""
+    from datasets import Dataset
+    from transformers import default_data_collator
+
+    from hf_memlm.training import MemLMTrainer, MemLMTrainingArguments
+
+    ids = torch.randint(3, 90, (4, 2 * SEGMENT), generator=torch.Generator().manual_seed(0))
+    args = MemLMTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        push_to_hub=True,
+        hub_model_id="trained",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+    )
+    trainer = MemLMTrainer(
+        model=build("llama", "kv"),
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}),
+        data_collator=default_data_collator,
+        callbacks=[HubCodeCallback()],
+    )
+    trainer.train()
+    trainer.push_to_hub(license="apache-2.0", dataset_tags="emozilla/pg19", dataset="PG-19")
+    repo, _, files, message = fake_hub.uploads[-1]
+    assert (repo, message) == ("me/trained", "End of training") and CODE_FILES <= set(files)
+    card = files["README.md"].decode()
+    meta = _front_matter(card)
+    assert CARD_MARKER in card and '"me/trained", trust_remote_code=True' in card
+    assert {"custom_code", "hf_memlm"} <= set(meta["tags"]) and meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "apache-2.0" and meta["datasets"] == ["emozilla/pg19"]
+    assert "| steps | 2 |" in card and "| learning rate |" in card
+
+
 def test_pushes_during_training_carry_the_modeling_code(fake_hub, tmp_path):
     """Trainer's hub strategy copies only weights and config into the pushed folder; with HubCodeCallback
     the pushed repo also has the code that config.json's auto_map names."""
@@ -267,7 +361,7 @@ def test_pushes_during_training_carry_the_modeling_code(fake_hub, tmp_path):
 
 def test_the_cards_usage_snippet_runs_without_the_package(tmp_path):
     """In a process that cannot import hf_memlm: the card's snippet runs, and saving again from the copied
-    payload (which has no template next to it) writes the built-in card."""
+    payload works and writes no card (the card is built by the library, not by the payload)."""
     from hf_memlm.data import build_tokenizer
     from hf_memlm.recipes.defaults import tiny_llama_config
 
@@ -276,7 +370,7 @@ def test_the_cards_usage_snippet_runs_without_the_package(tmp_path):
         text_config=tiny_llama_config(hidden_size=32), memory_layers=[0], segment_length=8, memory_heads=2
     )
     hf_memlm.MemLMForCausalLM(config).save_pretrained(folder)
-    assert (folder / "model_card.py").is_file()
+    assert (folder / "hub_sharing.py").is_file() and not (folder / "model_card.py").exists()
     build_tokenizer("byte").save_pretrained(folder)
     card = write_model_card(folder, model_id=str(folder)).read_text()
     snippet = re.search(r"```python\n(.*?)```", card, flags=re.DOTALL).group(1)
@@ -296,9 +390,8 @@ def test_the_cards_usage_snippet_runs_without_the_package(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith("torch.Size([1,")
-    again = (tmp_path / "again" / "README.md").read_text()
-    assert CARD_MARKER in again and "kv-memory" in again and "trust_remote_code=True" in again
-    assert "{{" not in again and "## Use" not in again  # the built-in card, not the package's template
+    assert (tmp_path / "again" / "model.safetensors").is_file() and (tmp_path / "again" / "modeling_memlm.py").is_file()
+    assert not (tmp_path / "again" / "README.md").exists()
 
 
 def test_save_pretrained_on_other_ranks_or_onto_a_file_writes_no_card(tmp_path):
@@ -321,16 +414,20 @@ def test_hf_memlm_train_writes_the_card_with_its_evaluation_and_pushes_everythin
     quick = ["--training.max_steps", "2", "--training.per_device_train_batch_size", "4", "--data.num_examples", "8"]
     evaluation = ["--evaluation.num_segments", "[2]", "--evaluation.num_examples", "4", "--evaluation.batch_size", "4"]
     hub = ["--training.push_to_hub", "true", "--training.hub_model_id", "me/passkey", "--training.save_strategy", "no"]
+    card_settings = ["--card.license", "apache-2.0", "--card.datasets", "[emozilla/pg19]"]
     config = str(root / "configs" / "passkey_cpu.yaml")
-    assert main(["train", config, *quick, *evaluation, *hub, "--output_dir", str(output_dir)]) == 0
+    assert main(["train", config, *quick, *evaluation, *hub, *card_settings, "--output_dir", str(output_dir)]) == 0
     printed = capsys.readouterr().out
     assert f"model card: {output_dir / 'README.md'}" in printed and "pushed to the Hub: me/passkey" in printed
     card = (output_dir / "README.md").read_text()
     assert "| steps | 2 |" in card and "| data | passkey (bundled text) |" in card
     assert "### passkey" in card and "| distance (segments) |" in card
     assert f"Produced by: `hf-memlm train {config}`" in card
+    meta = _front_matter(card)
+    assert meta["license"] == "apache-2.0" and meta["datasets"] == ["emozilla/pg19"]
+    assert meta["model-index"][0]["results"][0]["dataset"]["type"] == "passkey"
     repo, path_in_repo, files, _ = fake_hub.uploads[-1]
     assert (repo, path_in_repo) == ("me/passkey", "")
     assert CODE_FILES | {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
     assert not [name for name in files if name.startswith("checkpoint-")]
-    assert files["README.md"].decode() == card
+    assert files["README.md"].decode() == card and '"me/passkey", trust_remote_code=True' in card

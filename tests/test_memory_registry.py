@@ -12,10 +12,10 @@ from conftest import SEGMENT, VOCAB, base_config
 from torch import nn
 
 import hf_memlm
+from hf_memlm.integrations.model_card import render_model_card
 from hf_memlm.memory_base import MemoryBlock, merge_heads, split_heads
 from hf_memlm.memory_kinds import MEMORY_KINDS, MemoryKind
 from hf_memlm.memory_settings import MemorySettings
-from hf_memlm.model_card import render_model_card
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ EXAMPLES = """examples:
   accelerate launch --config_file configs/accelerate/ddp_cpu.yaml -m hf_memlm train configs/tiny_cpu.yaml
 
 sections: output_dir, overwrite_output_dir, seed, model (base, base_kwargs, text_config, memory.*, trainable),
-lora.* (PEFT LoraConfig), tokenizer.*, data.*, evaluation.*, training.* (any transformers TrainingArguments
-field, plus memory_learning_rate, memory_weight_decay)
+lora.* (PEFT LoraConfig), tokenizer.*, data.*, evaluation.*, comparison.*, card.* (license, datasets: the
+model card's Hub metadata), training.* (any transformers TrainingArguments field, plus memory_learning_rate,
+memory_weight_decay)
 """
 
 

@@ -11,7 +11,7 @@ the classes that consume it, so the schema is those classes:
                                                 are free mappings, checked by the classes that take them
     lora.*                                      `peft.LoraConfig` fields (model.trainable: lora)
     tokenizer.*, data.*, evaluation.*,          `TokenizerSection`, `DataSection`, `EvaluationSection`,
-    comparison.*                                `ComparisonSection` below
+    comparison.*, card.*                        `ComparisonSection`, `CardSection` below
     training.*                                  `MemLMTrainingArguments` (transformers `TrainingArguments` +
                                                 memory_learning_rate, memory_weight_decay)
 
@@ -114,6 +114,43 @@ class ComparisonSection:
     repeats: int = 1  # train every model this many times, with seeds seed, seed + 1, ...
 
 
+@dataclass
+class CardSection:
+    """card.*: Hub metadata of the model card written after training (and pushed with training.push_to_hub)."""
+
+    license: str | None = None  # a Hub license id: apache-2.0, mit, cc-by-4.0, other, ...
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids trained on (default: data.source when it
+    # is a Hub id)
+
+
+def check_card(config: dict) -> None:
+    """The card section: a Hub license id and Hub dataset ids."""
+    from hf_memlm.integrations.model_card import check_license, is_hub_id
+
+    card = config.get("card") or {}
+    try:
+        check_license(card.get("license"))
+    except ValueError as error:
+        raise ValueError(f"card.{error}") from None
+    for name in card.get("datasets") or []:
+        if not is_hub_id(name):
+            raise ValueError(
+                f"card.datasets: {name!r} is not a Hub dataset id (owner/name, e.g. pg19 or emozilla/pg19)."
+            )
+
+
+def card_datasets(config: dict) -> list[str]:
+    """card.datasets, else the training corpus when it is a Hub dataset."""
+    from hf_memlm.data.corpus import _is_local_path
+    from hf_memlm.integrations.model_card import is_hub_id
+
+    listed = list((config.get("card") or {}).get("datasets") or [])
+    source = config["data"].get("source")
+    if not listed and config["data"]["task"] == "text" and isinstance(source, str) and not _is_local_path(source):
+        listed = [source] if is_hub_id(source) else []
+    return listed
+
+
 def build_parser():
     """The jsonargparse parser of the train config (its keys are the schema)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -134,6 +171,7 @@ def build_parser():
     parser.add_class_arguments(DataSection, "data")
     parser.add_class_arguments(EvaluationSection, "evaluation")
     parser.add_class_arguments(ComparisonSection, "comparison")
+    parser.add_class_arguments(CardSection, "card")
     parser.add_class_arguments(
         MemLMTrainingArguments, "training", skip=_excluded_fields(MemLMTrainingArguments, "training")
     )

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_memlm.recipes.config import dump_config
+from hf_memlm.recipes.config import card_datasets, check_card, dump_config
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def check_config(config: dict) -> None:
         raise ValueError(f"model.memory: {error}") from error
     check_evaluation(config)
     check_comparison(config)
+    check_card(config)
     _training_arguments(config, Path(config["output_dir"]))
 
 
@@ -539,9 +540,11 @@ def publish(config: dict, summary: dict, evaluation: dict | None, config_path: s
     card = write_model_card(
         output_dir,
         training=facts,
-        evaluation=evaluation["results"] if evaluation else None,
+        evaluation=evaluation["results"] if evaluation else [],  # []: none (not an earlier run's)
         evaluation_command=command,
         model_id=model_id,
+        license=(config.get("card") or {}).get("license"),
+        datasets=card_datasets(config) or None,
     )
     done = {"model_card": str(card) if card else None}
     if training.get("push_to_hub"):
