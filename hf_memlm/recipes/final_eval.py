@@ -13,9 +13,10 @@ from pathlib import Path
 # Retrieval tasks whose natural filler can come from held-out text (`evaluation.source`): their generators
 # take the filler as `text`.
 FILLER_TASKS = frozenset({"passkey", "recall", "copy", "update", "chat_passkey"})
-# evaluation.options of chat_passkey that are memory settings for the reloaded model (a million entries, exact
-# search), not settings of the curve
-LOAD_SETTINGS = ("memory_size", "memory_dtype", "memory_search", "memory_topk")
+# evaluation.options of chat_passkey that are settings of the reloaded model (a million entries, exact search, the
+# dtype it computes in), not settings of the curve
+LOAD_SETTINGS = ("memory_size", "memory_dtype", "memory_search", "memory_topk", "dtype")
+LOAD_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_evaluation(config: dict) -> None:
@@ -105,6 +106,15 @@ def chat_passkey_settings(section: dict):
 
     options = dict(section["options"])
     load = {key: options.pop(key) for key in LOAD_SETTINGS if key in options}
+    if "dtype" in load:
+        if load["dtype"] not in LOAD_DTYPES:
+            raise ValueError(
+                f"evaluation.options.dtype for chat_passkey: {load['dtype']!r} is not one of {', '.join(LOAD_DTYPES)} "
+                "(the dtype the saved model is reloaded in for the evaluation)."
+            )
+        import torch
+
+        load["dtype"] = getattr(torch, load["dtype"])
     try:
         return ChatPasskeySettings(seed=section["seed"], **options), load
     except TypeError as error:
