@@ -223,6 +223,10 @@ def plot_results(results: dict, path) -> Path:
     from matplotlib import pyplot as plt
 
     path = Path(path)
+    if results["kind"] == "chat_passkey":  # one curve by distance in tokens: its own figure
+        from .chat_passkey import plot_chat_passkey
+
+        return plot_chat_passkey(results, path)
     if results["kind"] == "comparison":
         from .comparison import plot_comparison
 

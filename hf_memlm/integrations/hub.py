@@ -56,9 +56,7 @@ def write_model_card(
 
     Returns the card's path, or None when a README.md the user wrote was kept.
     """
-    from transformers import AutoConfig
-
-    import hf_memlm  # noqa: F401  (registers the memlm config class)
+    from transformers import AutoConfig  # knows "memlm": importing this module ran hf_memlm/__init__.py
 
     folder = Path(folder)
     config_file = folder / "config.json"
