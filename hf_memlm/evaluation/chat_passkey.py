@@ -104,7 +104,7 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
             # memory disabled sees the question alone: the same answer at every distance
             cache_key = example["name"]
             if cache_key not in disabled_cache:
-                with model.memory_disabled():
+                with model.disable_memory():
                     disabled_cache[cache_key] = _generate(model, tokenizer, prompt, settings.max_new_tokens)
             record[MEMORY_DISABLED] = disabled_cache[cache_key]
             if needles == 1 and number < settings.base_beyond_examples:

@@ -196,7 +196,7 @@ def evaluate_comparison(config: dict, runs: dict[str, list[Path]], tokenizer, lo
     measure(
         MEMORY_DISABLED,
         "memory disabled",
-        "the memory model's weights inside memory_disabled(): its segments with no memory reads or writes",
+        "the memory model's weights inside disable_memory(): its segments with no memory reads or writes",
         runs[MEMORY],
         use_memory=False,
     )
