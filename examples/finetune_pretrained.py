@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     )
     trainer.train()
     eval_loss = trainer.evaluate()["eval_loss"]
-    with model.memory_disabled():
+    with model.disable_memory():
         base_loss = trainer.evaluate()["eval_loss"]  # same weights, memory off: the base model alone
     print(f"held-out loss: {eval_loss:.4f} with memory, {base_loss:.4f} without")
 

@@ -56,7 +56,7 @@ from .memory_writes import write_only_pass
 from .model_inputs import check_embedding_width, check_inputs, check_local_base, check_memorize_inputs
 from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutput, check_forward_kwargs
 
-# The models whose memory `memory_disabled()` switched off in this thread (or task): a per-caller switch, so a
+# The models whose memory `disable_memory()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
 _DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
 
@@ -113,19 +113,21 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
 
     @property
     def memory_enabled(self) -> bool:
-        """False inside `memory_disabled()` (in the thread that entered it)."""
+        """False inside `disable_memory()` (in the thread that entered it)."""
         return id(self) not in _DISABLED_MODELS.get()
 
     @contextmanager
-    def memory_disabled(self):
-        """Run the same weights with memory switched off (no reads, no writes): the no-memory baseline.
-        It holds for calls made by the thread (or asyncio task) that entered it; other threads calling this
-        model meanwhile keep their memory."""
+    def disable_memory(self):
+        """`with model.disable_memory():` runs the same weights with memory switched off (no reads, no writes):
+        the no-memory baseline, named like PEFT's `disable_adapter()`. It holds for calls made by the thread (or
+        asyncio task) that entered it; other threads calling this model meanwhile keep their memory."""
         token = _DISABLED_MODELS.set(_DISABLED_MODELS.get() | {id(self)})
         try:
             yield self
         finally:
             _DISABLED_MODELS.reset(token)
+
+    memory_disabled = disable_memory  # the earlier name, kept working
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod

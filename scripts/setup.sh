@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv with hf_memlm and its dependencies (idempotent; a second run installs nothing new).
-# torch is pinned first to the CPU build so that no dependency pulls a multi-GB CUDA build; on a GPU
-# machine, install the torch you want into .venv before running this script.
+# torch 2.13.0 is installed first unless .venv already has a torch. From plain PyPI, torch on Linux x86_64 is the
+# CUDA build: it pulls several GB of nvidia-* wheels and still runs on CPU. For the CPU-only build (a few hundred MB),
+# name PyTorch's CPU index: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
+# (or install the torch you want into .venv before running this script; a torch already there is kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 # `test`: what the default suite needs (faiss, lm-eval, pytest, the pinned ruff); `dev` adds pre-commit
 # -c constraints.txt: the exact versions the README's figures were measured with (a newer transformers is tried

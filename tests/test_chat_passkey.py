@@ -14,8 +14,8 @@ from hf_memlm.evaluation.chat_passkey import (
     ChatPasskeySettings,
     evaluate_chat_passkey,
     first_number,
-    write_chat_passkey_report,
 )
+from hf_memlm.evaluation.report import write_report
 from hf_memlm.recipes.defaults import tiny_llama_config
 from hf_memlm.training.collate import LabelledTailCollator
 
@@ -125,7 +125,8 @@ def test_far_evaluation_scores_every_condition_and_writes_its_report(tokenizer, 
     for answer in results["answers"]:
         assert answer["memory_correct"] == (first_number(answer["memory"]) == answer["key"])
         assert len(answer["key"]) == 5
-    paths = write_chat_passkey_report(results, tmp_path)
+    paths = write_report(results, tmp_path)
+    assert sorted(p.name for p in paths.values()) == ["chat_passkey.json", "chat_passkey.md", "chat_passkey.png"]
     assert json.loads(paths["json"].read_text())["kind"] == "chat_passkey"
     markdown = paths["markdown"].read_text()
     assert "| 4 |" in markdown and "Environment: torch" in markdown and paths["plot"].stat().st_size > 1000

@@ -15,7 +15,8 @@ from hf_memlm.cli import main
 from hf_memlm.evaluation.comparison import compare_perplexity, segment_nll
 from hf_memlm.recipes.comparison import WindowCollator, prepare_baseline
 from hf_memlm.recipes.config import load_train_config
-from hf_memlm.recipes.train import check_config, prepare_run
+from hf_memlm.recipes.pipeline import check_config
+from hf_memlm.recipes.train import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOKS = ROOT / "data" / "books"
@@ -164,7 +165,7 @@ def test_lm_job_trains_every_model_and_reports_them_side_by_side(mini_job):
 def test_baseline_starts_from_the_memory_models_initial_base_weights(tmp_path):
     config = load_train_config(ROOT / "configs" / "lm_books_cpu.yaml", mini_overrides(tmp_path / "run"))
     memory_run = prepare_run(config)
-    baseline = prepare_baseline(config, window=32)
+    baseline = prepare_baseline(prepare_run(config), window=32)
     mine, theirs = memory_run.model.language_model.state_dict(), baseline.model.state_dict()
     assert mine.keys() == theirs.keys()
     for key in mine:
@@ -195,7 +196,7 @@ def test_a_window_longer_than_the_positions_fails_clearly(tmp_path):
         ROOT / "configs" / "lm_books_cpu.yaml", mini_overrides(tmp_path / "run", **{"model.text_config": text_config})
     )
     with pytest.raises(ValueError, match="max_position_embeddings >= 32"):
-        prepare_baseline(config, window=32)
+        prepare_baseline(prepare_run(config), window=32)
 
 
 def test_the_bundled_books_are_there():

@@ -134,11 +134,13 @@ def test_generate_matches_forward(arch_kind):
     torch.testing.assert_close(predicted[:, prompt.shape[1] - 1 : -1], out[:, prompt.shape[1] :])
 
 
-def test_memory_disabled_is_the_base(arch_kind):
+@pytest.mark.parametrize("switch", ["disable_memory", "memory_disabled"])  # the name, and the earlier one
+def test_memory_disabled_is_the_base(arch_kind, switch):
     model = build(*arch_kind)
     ids = _ids(1, 3 * SEGMENT)
     with torch.no_grad():
-        with model.memory_disabled():
+        with getattr(model, switch)() as entered:
+            assert entered is model and not model.memory_enabled
             off = model(ids)
         on = model(ids)
         base_last = model.language_model(ids[:, -SEGMENT:]).logits

@@ -103,7 +103,7 @@ def _run(args, output_dir: Path) -> int:
         first = model(input_ids[:, :half])
         second = model(input_ids[:, half:], memory_state=first.memory_state)
     streamed = torch.cat([first.logits, second.logits], dim=1)
-    with torch.no_grad(), model.memory_disabled():
+    with torch.no_grad(), model.disable_memory():
         without = model(input_ids).logits
     print(f"forward: loss {out.loss.item():.3f} (untrained, ln 260 = 5.56) in {elapsed:.2f} s")
     first_segment = config.segment_length

@@ -13,8 +13,9 @@
 The column conventions of the synthetic tasks are documented in `hf_memlm.data.tasks`.
 """
 
+from .bundled import default_text
 from .chat_passkey import make_chat_passkey_dataset
-from .corpus import default_text, load_text_corpus, pack_documents
+from .corpus import load_text_corpus, pack_documents
 from .layout import FILLER_KINDS, IGNORE_INDEX, SYNTHETIC_FILLER
 from .tasks import TASK_BUILDERS as _TASK_BUILDERS
 from .tasks import make_copy_dataset, make_passkey_dataset, make_recall_dataset

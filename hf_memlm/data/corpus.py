@@ -7,7 +7,6 @@ mixes documents inside an example and keeps the windows of a document in order (
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 
 from .layout import check_positive_int
@@ -15,12 +14,6 @@ from .layout import check_positive_int
 # extension -> `datasets` packaged builder
 CORPUS_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TEXT_COLUMN = "text"
-DEFAULT_TEXT = "pride_and_prejudice_ch1-6.txt"
-
-
-def default_text() -> str:
-    """The bundled public-domain excerpt (chapters 1-6 of Pride and Prejudice): the default corpus and filler."""
-    return resources.files("hf_memlm").joinpath("resources", DEFAULT_TEXT).read_text(encoding="utf-8")
 
 
 def load_text_corpus(source, text_column: str = TEXT_COLUMN, split: str = "train", streaming: bool = False):

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .bundled import default_text
+
 IGNORE_INDEX = -100  # label value the loss skips
 FILLER_KINDS = ("natural", "synthetic")
 # The classic passkey filler (Landmark Attention, Mohtashami & Jaggi 2023).
@@ -38,8 +40,6 @@ class FillerStream:
     def __init__(self, tokenizer, kind: str = "natural", text: str | None = None):
         if kind == "natural":
             if text is None:
-                from .corpus import default_text
-
                 text = default_text()
         elif kind == "synthetic":
             text = SYNTHETIC_FILLER

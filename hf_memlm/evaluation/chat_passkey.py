@@ -104,7 +104,7 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
             # memory disabled sees the question alone: the same answer at every distance
             cache_key = example["name"]
             if cache_key not in disabled_cache:
-                with model.memory_disabled():
+                with model.disable_memory():
                     disabled_cache[cache_key] = _generate(model, tokenizer, prompt, settings.max_new_tokens)
             record[MEMORY_DISABLED] = disabled_cache[cache_key]
             if needles == 1 and number < settings.base_beyond_examples:
@@ -290,7 +290,8 @@ def format_chat_passkey(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_chat_passkey(results: dict, path) -> None:
+def plot_chat_passkey(results: dict, path):
+    """The single-needle curve by distance (`write_report` writes it as `chat_passkey.png`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,25 +323,7 @@ def plot_chat_passkey(results: dict, path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def write_chat_passkey_report(results: dict, output_dir) -> dict:
-    import json
-    from pathlib import Path
-
-    from .report import environment, format_markdown
-
-    results.setdefault("environment", environment())
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        name: output_dir / f"chat_passkey.{suffix}"
-        for name, suffix in (("json", "json"), ("markdown", "md"), ("plot", "png"))
-    }
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(format_markdown(results), encoding="utf-8")  # + the environment line
-    plot_chat_passkey(results, paths["plot"])
-    return paths
+    return path
 
 
 __all__ = [
@@ -349,5 +332,4 @@ __all__ = [
     "first_number",
     "format_chat_passkey",
     "plot_chat_passkey",
-    "write_chat_passkey_report",
 ]

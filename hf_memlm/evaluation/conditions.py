@@ -3,7 +3,7 @@
 * `memory`: the memory model as trained. The input is cut into segments of `segment_length` (L)
   tokens; a token attends to the earlier tokens of its own segment and reads the memory written by
   all earlier segments.
-* `memory_disabled`: the same weights inside `model.memory_disabled()`: the same segments, no memory
+* `memory_disabled`: the same weights inside `model.disable_memory()`: the same segments, no memory
   reads or writes, so a token sees only the earlier tokens of its own segment (0 to L-1 tokens).
 * `base_model`: `model.language_model` alone (memory blocks removed) reading a sliding window of L
   tokens: each piece of an answer is predicted from the window of the L tokens that end just before
@@ -41,7 +41,7 @@ def describe_conditions(segment_length: int) -> dict[str, str]:
             f"tokens of its segment and reads the memory written by all earlier segments."
         ),
         MEMORY_DISABLED: (
-            f"same weights inside model.memory_disabled(): same segments of {length} tokens, no memory "
+            f"same weights inside model.disable_memory(): same segments of {length} tokens, no memory "
             f"reads or writes; a token sees only the earlier tokens of its own segment (0..{length - 1})."
         ),
         BASE_MODEL: (
@@ -73,7 +73,7 @@ def streamed_predictions(model, input_ids, attention_mask, targets, *, use_memor
     nll = torch.zeros(batch, length, dtype=torch.float32, device=input_ids.device)
     state = None
     unread = None  # first column of a run of unscored segments not yet read into memory
-    disabled = nullcontext() if use_memory else model.memory_disabled()
+    disabled = nullcontext() if use_memory else model.disable_memory()
     with disabled:
         for start in range(0, length, segment_length):
             end = min(start + segment_length, length)

@@ -223,6 +223,10 @@ def plot_results(results: dict, path) -> Path:
     from matplotlib import pyplot as plt
 
     path = Path(path)
+    if results["kind"] == "chat_passkey":  # one curve by distance in tokens: its own figure
+        from .chat_passkey import plot_chat_passkey
+
+        return plot_chat_passkey(results, path)
     if results["kind"] == "comparison":
         from .comparison import plot_comparison
 
@@ -285,7 +289,24 @@ def _plot_retrieval(plt, results: dict):
         f"{results['num_answers']} answers",
         fontsize=11,
     )
+    figure.tight_layout()  # the label widths are final only in the final layout
+    for axis in axes:
+        _stagger_tick_labels(figure, axis)
     return figure
+
+
+def _stagger_tick_labels(figure, axis, gap: float = 4.0) -> None:
+    """Lower a tick label below its neighbours' where it would print over one (distances close together on a
+    log axis, e.g. 12 and 16 segments): each label takes the highest row where it overlaps no earlier label."""
+    renderer = figure.canvas.get_renderer()
+    ticks = [tick for tick in axis.xaxis.get_major_ticks() if tick.label1.get_text()]
+    boxes = [tick.label1.get_window_extent(renderer) for tick in ticks]
+    rows: list[float] = []  # per row, the right edge of its last label (pixels)
+    for tick, box in zip(ticks, boxes):
+        row = next((r for r, right in enumerate(rows) if box.x0 >= right + gap), len(rows))
+        rows[row : row + 1] = [box.x1]
+        if row:
+            tick.set_pad(tick.get_pad() + row * (box.height + gap) * 72 / figure.dpi)
 
 
 def _plot_perplexity(plt, results: dict):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_memlm import MemoryState
+from hf_memlm.memory_state import MemoryState
 
 # haystack tokens memorized per call (bounds the token ids and activations held at once)
 READ_CHUNK_TOKENS = 65536

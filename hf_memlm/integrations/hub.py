@@ -291,9 +291,7 @@ def _write_card(folder, config=None, *, remote: CardFacts | None = None, overwri
 
 
 def _saved_config(folder: Path):
-    from transformers import AutoConfig
-
-    import hf_memlm  # noqa: F401  (registers the memlm config class)
+    from transformers import AutoConfig  # knows "memlm": importing this module ran hf_memlm/__init__.py
 
     config_file = folder / "config.json"
     if not config_file.is_file():

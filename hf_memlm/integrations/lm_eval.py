@@ -31,7 +31,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         'hf_memlm.integrations.lm_eval needs lm-evaluation-harness: pip install "hf-memlm[lm-eval]"'
     ) from error
 
-import hf_memlm  # noqa: F401  (registers model_type "memlm" with AutoModelForCausalLM)
+# importing this module ran hf_memlm/__init__.py, which registers model_type "memlm" with AutoModelForCausalLM
 
 MODEL_TYPE = "hf-memlm"
 # "No truncation": lm-eval keeps the last `max_length` tokens of a context, and a memory LM reads any length.

@@ -10,8 +10,9 @@ perplexity`), `hf-memlm train` trains, after the memory model in `output_dir`:
   but reading each example in independent windows (`no_memory`: windows of `segment_length` tokens, the
   equal-compute model without memory; `double_window`: windows of twice that).
 
-Then every model is scored on the same held-out documents (`evaluate_comparison`) and the report goes to
-`output_dir/eval/perplexity.{json,md,png}`.
+This module plans those runs (`compared_runs`) and turns a prepared memory-model run into its baseline
+(`prepare_baseline`); `pipeline.py` trains them. Then every model is scored on the same held-out documents
+(`evaluate_comparison`) and the report goes to `output_dir/eval/perplexity.{json,md,png}`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from transformers import default_data_collator
 
 from hf_memlm.recipes.config import BASELINE_WINDOWS
+from hf_memlm.recipes.held_out import held_out_corpus
 
 MEMORY = "memory"
 MEMORY_DISABLED = "memory_disabled"
@@ -90,35 +92,34 @@ def check_comparison(config: dict) -> None:
             )
 
 
-def train_compared_models(config: dict, tokenizer, log=print) -> dict[str, list[Path]]:
-    """Train the further seeds and the baselines (the memory model of the first seed is trained already),
-    all with `tokenizer`, the memory model's, so that every model sees the same tokens.
+@dataclasses.dataclass
+class ComparedRun:
+    """One model to train beside the memory model: `config` is the run's own (seed, output folder); `window`
+    is a baseline's window in tokens, None for the memory model of a further seed."""
 
-    Returns model name -> saved folders, one per seed, the memory model's first folder being `output_dir`.
-    """
-    from hf_memlm.recipes.train import prepare_run, run_training
+    name: str
+    seed: int
+    folder: Path
+    config: dict
+    window: int | None = None
 
+
+def compared_runs(config: dict) -> list[ComparedRun]:
+    """The further seeds of the memory model, then each baseline once per seed (the memory model of the
+    first seed is the main run, `output_dir`)."""
     output_dir = Path(config["output_dir"])
     seeds = comparison_seeds(config)
-    runs = {MEMORY: [output_dir]}
     segment_length = config["model"]["memory"]["segment_length"]
+    planned = []
     for seed in seeds[1:]:
         folder = output_dir / COMPARISON_FOLDER / MEMORY / f"seed-{seed}"
-        log(f"\n== comparison: memory model, seed {seed} -> {folder} ==", flush=True)
-        run_training(prepare_run(_variant(config, seed, folder), tokenizer))
-        runs[MEMORY].append(folder)
+        planned.append(ComparedRun(MEMORY, seed, folder, _variant(config, seed, folder)))
     for name in config["comparison"]["baselines"]:
         window = BASELINE_WINDOWS[name] * segment_length
-        runs[name] = []
         for seed in seeds:
             folder = output_dir / COMPARISON_FOLDER / name / f"seed-{seed}"
-            log(
-                f"\n== comparison: {name} (base model, windows of {window} tokens), seed {seed} -> {folder} ==",
-                flush=True,
-            )
-            run_training(prepare_baseline(_variant(config, seed, folder), window, tokenizer))
-            runs[name].append(folder)
-    return runs
+            planned.append(ComparedRun(name, seed, folder, _variant(config, seed, folder), window))
+    return planned
 
 
 def _variant(config: dict, seed: int, folder: Path) -> dict:
@@ -129,11 +130,9 @@ def _variant(config: dict, seed: int, folder: Path) -> dict:
     return variant
 
 
-def prepare_baseline(config: dict, window: int, tokenizer=None):
-    """The run of a baseline: the memory model's run with the base model alone, reading windows of `window`."""
-    from hf_memlm.recipes.train import prepare_run
-
-    prepared = prepare_run(config, tokenizer)
+def prepare_baseline(prepared, window: int):
+    """The run of a baseline from the memory model's prepared run (`train.prepare_run` of the baseline's
+    config): the base model alone, with the same initial weights, reading windows of `window` tokens."""
     base = prepared.model.language_model  # the same initial weights as the memory model of this seed
     text_config = base.config
     positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
@@ -197,7 +196,7 @@ def evaluate_comparison(config: dict, runs: dict[str, list[Path]], tokenizer, lo
     measure(
         MEMORY_DISABLED,
         "memory disabled",
-        "the memory model's weights inside memory_disabled(): its segments with no memory reads or writes",
+        "the memory model's weights inside disable_memory(): its segments with no memory reads or writes",
         runs[MEMORY],
         use_memory=False,
     )
@@ -216,7 +215,6 @@ def held_out_rows(section: dict, tokenizer, segment_length: int) -> tuple[list[l
     from datasets import Dataset
 
     from hf_memlm.data import default_text, pack_documents
-    from hf_memlm.recipes.final_eval import held_out_corpus
 
     source = section["source"]
     if source is None:
@@ -230,12 +228,13 @@ def held_out_rows(section: dict, tokenizer, segment_length: int) -> tuple[list[l
 
 
 __all__ = [
+    "ComparedRun",
     "WindowCollator",
     "check_comparison",
+    "compared_runs",
     "comparison_seeds",
     "evaluate_comparison",
     "has_comparison",
     "held_out_rows",
     "prepare_baseline",
-    "train_compared_models",
 ]

@@ -2,13 +2,16 @@
 
 The trained model is reloaded from its output folder with `AutoModelForCausalLM`, so the numbers are
 those of what was saved; then retrieval accuracy by distance is measured with the no-memory baselines
-beside it, or perplexity by segment position on held-out documents (with the models of the
-`comparison` section, `comparison.py`), and written to `<output_dir>/eval/` as JSON, Markdown and a PNG.
+beside it (or the pass key asked in chat, `chat_passkey`), and written to `<output_dir>/eval/` as JSON,
+Markdown and a PNG. Perplexity by segment position is `comparison.evaluate_comparison`'s (it scores the
+models of the `comparison` section too); `pipeline.py` picks the one a config asks for.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from hf_memlm.recipes.held_out import filler_text
 
 # Retrieval tasks whose natural filler can come from held-out text (`evaluation.source`): their generators
 # take the filler as `text`.
@@ -54,10 +57,11 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
         return None
     if section["task"] == "chat_passkey":
         return _run_chat_passkey(section, Path(output_dir), tokenizer, progress)
-    if section["task"] == "perplexity":  # the memory model alone, against its weights with memory disabled
-        from hf_memlm.recipes.comparison import MEMORY, evaluate_comparison
-
-        return evaluate_comparison(config, {MEMORY: [Path(output_dir)]}, tokenizer)
+    if section["task"] == "perplexity":
+        raise ValueError(
+            "evaluation.task: perplexity is scored by hf_memlm.recipes.comparison.evaluate_comparison "
+            "(hf_memlm.recipes.pipeline.evaluate picks it)."
+        )
     from transformers import AutoModelForCausalLM
 
     import hf_memlm  # noqa: F401  (registers the memlm auto classes)
@@ -126,7 +130,8 @@ def _run_chat_passkey(section: dict, output_dir: Path, tokenizer, progress: bool
     from transformers import AutoModelForCausalLM
 
     import hf_memlm  # noqa: F401  (registers the memlm auto classes)
-    from hf_memlm.evaluation.chat_passkey import evaluate_chat_passkey, write_chat_passkey_report
+    from hf_memlm.evaluation import write_report
+    from hf_memlm.evaluation.chat_passkey import evaluate_chat_passkey
 
     settings, load = chat_passkey_settings(section)
     model = AutoModelForCausalLM.from_pretrained(output_dir, **load).eval()
@@ -138,20 +143,5 @@ def _run_chat_passkey(section: dict, output_dir: Path, tokenizer, progress: bool
     results = evaluate_chat_passkey(model, tokenizer, text, settings, progress=progress)
     if section["source"] is not None:
         results["filler_source"] = str(section["source"])
-    paths = write_chat_passkey_report(results, output_dir / "eval")
+    paths = write_report(results, output_dir / "eval")
     return {"results": results, "paths": {k: str(v) for k, v in paths.items()}}
-
-
-def held_out_corpus(source):
-    """The documents of `evaluation.source` (as `data.source` takes them), with errors that name the setting."""
-    from hf_memlm.data import load_text_corpus
-
-    try:
-        return load_text_corpus(source)
-    except (FileNotFoundError, ValueError) as error:
-        raise type(error)(f"evaluation.source: {error}") from error
-
-
-def filler_text(source) -> str:
-    """The documents of `evaluation.source` joined into one filler text."""
-    return "\n\n".join(held_out_corpus(source)["text"])

@@ -1,10 +1,11 @@
 """The training recipe behind `hf-memlm train`: a config (`hf_memlm.recipes.config`) in, a trained model out.
 
-`prepare_run(config)` checks everything that can be checked before training (config values, output
-folder, corpus, tokenizer, data, tokenizer-vs-model fit, training arguments) and builds the pieces
-without writing anything, so a bad input leaves no half-written output folder behind.
+`prepare_run(config)` checks everything training needs before it starts (config values, output folder,
+corpus, tokenizer, data, tokenizer-vs-model fit, training arguments) and builds the pieces without
+writing anything, so a bad input leaves no half-written output folder behind.
 `run_training(prepared)` trains with `MemLMTrainer`, saves the model (`save_pretrained`, reloadable with
-`AutoModelForCausalLM`) with its tokenizer, and returns a summary.
+`AutoModelForCausalLM`) with its tokenizer, and returns a summary. What comes after training (comparison,
+evaluation, model card, upload) is `pipeline.py`'s, which also checks those sections before training.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_memlm.recipes.config import card_datasets, check_card, dump_config
+from hf_memlm.recipes.config import dump_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
 
     output_dir = Path(config["output_dir"])
     resume_from, stale_checkpoints = _check_output_dir(output_dir, config)
-    check_config(config)
+    check_training_config(config)
     model_cfg, data_cfg = config["model"], config["data"]
 
     documents = _load_documents(data_cfg) if data_cfg["task"] == "text" else None
@@ -132,16 +133,15 @@ def _text_config_for(settings: dict, tokenizer):
     return build_text_config(settings, vocab_size)
 
 
-def check_config(config: dict) -> None:
-    """The checks that need neither data nor weights, so `--dry-run` runs them too: the memory settings
-    against the base architecture (`MemLMConfig`), the evaluation section and the training arguments
-    (learning rates included). Raises ValueError naming the section."""
+def check_training_config(config: dict) -> None:
+    """The training checks that need neither data nor weights (`--dry-run` runs them, with the evaluation's
+    and comparison's, `pipeline.check_config`): the output folder, a local corpus, the memory settings against
+    the base architecture (`MemLMConfig`) and the training arguments (learning rates included). Raises
+    ValueError naming the section."""
     from transformers import AutoConfig
 
     from hf_memlm import MemLMConfig
     from hf_memlm.integrations.gguf import locating_kwargs, resolve_base
-    from hf_memlm.recipes.comparison import check_comparison
-    from hf_memlm.recipes.final_eval import check_evaluation
     from hf_memlm.training.model_setup import build_text_config
 
     _check_output_dir(Path(config["output_dir"]), config)
@@ -160,9 +160,6 @@ def check_config(config: dict) -> None:
         MemLMConfig(text_config=text_config, **model_cfg["memory"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"model.memory: {error}") from error
-    check_evaluation(config)
-    check_comparison(config)
-    check_card(config)
     _training_arguments(config, Path(config["output_dir"]))
 
 
@@ -515,58 +512,12 @@ def run_training(prepared: PreparedRun) -> dict:
     return summary
 
 
-def publish(config: dict, summary: dict, evaluation: dict | None, config_path: str | None = None) -> dict:
-    """After the final save (and evaluation): write the model card with what was trained and measured, and
-    upload the folder when `training.push_to_hub` is set. Call on the main process. Returns what was done."""
-    from hf_memlm.integrations.hub import push_trained_model, write_model_card
-
-    output_dir = Path(config["output_dir"])
-    training = config["training"]
-    data = config["data"]
-    model_id = training.get("hub_model_id")
-    facts = {
-        "data": data["task"] + (f" ({data['source']})" if data.get("source") else " (bundled text)"),
-        "examples": f"{data['num_segments']} segments of {config['model']['memory']['segment_length']} tokens",
-        "steps": summary["steps"],
-        "trainable": config["model"]["trainable"],
-    }
-    comparison = config.get("comparison") or {}
-    if comparison.get("baselines") or comparison.get("repeats", 1) > 1:
-        seeds = ", ".join(str(config["seed"] + k) for k in range(comparison.get("repeats", 1)))
-        facts["compared with"] = (
-            f"{', '.join(comparison.get('baselines') or ['its own seeds'])}, trained the same way; seeds {seeds}"
-        )
-    command = f"hf-memlm train {config_path}" if config_path else None
-    card = write_model_card(
-        output_dir,
-        training=facts,
-        evaluation=evaluation["results"] if evaluation else [],  # []: none (not an earlier run's)
-        evaluation_command=command,
-        model_id=model_id,
-        license=(config.get("card") or {}).get("license"),
-        datasets=card_datasets(config) or None,
-    )
-    done = {"model_card": str(card) if card else None}
-    if training.get("push_to_hub"):
-        repo_id = model_id or output_dir.resolve().name
-        push_trained_model(
-            output_dir,
-            repo_id,
-            token=training.get("hub_token"),
-            private=training.get("hub_private_repo"),
-            revision=training.get("hub_revision"),
-        )
-        done["pushed_to"] = repo_id
-    return done
-
-
 __all__ = [
     "CONFIG_FILE",
     "SUMMARY_FILE",
     "PreparedRun",
-    "check_config",
+    "check_training_config",
     "last_complete_checkpoint",
     "prepare_run",
-    "publish",
     "run_training",
 ]

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_memlm import MemLMConfig, MemLMForCausalLM
+from hf_memlm.configuration_memlm import MemLMConfig
 from hf_memlm.integrations.lora import lora_target_modules
 from hf_memlm.memory_base import MemoryBlock
+from hf_memlm.modeling_memlm import MemLMForCausalLM
 
 logger = logging.getLogger(__name__)
 
