@@ -197,7 +197,7 @@ def write_trainer_card(
     upload): our card for the trainer's repo, with its training facts. The Hub dataset ids are `dataset_tags`,
     as in Trainer's card (else `dataset`). Returns False for a model that is not a whole memory LM (a PEFT
     adapter), whose card Trainer writes."""
-    from hf_memlm.training.model_setup import is_peft_model
+    from hf_memlm.integrations.lora import is_peft_model
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if is_peft_model(model) or getattr(getattr(model, "config", None), "model_type", None) != "memlm":

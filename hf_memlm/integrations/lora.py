@@ -67,4 +67,13 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, module in layers if isinstance(module, (nn.Linear, Conv1D))})
 
 
-__all__ = ["decoder_linear_names", "lora_target_modules"]
+def is_peft_model(model) -> bool:
+    """Whether `model` is wrapped by PEFT (a `PeftModel`: adapters, `get_base_model()`)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+__all__ = ["decoder_linear_names", "is_peft_model", "lora_target_modules"]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hf_memlm.configuration_memlm import MemLMConfig
-from hf_memlm.integrations.lora import lora_target_modules
+from hf_memlm.integrations.lora import is_peft_model, lora_target_modules
 from hf_memlm.memory_base import MemoryBlock
 from hf_memlm.modeling_memlm import MemLMForCausalLM
 
@@ -186,14 +186,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 # -- saving --------------------------------------------------------------------------------------------
-def is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 def save_trained_model(model, output_dir: str | Path, tokenizer=None) -> dict[str, Path]:
     """Save the trained model so `AutoModelForCausalLM.from_pretrained(output_dir)` loads it.
 
