@@ -75,6 +75,33 @@ def check_embedding_width(inputs_embeds, width: int) -> None:
         )
 
 
+def load_base(base, base_kwargs: dict):
+    """The base causal LM `from_base` wraps, loaded from a Hub id or a local folder (a GGUF file in it too)."""
+    from transformers import AutoModelForCausalLM
+
+    check_local_base(base, base_kwargs.get("gguf_file"))
+    return without_unpacked_gguf_config(AutoModelForCausalLM.from_pretrained(base, **base_kwargs))
+
+
+def without_unpacked_gguf_config(language_model):
+    """A base loaded from a GGUF file whose weights were all unpacked to plain tensors (transformers does so where
+    no GGUF matmul kernel is installed) keeps its `quantization_config` saying "gguf": saved with it, every reload
+    would go through transformers' GGUF quantizer and warn about packed weights it does not have. Drop it then;
+    a base whose weights stay packed keeps it."""
+    quantization = getattr(language_model.config, "quantization_config", None)
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    packed = any(type(module).__name__.startswith("Gguf") for module in language_model.modules())
+    if str(getattr(method, "value", method)).lower() == "gguf" and not packed:
+        del language_model.config.quantization_config
+        language_model.hf_quantizer = None
+        language_model.is_quantized = False
+    return language_model
+
+
 def check_local_base(base, gguf_file: str | None = None) -> None:
     """A `base` written as a local path (absolute, relative with ./ or ../, ~, or a path object) must be a model
     folder (holding `gguf_file` when one is named); without this a missing folder is reported as a malformed Hub id."""
@@ -113,4 +140,11 @@ def check_memorize_inputs(input_ids, attention_mask) -> None:
         )
 
 
-__all__ = ["check_embedding_width", "check_inputs", "check_local_base", "check_memorize_inputs"]
+__all__ = [
+    "check_embedding_width",
+    "check_inputs",
+    "check_local_base",
+    "check_memorize_inputs",
+    "load_base",
+    "without_unpacked_gguf_config",
+]

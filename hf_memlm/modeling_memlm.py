@@ -53,7 +53,7 @@ from .memory_segments import (
 )
 from .memory_state import MemoryState
 from .memory_writes import write_only_pass
-from .model_inputs import check_embedding_width, check_inputs, check_local_base, check_memorize_inputs
+from .model_inputs import check_embedding_width, check_inputs, check_memorize_inputs, load_base
 from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutput, check_forward_kwargs
 
 # The models whose memory `disable_memory()` switched off in this thread (or task): a per-caller switch, so a
@@ -144,8 +144,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 raise ValueError("base_kwargs only apply when `base` is a model id or folder to load.")
             language_model = base
         elif isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
-            check_local_base(base, (base_kwargs or {}).get("gguf_file"))
-            language_model = AutoModelForCausalLM.from_pretrained(base, **(base_kwargs or {}))
+            language_model = load_base(base, base_kwargs or {})
         else:
             raise TypeError(
                 f"from_base expects a model id, a local folder or a PreTrainedModel, got {type(base).__name__}."

