@@ -168,3 +168,34 @@ def test_index_settings_benchmark_takes_settings_and_refuses_malformed_ones(tmp_
                 ["--quick", "--settings", bad, "--output", str(tmp_path / "bad.json")]
             )
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_real_model_benchmark_quick_reads_a_book_in_chunks_and_times_every_figure(tmp_path):
+    output = tmp_path / "real_model.json"
+    argv = [
+        "--quick",
+        "--threads",
+        "1",
+        "--repeats",
+        "1",
+        "--tokens",
+        "3000",
+        "--chunk",
+        "1024",
+        "--output",
+        str(output),
+    ]
+    _benchmark("bench_real_model").main(argv)
+    payload = json.loads(output.read_text())
+    figures = payload["figures"]
+    assert len(figures["long_read"]["chunk_seconds"]) == 3  # 1,024 + 1,024 + 952 tokens, one memorize call each
+    assert figures["long_read"]["tokens"] == 3000 and figures["long_read"]["peak_rss_bytes"] > 0
+    assert set(figures["memorize_tokens_per_s_by_dtype"]) == {"float32", "bfloat16"}
+    assert figures["generation"]["ratio_vs_base"] > 0
+    assert figures["inference_ratio_vs_segmented_base"] > 0 and figures["training_step_ratio_vs_segmented_base"] > 0
+    assert payload["setting"]["memory"]["memory_topk"] == 4  # the real-model pass-key config's read
+
+
+def test_real_model_benchmark_rejects_a_non_positive_read():
+    with pytest.raises(ValueError, match="--tokens and --chunk must be positive"):
+        _benchmark("bench_real_model").main(["--quick", "--tokens", "0"])

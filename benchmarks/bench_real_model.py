@@ -1,0 +1,227 @@
+"""What memory costs on a real pretrained model: SmolLM2-135M-Instruct with the memory of the real-model pass-key
+config (`kv` beside layer 8, 4 heads, segments of 256), through the public API.
+
+Figures (medians of the repetitions, models timed interleaved in one process):
+  1. reading: `memorize` tokens/s of book text per dtype (float32, bfloat16), side by side on the same chunk;
+  2. the long read: a book streamed into memory chunk by chunk up to `--tokens` (1M by default) in the fast dtype:
+     tokens/s over the whole read, time per token of the whole read over that of its first chunk (flat cost),
+     peak RSS of the process up to the end of the read (ru_maxrss: the model, the state and what reading used);
+  3. generation with the long read in memory: new tokens/s over the base model generating from its window alone;
+  4. a forward (inference) and a training step (forward + backward) with memory over the base model running
+     each segment on its own.
+
+    python benchmarks/bench_real_model.py                                   # the shipped model, 1M tokens
+    python benchmarks/bench_real_model.py --model outputs/smollm2_passkey_cpu  # a trained folder instead
+    python benchmarks/bench_real_model.py --quick                           # a tiny Llama, seconds (CI smoke)
+
+The memory weights are as built (or as trained with `--model`): time does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import resource
+import time
+
+import torch
+from common import base_config, environment, interleaved, markdown_table, median, report
+
+from hf_memlm import MemLMForCausalLM
+
+# The memory settings of configs/smollm2_passkey_cpu.yaml (what its evaluation reloads with)
+PASSKEY_MEMORY = dict(
+    memory_type="kv",
+    memory_layers=[8],
+    segment_length=256,
+    memory_heads=4,
+    memory_topk=4,
+    memory_value_shift=1,
+    memory_search="exact",
+)
+
+
+def load_model(args, memory_size: int):
+    """The model to time: `--model` folder, the shipped SmolLM2 wrapped with PASSKEY_MEMORY, or (--quick) a tiny
+    Llama; and its tokens of book text (a tokenizer's ids, or bytes for the tiny model)."""
+    from transformers import AutoModelForCausalLM
+
+    if args.quick:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(base_config(64, 4, 32))
+        settings = dict(PASSKEY_MEMORY, memory_layers=[1], segment_length=32, memory_heads=2)
+        return MemLMForCausalLM.from_base(base, memory_size=memory_size, **settings).eval(), None
+    if args.model:
+        from transformers import AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, memory_size=memory_size, memory_topk=4)
+        return model.eval(), AutoTokenizer.from_pretrained(args.model)
+    from hf_memlm.integrations.gguf import load_base_tokenizer, resolve_base
+
+    base, base_kwargs = resolve_base("smollm2-135m-instruct", {"dtype": "float32"})
+    base_kwargs = {k: getattr(torch, v) if k == "dtype" else v for k, v in base_kwargs.items()}
+    model = MemLMForCausalLM.from_base(base, base_kwargs=base_kwargs, memory_size=memory_size, **PASSKEY_MEMORY)
+    return model.eval(), load_base_tokenizer(base, base_kwargs)
+
+
+def book_tokens(tokenizer, count: int, text_path: str) -> torch.Tensor:
+    """`count` tokens of the held-out book (repeated where shorter), as one row."""
+    text = open(text_path, encoding="utf-8").read()
+    if tokenizer is None:
+        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    else:
+        ids = torch.tensor(tokenizer(text[:2_000_000], add_special_tokens=False).input_ids, dtype=torch.long)
+    return ids.repeat(count // ids.numel() + 1)[:count].unsqueeze(0)
+
+
+def read_long(model, tokens: torch.Tensor, chunk: int) -> dict:
+    """Stream `tokens` into memory `chunk` tokens per `memorize` call; time each call."""
+    state, seconds = None, []
+    with torch.no_grad():
+        for start in range(0, tokens.shape[1], chunk):
+            began = time.perf_counter()
+            state = model.memorize(tokens[:, start : start + chunk], memory_state=state)
+            seconds.append(time.perf_counter() - began)
+    total = sum(seconds)
+    return {
+        "state": state,
+        "tokens": tokens.shape[1],
+        "seconds": total,
+        "tokens_per_s": tokens.shape[1] / total,
+        "chunk_seconds": seconds,
+        # time per token of the whole read over that of its first chunk (1.0: flat)
+        "cost_ratio_whole_vs_first_chunk": (total / tokens.shape[1]) / (seconds[0] / min(chunk, tokens.shape[1])),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny Llama, small reads (smoke test)")
+    parser.add_argument("--model", default=None, help="a saved memory model folder (default: the shipped SmolLM2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=None, help="the long read (default 1,048,576; quick 4,096)")
+    parser.add_argument(
+        "--chunk", type=int, default=None, help="tokens per memorize call (default 65,536; quick 1,024)"
+    )
+    parser.add_argument(
+        "--long-dtype", default="bfloat16", choices=["float32", "bfloat16"], help="dtype of figures 2-4"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5; quick 2)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
+    parser.add_argument("--text", default="data/books/held_out/moby_dick.txt", help="the book read into memory")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/real_model[_quick].json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    long_tokens = args.tokens if args.tokens is not None else (4096 if args.quick else 1 << 20)
+    chunk = args.chunk if args.chunk is not None else (1024 if args.quick else 1 << 16)
+    repeats = args.repeats or (2 if args.quick else 5)
+    if long_tokens <= 0 or chunk <= 0:
+        raise ValueError(f"--tokens and --chunk must be positive, got {long_tokens} and {chunk}.")
+
+    model, tokenizer = load_model(args, memory_size=long_tokens + 4096)
+    fast = model.to(getattr(torch, args.long_dtype))
+    tokens = book_tokens(tokenizer, long_tokens + 1024, args.text)
+    prompt_length = min(64, model.config.segment_length // 2)  # the prompt and the new tokens fit one segment
+    document, prompt = tokens[:, :long_tokens], tokens[:, long_tokens : long_tokens + prompt_length]
+
+    # 2. the long read first: the process's peak RSS is then that of reading it
+    long = read_long(fast, document, chunk)
+    state = long.pop("state")
+
+    # 3. generation with the long read in memory vs the base from its window
+    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+    def generate_memory():
+        with torch.no_grad():
+            fast.generate(prompt, memory_state=state, **options)
+
+    def generate_base():
+        with torch.no_grad():
+            fast.language_model.generate(prompt, **options)
+
+    wall, _ = interleaved({"base": generate_base, "memory": generate_memory}, repeats)
+    generation = {
+        "new_tokens_per_s": {name: args.new_tokens / median(times) for name, times in wall.items()},
+        "ratio_vs_base": median(wall["base"]) / median(wall["memory"]),
+        "wall_s": wall,
+    }
+    state = None  # frees the long read's entries before the next figures
+
+    # 4. a forward and a training step on 4 segments, memory vs the base per segment
+    segment = fast.config.segment_length
+    pieces = tokens[:, : 4 * segment]
+    segments = pieces.split(segment, dim=1)
+
+    def infer_memory():
+        with torch.no_grad():
+            fast(input_ids=pieces)
+
+    def infer_base():
+        with torch.no_grad():
+            for piece in segments:
+                fast.language_model(input_ids=piece)
+
+    def train_memory():
+        fast(input_ids=pieces, labels=pieces).loss.backward()
+
+    def train_base():
+        for piece in segments:
+            fast.language_model(input_ids=piece, labels=piece).loss.backward()
+
+    wall, _ = interleaved({"base": infer_base, "memory": infer_memory}, repeats)
+    inference_ratio = median(wall["base"]) / median(wall["memory"])
+    wall, _ = interleaved({"base": train_base, "memory": train_memory}, repeats)
+    training_ratio = median(wall["base"]) / median(wall["memory"])
+    fast.zero_grad(set_to_none=True)
+
+    # 1. reading by dtype, side by side on one chunk
+    by_dtype = {args.long_dtype: fast}
+    other = "float32" if args.long_dtype == "bfloat16" else "bfloat16"
+    by_dtype[other] = model_copy(fast, getattr(torch, other))
+    chunk_ids = document[:, :chunk]
+    runs = {name: functools.partial(each.memorize, chunk_ids) for name, each in by_dtype.items()}
+    wall, _ = interleaved(runs, repeats)
+    reading = {name: chunk_ids.shape[1] / median(times) for name, times in wall.items()}
+
+    figures = {
+        "memorize_tokens_per_s_by_dtype": reading,
+        "long_read": long,
+        "generation": generation,
+        "inference_ratio_vs_segmented_base": inference_ratio,
+        "training_step_ratio_vs_segmented_base": training_ratio,
+    }
+    setting = {
+        "model": args.model
+        or ("tiny llama" if args.quick else "smollm2-135m-instruct (shipped GGUF, float32 weights)"),
+        "memory": {k: v for k, v in fast.config.to_dict().items() if k in {*PASSKEY_MEMORY, "memory_dtype"}},
+        "long_dtype": args.long_dtype,
+        "long_tokens": long_tokens,
+        "chunk_tokens": chunk,
+        "repeats": repeats,
+        "new_tokens": args.new_tokens,
+        "text": args.text,
+    }
+    rows = [[f"`memorize` tokens/s, {name}", f"{value:,.0f}"] for name, value in sorted(reading.items(), reverse=True)]
+    rows += [
+        [f"`memorize` tokens/s over {long_tokens:,} tokens ({args.long_dtype})", f"{long['tokens_per_s']:,.0f}"],
+        ["time per token, whole read / first chunk", f"{long['cost_ratio_whole_vs_first_chunk']:.3f}"],
+        ["peak RSS up to the end of the read", f"{long['peak_rss_bytes'] / 2**30:.2f} GiB"],
+        ["generation with the read in memory / base from its window", f"{generation['ratio_vs_base']:.3f}"],
+        ["forward tokens/s, memory / segmented base", f"{inference_ratio:.3f}"],
+        ["training step tokens/s, memory / segmented base", f"{training_ratio:.3f}"],
+    ]
+    table = markdown_table(["figure", "value"], rows)
+    payload = {"setting": setting, "environment": environment(), "figures": figures}
+    return report("real_model", payload, table, args)
+
+
+def model_copy(model, dtype):
+    """An independent copy of `model` in `dtype` (the original is left as it is)."""
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+if __name__ == "__main__":
+    main()
