@@ -49,18 +49,21 @@ def load_model(args, memory_size: int):
     if args.quick:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(base_config(64, 4, 32))
-        settings = dict(PASSKEY_MEMORY, memory_layers=[1], segment_length=32, memory_heads=2)
+        settings = dict(PASSKEY_MEMORY, memory_layers=[1], segment_length=32, memory_heads=2, memory_search=args.search)
         return MemLMForCausalLM.from_base(base, memory_size=memory_size, **settings).eval(), None
     if args.model:
         from transformers import AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, memory_size=memory_size, memory_topk=4)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, memory_size=memory_size, memory_topk=4, memory_search=args.search
+        )
         return model.eval(), AutoTokenizer.from_pretrained(args.model)
     from hf_memlm.integrations.gguf import load_base_tokenizer, resolve_base
 
     base, base_kwargs = resolve_base("smollm2-135m-instruct", {"dtype": "float32"})
     base_kwargs = {k: getattr(torch, v) if k == "dtype" else v for k, v in base_kwargs.items()}
-    model = MemLMForCausalLM.from_base(base, base_kwargs=base_kwargs, memory_size=memory_size, **PASSKEY_MEMORY)
+    settings = dict(PASSKEY_MEMORY, memory_search=args.search)
+    model = MemLMForCausalLM.from_base(base, base_kwargs=base_kwargs, memory_size=memory_size, **settings)
     return model.eval(), load_base_tokenizer(base, base_kwargs)
 
 
@@ -109,6 +112,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5; quick 2)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
+    parser.add_argument(
+        "--search", default="exact", choices=["exact", "auto"], help="memory_search: the config's exact read, or auto"
+    )
     parser.add_argument("--text", default="data/books/held_out/moby_dick.txt", help="the book read into memory")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/real_model[_quick].json)")
     args = parser.parse_args(argv)
@@ -128,6 +134,8 @@ def main(argv=None) -> dict:
     # 2. the long read first: the process's peak RSS is then that of reading it
     long = read_long(fast, document, chunk)
     state = long.pop("state")
+    layer = fast.config.memory_layers[0]
+    reads_use_index = bool(fast.memory_blocks[str(layer)].uses_index(state.layers[layer]))
 
     # 3. generation with the long read in memory vs the base from its window
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
@@ -195,6 +203,7 @@ def main(argv=None) -> dict:
         "model": args.model
         or ("tiny llama" if args.quick else "smollm2-135m-instruct (shipped GGUF, float32 weights)"),
         "memory": {k: v for k, v in fast.config.to_dict().items() if k in {*PASSKEY_MEMORY, "memory_dtype"}},
+        "reads_use_index": reads_use_index,
         "long_dtype": args.long_dtype,
         "long_tokens": long_tokens,
         "chunk_tokens": chunk,
