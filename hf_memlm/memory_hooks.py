@@ -21,6 +21,9 @@ from torch import nn
 # The memory contexts of the base-model call running in this thread (or task), keyed by decoder layer.
 # Kept out of the shared modules so that threads calling one model never see each other's memory.
 _ACTIVE_CONTEXTS: ContextVar[dict | None] = ContextVar("hf_memlm_active_contexts", default=None)
+# Under torch.compile, which cannot trace a ContextVar (a graph break per segment), the contexts travel with the
+# base-model call instead, as this keyword, which transformers' models pass on to their decoder layers.
+CONTEXTS_KEYWORD = "memlm_contexts"
 
 
 class StopAfterCapture(Exception):
@@ -43,10 +46,12 @@ class LayerContext:
         self.captured: torch.Tensor | None = None
 
 
-def memory_read_hook(layer_index: int, module: nn.Module, args, output):
+def memory_read_hook(layer_index: int, module: nn.Module, args, kwargs, output):
     # Runs outside any activation checkpoint (transformers checkpoints `forward`, not `__call__`), so a
     # recomputation never reads twice. No context: the base model is being called on its own.
-    contexts = _ACTIVE_CONTEXTS.get()
+    contexts = kwargs.get(CONTEXTS_KEYWORD)
+    if contexts is None:
+        contexts = _ACTIVE_CONTEXTS.get()
     context = contexts.get(module) if contexts else None
     if context is None:
         return None
@@ -92,7 +97,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def install_read_hooks(layers: nn.ModuleList, indices: list[int]) -> None:
     """Put the memory read hook on `layers[i]` for each `i` in `indices`."""
     for index in indices:
-        layers[index].register_forward_hook(partial(memory_read_hook, index))
+        layers[index].register_forward_hook(partial(memory_read_hook, index), with_kwargs=True)
 
 
 @contextmanager
@@ -106,6 +111,7 @@ def active_contexts(contexts: dict[nn.Module, LayerContext]) -> Iterator[None]:
 
 
 __all__ = [
+    "CONTEXTS_KEYWORD",
     "LayerContext",
     "StopAfterCapture",
     "active_contexts",
