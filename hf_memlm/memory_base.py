@@ -36,9 +36,7 @@ class MemoryBlock(nn.Module):
         self.num_heads = config.memory_heads
         self.head_dim = config.memory_head_dim
 
-    def forward(
-        self, hidden_states: torch.Tensor, state: dict[str, torch.Tensor], mode: str, mask=None, written=None
-    ):
+    def forward(self, hidden_states: torch.Tensor, state: dict[str, torch.Tensor], mode: str, mask=None, written=None):
         if mode == "read":
             return self.read(hidden_states, state)
         if mode == "write":

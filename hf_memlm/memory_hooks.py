@@ -10,6 +10,7 @@ Part of the Hub payload: flat sibling files, single-dot relative imports, torch 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -65,6 +66,34 @@ def memory_read_hook(layer_index: int, module: nn.Module, args, kwargs, output):
     return (updated, *output[1:]) if isinstance(output, tuple) else updated
 
 
+def passes_keywords(model: nn.Module) -> bool:
+    """Whether `model.forward` takes keywords it does not name (transformers' models pass them on to their layers)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+
+
+def call_with_contexts(model: nn.Module, inputs: dict, options: dict, contexts, by_keyword: bool, may_stop: bool):
+    """`model(**inputs, **options)` with the hooks seeing `contexts` (decoder layer -> its context); None when a
+    hook stopped it (`StopAfterCapture`, allowed by `may_stop`).
+
+    Under torch.compile, which traces no ContextVar (a graph break per call), the contexts travel as a keyword
+    (`by_keyword`: the model takes it and passes nothing else on but keywords); a model that does not pass it on
+    to its layers (no layer saw its context) is called again the usual way."""
+    if contexts and by_keyword and torch.compiler.is_compiling():
+        out = model(**inputs, **options, **{CONTEXTS_KEYWORD: contexts})
+        if all(context.captured is not None for context in contexts.values()):
+            return out
+        for context in contexts.values():
+            context.captured = None
+    with active_contexts(contexts):
+        try:
+            return model(**inputs, **options)
+        except StopAfterCapture:
+            if not may_stop:
+                raise
+    return None
+
+
 def has_memory_hook(layer: nn.Module) -> bool:
     return any(getattr(hook, "func", None) is memory_read_hook for hook in layer._forward_hooks.values())
 
@@ -115,7 +144,9 @@ __all__ = [
     "LayerContext",
     "StopAfterCapture",
     "active_contexts",
+    "call_with_contexts",
     "find_decoder_layers",
     "has_memory_hook",
     "install_read_hooks",
+    "passes_keywords",
 ]

@@ -21,7 +21,6 @@ Part of the Hub payload: flat sibling files, single-dot relative imports, torch 
 
 from __future__ import annotations
 
-import inspect
 import threading
 import warnings
 from contextlib import contextmanager
@@ -35,13 +34,12 @@ from .configuration_memlm import MemLMConfig
 from .memory_base import MemoryBlock
 from .memory_cache import MemLMCache
 from .memory_hooks import (
-    CONTEXTS_KEYWORD,
     LayerContext,
-    StopAfterCapture,
-    active_contexts,
+    call_with_contexts,
     find_decoder_layers,
     has_memory_hook,
     install_read_hooks,
+    passes_keywords,
 )
 from .memory_kinds import MEMORY_KINDS
 from .memory_segments import (
@@ -109,10 +107,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         memory_class = MEMORY_KINDS[config.memory_type]
         self.memory_blocks = nn.ModuleDict({str(i): memory_class(config, i) for i in config.memory_layers})
         install_read_hooks(layers, config.memory_layers)
-        # whether the base takes keywords it does not know (and so may pass them on to its decoder layers)
-        self._keyword_contexts = any(
-            p.kind is p.VAR_KEYWORD for p in inspect.signature(self.language_model.forward).parameters.values()
-        )
+        self._keyword_contexts = passes_keywords(self.language_model)
         self._warned_no_labels = False
         self.post_init()
 
@@ -242,9 +237,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         # a state made elsewhere (another dtype or device) is cast to what this model's blocks make themselves
         return state.placed_like(self.init_memory_state(1), self.get_input_embeddings().weight)
 
-    def _write(
-        self, state: MemoryState, captured: dict[int, torch.Tensor], mask: torch.Tensor, written: int | None = None
-    ) -> MemoryState:
+    def _write(self, state: MemoryState, captured: dict, mask: torch.Tensor, written: int | None = None) -> MemoryState:
         if not self.memory_enabled:
             return state
         layers = {
@@ -275,30 +268,14 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 for i in self.config.memory_layers
             }
         # Per call, not per module: threads sharing this model each see only their own contexts.
-        call = dict(
-            inputs,
-            attention_mask=base_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            logits_to_keep=logits_to_keep,
-            output_hidden_states=output_hidden,
-            return_dict=True,
+        out = call_with_contexts(
+            self.language_model,
+            dict(inputs, attention_mask=base_mask, position_ids=position_ids, cache=cache, use_cache=cache is not None),
+            dict(logits_to_keep=logits_to_keep, output_hidden_states=output_hidden, return_dict=True),
+            contexts,
+            by_keyword=self._keyword_contexts and not write_only and cache is None,
+            may_stop=write_only,
         )
-        if contexts and torch.compiler.is_compiling() and self._keyword_contexts and not write_only and cache is None:
-            # torch.compile cannot trace the ContextVar below: pass the contexts along with the call instead.
-            out = self.language_model(**call, **{CONTEXTS_KEYWORD: contexts})
-            if all(context.captured is not None for context in contexts.values()):
-                return out, {i: contexts[layers[i]].captured for i in self.config.memory_layers}
-            for context in contexts.values():  # this base does not pass keywords on to its layers: run it again
-                context.captured = None
-        out = None
-        with active_contexts(contexts):
-            try:
-                out = self.language_model(**call)
-            except StopAfterCapture:
-                if not write_only:
-                    raise
         captured = {i: contexts[layers[i]].captured for i in self.config.memory_layers} if contexts else {}
         return out, captured
 
@@ -370,16 +347,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                     "use_cache=True and its cache, or write the window first: model.commit_window(memory_state)."
                 )
             cache = None
+        fresh, unmasked = memory_state is None, attention_mask is None
         logits, hidden, state = self._forward_pieces(
-            input_ids,
-            inputs_embeds,
-            mask,
-            state,
-            cache,
-            logits_to_keep,
-            output_hidden,
-            fresh=memory_state is None,
-            all_real=attention_mask is None,
+            input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden, fresh, unmasked
         )
         if cache is not None:
             cache.memory_state = state
@@ -431,7 +401,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return MemLMCache(config=self.config.get_text_config(), memory_state=state), state
 
     def _forward_pieces(
-        self, input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden, fresh=False, all_real=False
+        self, input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden, fresh, unmasked
     ):
         """Run the call's tokens through the base model in pieces, segmenting every row by its own real tokens.
 
@@ -449,17 +419,15 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         Outputs come back in the caller's columns; a padded column carries the outputs of the nearest real
         token before it in its row (of the row's first real token when none is before it), so the last
         column of a right-padded row predicts what follows its last real token.
-
-        `all_real` (no attention_mask): nothing need be read back from the device to plan the pieces. `fresh`
-        (`state` is empty): without padding or cache, the writes are told what they write (`written`), so that
-        they need not ask the device either.
+        `unmasked` (no attention_mask): no host sync plans the pieces; `fresh` (empty `state`) without padding or
+        cache: the writes are told what they write (`written`), so they need none either.
         """
         keep_window = cache is not None
         batch, length = mask.shape
         window = dict(state.window) if keep_window else {}
         window.setdefault("mask", mask.new_zeros(batch, 0))
         state = state.without_window()
-        if all_real and not keep_window:
+        if unmasked and not keep_window:
             host_mask = host_window = None
             real_counts, window_counts = [length] * batch, [0] * batch
         else:

@@ -109,7 +109,7 @@ def test_compiled_padded_and_disabled_calls_equal_eager(kind):
 def test_compiled_training_step_equals_eager_on_every_base(model_type):
     """Bases that pass keywords on to their decoder layers get the memory contexts that way under compile;
     others through the per-thread context: either way the step is eager's."""
-    model = build(model_type, "kv").train()
+    model = build(model_type, "kv")  # in eval mode: dropout draws differ between eager and compiled code
     ids = _batch(3)
     eager = _step(model, input_ids=ids, labels=ids)
     torch._dynamo.reset()
