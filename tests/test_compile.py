@@ -124,3 +124,21 @@ def test_inductor_compiled_training_step_equals_eager(kind):
     eager = _step(model, input_ids=ids, labels=ids)
     torch._dynamo.reset()
     _assert_same_step(eager, _step(torch.compile(model), input_ids=ids, labels=ids))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drops_keywords", [False, True], ids=["takes_none", "drops_them"])
+def test_compiled_step_equals_eager_when_the_base_does_not_pass_keywords_on(drops_keywords, monkeypatch):
+    """A base that takes no unknown keywords, or takes them but does not pass them on to its layers, gets the
+    memory contexts the usual way (per-thread) under compile: graph breaks, but the same step."""
+    model = build("llama", "kv").train()
+    ids = _batch(3)
+    eager = _step(model, input_ids=ids, labels=ids)
+    if drops_keywords:
+        inner = model.language_model.model
+        forward = inner.forward
+        monkeypatch.setattr(inner, "forward", lambda *args, memlm_contexts=None, **kwargs: forward(*args, **kwargs))
+    else:
+        monkeypatch.setattr(model, "_keyword_contexts", False)
+    torch._dynamo.reset()
+    _assert_same_step(eager, _step(torch.compile(model, backend="eager"), input_ids=ids, labels=ids))
