@@ -38,6 +38,11 @@ class MemoryBlock(nn.Module):
     #: segment after another leaves, so `memorize` may write many segments per call (`kv`: entries are
     #: appended token by token; not `slot`, whose write is one recurrent update per segment)
     writes_tokenwise: bool = False
+    #: True when `write` takes `written=`: the number of tokens every row of the state has been written since it
+    #: was empty, all real, as is every token of this write (no padding anywhere), when the caller knows it on
+    #: the host (a fresh state in a forward without padding), else None. The kind may then skip reading tensor
+    #: values back to the host (a sync per write in eager, and a graph break under torch.compile).
+    takes_written: bool = False
 
     def __init__(self, config, layer_index: int):
         super().__init__()
@@ -46,10 +51,12 @@ class MemoryBlock(nn.Module):
         self.num_heads = config.memory_heads
         self.head_dim = config.memory_head_dim
 
-    def forward(self, hidden_states: torch.Tensor, state: dict[str, torch.Tensor], mode: str, mask=None):
+    def forward(self, hidden_states: torch.Tensor, state: dict[str, torch.Tensor], mode: str, mask=None, written=None):
         if mode == "read":
             return self.read(hidden_states, state)
         if mode == "write":
+            if written is not None and self.takes_written:
+                return self.write(hidden_states, mask, state, written=written)
             return self.write(hidden_states, mask, state)
         raise ValueError(f"mode must be 'read' or 'write', got {mode!r}")
 

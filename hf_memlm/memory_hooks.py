@@ -10,6 +10,7 @@ Part of the Hub payload: flat sibling files, single-dot relative imports, torch 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -21,6 +22,9 @@ from torch import nn
 # The memory contexts of the base-model call running in this thread (or task), keyed by decoder layer.
 # Kept out of the shared modules so that threads calling one model never see each other's memory.
 _ACTIVE_CONTEXTS: ContextVar[dict | None] = ContextVar("hf_memlm_active_contexts", default=None)
+# Under torch.compile, which cannot trace a ContextVar (a graph break per segment), the contexts travel with the
+# base-model call instead, as this keyword, which transformers' models pass on to their decoder layers.
+CONTEXTS_KEYWORD = "memlm_contexts"
 
 
 class StopAfterCapture(Exception):
@@ -43,10 +47,12 @@ class LayerContext:
         self.captured: torch.Tensor | None = None
 
 
-def memory_read_hook(layer_index: int, module: nn.Module, args, output):
+def memory_read_hook(layer_index: int, module: nn.Module, args, kwargs, output):
     # Runs outside any activation checkpoint (transformers checkpoints `forward`, not `__call__`), so a
     # recomputation never reads twice. No context: the base model is being called on its own.
-    contexts = _ACTIVE_CONTEXTS.get()
+    contexts = kwargs.get(CONTEXTS_KEYWORD)
+    if contexts is None:
+        contexts = _ACTIVE_CONTEXTS.get()
     context = contexts.get(module) if contexts else None
     if context is None:
         return None
@@ -58,6 +64,34 @@ def memory_read_hook(layer_index: int, module: nn.Module, args, output):
         return None
     updated = hidden + context.block(hidden, context.state, mode="read").to(hidden.dtype)
     return (updated, *output[1:]) if isinstance(output, tuple) else updated
+
+
+def passes_keywords(model: nn.Module) -> bool:
+    """Whether `model.forward` takes keywords it does not name (transformers' models pass them on to their layers)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+
+
+def call_with_contexts(model: nn.Module, inputs: dict, options: dict, contexts, by_keyword: bool, may_stop: bool):
+    """`model(**inputs, **options)` with the hooks seeing `contexts` (decoder layer -> its context); None when a
+    hook stopped it (`StopAfterCapture`, allowed by `may_stop`).
+
+    Under torch.compile, which traces no ContextVar (a graph break per call), the contexts travel as a keyword
+    (`by_keyword`: the model takes it and passes nothing else on but keywords); a model that does not pass it on
+    to its layers (no layer saw its context) is called again the usual way."""
+    if contexts and by_keyword and torch.compiler.is_compiling():
+        out = model(**inputs, **options, **{CONTEXTS_KEYWORD: contexts})
+        if all(context.captured is not None for context in contexts.values()):
+            return out
+        for context in contexts.values():
+            context.captured = None
+    with active_contexts(contexts):
+        try:
+            return model(**inputs, **options)
+        except StopAfterCapture:
+            if not may_stop:
+                raise
+    return None
 
 
 def has_memory_hook(layer: nn.Module) -> bool:
@@ -92,7 +126,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def install_read_hooks(layers: nn.ModuleList, indices: list[int]) -> None:
     """Put the memory read hook on `layers[i]` for each `i` in `indices`."""
     for index in indices:
-        layers[index].register_forward_hook(partial(memory_read_hook, index))
+        layers[index].register_forward_hook(partial(memory_read_hook, index), with_kwargs=True)
 
 
 @contextmanager
@@ -106,10 +140,13 @@ def active_contexts(contexts: dict[nn.Module, LayerContext]) -> Iterator[None]:
 
 
 __all__ = [
+    "CONTEXTS_KEYWORD",
     "LayerContext",
     "StopAfterCapture",
     "active_contexts",
+    "call_with_contexts",
     "find_decoder_layers",
     "has_memory_hook",
     "install_read_hooks",
+    "passes_keywords",
 ]

@@ -59,18 +59,21 @@ def retrieve(
     stored = keys.shape[2]
     keys = keys.to(queries.dtype)
     has_entries = valid.any(-1)
-    every_row_has_entries = bool(has_entries.all())
+    # Under torch.compile the masks are always applied (they change nothing where every entry is valid) instead
+    # of asking the host whether they are needed: a sync, and a graph break.
+    compiling = torch.compiler.is_compiling()
+    every_row_has_entries = not compiling and bool(has_entries.all())
     # The temperature is applied to the (T, d) queries, not to the (T, S) scores.
     scaled = queries * scale.view(1, heads, 1, 1).to(queries.dtype)
     if topk is None or topk >= stored:
         # Exact softmax over every entry through the fused kernel (no (B, H, T, S) score tensor kept).
         # A row with no entry may attend to its (zeroed) first slot so the kernel sees no empty row;
         # its read is replaced by 0 below.
-        attend = None if bool(valid.all()) else (valid | ~has_entries[:, None])[:, None, None, :]
+        attend = None if not compiling and bool(valid.all()) else (valid | ~has_entries[:, None])[:, None, None, :]
         values = values.to(queries.dtype)
         out = F.scaled_dot_product_attention(scaled, keys, values, attn_mask=attend, scale=1.0)
     else:
-        all_valid = bool(valid.all())
+        all_valid = not compiling and bool(valid.all())
         invalid = ~valid[:, None, None, :]  # (B, 1, 1, S)
         chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, batch * heads * stored))
         outputs = []
@@ -99,7 +102,8 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     selected again on floats. The values come with the selection, so an inference read needs no gather.
     """
     with torch.no_grad():
-        if scores.device.type != "cpu" or scores.dtype not in _SAME_WIDTH_INTS:
+        # (under torch.compile the check below would be a graph break; the compiled top-k is fast anyway)
+        if scores.device.type != "cpu" or scores.dtype not in _SAME_WIDTH_INTS or torch.compiler.is_compiling():
             return scores.topk(k, dim=-1)
         bits = scores.contiguous().view(_SAME_WIDTH_INTS[scores.dtype])
         top_bits, index = bits.topk(k, dim=-1)
@@ -118,7 +122,8 @@ def _entry_table(store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     reshaping it would copy every entry on every read, so the table is then the whole buffer.
     """
     batch, heads, stored, dim = store.shape
-    if store.is_contiguous() or (torch.is_grad_enabled() and store.requires_grad):
+    # (torch.compile traces no storage offsets and sizes, and keeps no append buffers: a reshape there)
+    if store.is_contiguous() or (torch.is_grad_enabled() and store.requires_grad) or torch.compiler.is_compiling():
         first = torch.arange(batch * heads, device=store.device).view(batch, heads, 1, 1) * stored
         return store.reshape(-1, dim), first
     strides, offset = store.stride(), store.storage_offset()
@@ -309,6 +314,7 @@ def retrieve_selected(
 class KVMemory(MemoryBlock):
     state_names = ("keys", "values", "valid", "pending_key", "pending_valid")
     writes_tokenwise = True
+    takes_written = True
 
     def __init__(self, config, layer_index: int):
         super().__init__(config, layer_index)
@@ -414,6 +420,8 @@ class KVMemory(MemoryBlock):
 
     def _index_picks(self, queries, state) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The approximate index's picks for `queries`, or None where the read is exact."""
+        if torch.compiler.is_compiling():
+            return None  # faiss runs on the host, outside any graph: compiled reads are exact
         with _INDEX_LOCK:
             index = self._search_index(state)
             return None if index is None else index.search(queries, self.topk)
@@ -472,8 +480,9 @@ class KVMemory(MemoryBlock):
         does not end where its buffer's last write ended (it is not the newest state, e.g. a branch, or
         it was made elsewhere) and no buffer could be used, or when gradients are being recorded.
         """
-        if torch.is_grad_enabled():
-            return None  # in-place writes would invalidate tensors saved for backward
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # in-place writes would invalidate tensors saved for backward; compiled code keeps no buffers
+            return None
         added = entry_keys.shape[2]
         if added > self.capacity:
             return None
@@ -493,6 +502,8 @@ class KVMemory(MemoryBlock):
 
     def _follow_write(self, state, new_state, entry_valid) -> None:
         """Move `state`'s index to `new_state` (adding and evicting what the write did)."""
+        if torch.compiler.is_compiling():
+            return  # compiled reads are exact (`_index_picks`): no index to follow
         with _INDEX_LOCK:
             self._follow_write_locked(state, new_state, entry_valid)
 
@@ -514,7 +525,7 @@ class KVMemory(MemoryBlock):
             # built over the whole memory by the first read after a long write-only pass.
             self._search_index(new_state)
 
-    def write(self, hidden_states, mask, state):
+    def write(self, hidden_states, mask, state, written=None):
         batch, tokens, _ = hidden_states.shape
         store = self._store_dtype(hidden_states.dtype)
         keys = F.normalize(split_heads(self.mem_key(hidden_states), self.num_heads), dim=-1).to(store)
@@ -541,9 +552,13 @@ class KVMemory(MemoryBlock):
         else:
             entry_keys, entry_valid = keys, mask
 
+        if written == 0 and self.value_shift == 1:
+            # A fresh state has no pending key, so the first token's entry is not real (`entry_valid` says so):
+            # known on the host here, it is left out by shape and every entry left is real, with no sync.
+            entry_keys, values, entry_valid = entry_keys[:, :, 1:], values[:, :, 1:], entry_valid[:, 1:]
         all_valid = torch.cat([state["valid"], entry_valid], dim=1)
         total = all_valid.shape[1]
-        if bool(all_valid.all()):
+        if written is not None or bool(all_valid.all()):
             # Every entry is real: eviction is a slice of the oldest, no sort and no gather.
             drop = max(0, total - self.capacity)
             appended = self._append_in_place(state, entry_keys, values, drop)

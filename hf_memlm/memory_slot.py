@@ -143,8 +143,9 @@ class SlotMemory(MemoryBlock):
         return torch.softmax(scores * temperature, dim=-1)
 
     def read(self, hidden_states, state):
-        if not bool(state["memory"].any()):
+        if not torch.compiler.is_compiling() and not bool(state["memory"].any()):
             # nothing written yet (the first segment): every slot is 0, so is the read, and so is its gradient
+            # (compiled code reads the zeros instead of asking the host: a sync, and a graph break)
             return torch.zeros_like(hidden_states)
         memory = state["memory"].to(hidden_states.dtype)
         queries = self.address_proj(hidden_states)

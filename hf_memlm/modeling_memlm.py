@@ -21,6 +21,7 @@ Part of the Hub payload: flat sibling files, single-dot relative imports, torch 
 
 from __future__ import annotations
 
+import threading
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,11 +36,11 @@ from .memory_base import MemoryBlock
 from .memory_cache import MemLMCache
 from .memory_hooks import (
     LayerContext,
-    StopAfterCapture,
-    active_contexts,
+    call_with_contexts,
     find_decoder_layers,
     has_memory_hook,
     install_read_hooks,
+    passes_keywords,
 )
 from .memory_kinds import MEMORY_KINDS
 from .memory_segments import (
@@ -59,6 +60,10 @@ from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutpu
 # The models whose memory `disable_memory()` switched off in this thread (or task): a per-caller switch, so a
 # baseline computed in one thread never turns memory off for another thread serving the same model.
 _DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
+# How many `disable_memory()` blocks are open, in any thread. While none is, memory is on without reading the
+# ContextVar, which torch.compile cannot trace (a graph break per read); the compiled code guards on this count.
+_OPEN_DISABLED = 0
+_OPEN_DISABLED_LOCK = threading.Lock()
 
 
 class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
@@ -102,6 +107,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         memory_class = MEMORY_KINDS[config.memory_type].block
         self.memory_blocks = nn.ModuleDict({str(i): memory_class(config, i) for i in config.memory_layers})
         install_read_hooks(layers, config.memory_layers)
+        self._keyword_contexts = passes_keywords(self.language_model)
         self._warned_no_labels = False
         self.post_init()
 
@@ -114,18 +120,23 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
     @property
     def memory_enabled(self) -> bool:
         """False inside `disable_memory()` (in the thread that entered it)."""
-        return id(self) not in _DISABLED_MODELS.get()
+        return _OPEN_DISABLED == 0 or id(self) not in _DISABLED_MODELS.get()
 
     @contextmanager
     def disable_memory(self):
         """`with model.disable_memory():` runs the same weights with memory switched off (no reads, no writes):
         the no-memory baseline, named like PEFT's `disable_adapter()`. It holds for calls made by the thread (or
         asyncio task) that entered it; other threads calling this model meanwhile keep their memory."""
+        global _OPEN_DISABLED
+        with _OPEN_DISABLED_LOCK:
+            _OPEN_DISABLED += 1
         token = _DISABLED_MODELS.set(_DISABLED_MODELS.get() | {id(self)})
         try:
             yield self
         finally:
             _DISABLED_MODELS.reset(token)
+            with _OPEN_DISABLED_LOCK:
+                _OPEN_DISABLED -= 1
 
     memory_disabled = disable_memory  # the earlier name, kept working
 
@@ -227,11 +238,11 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         # a state made elsewhere (another dtype or device) is cast to what this model's blocks make themselves
         return state.placed_like(self.init_memory_state(1), self.get_input_embeddings().weight)
 
-    def _write(self, state: MemoryState, captured: dict[int, torch.Tensor], mask: torch.Tensor) -> MemoryState:
+    def _write(self, state: MemoryState, captured: dict, mask: torch.Tensor, written: int | None = None) -> MemoryState:
         if not self.memory_enabled:
             return state
         layers = {
-            i: self.memory_blocks[str(i)](captured[i], state.layers[i], mode="write", mask=mask)
+            i: self.memory_blocks[str(i)](captured[i], state.layers[i], mode="write", mask=mask, written=written)
             for i in self.config.memory_layers
         }
         return MemoryState(state.memory_type, layers, state.window)
@@ -258,22 +269,14 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 for i in self.config.memory_layers
             }
         # Per call, not per module: threads sharing this model each see only their own contexts.
-        out = None
-        with active_contexts(contexts):
-            try:
-                out = self.language_model(
-                    **inputs,
-                    attention_mask=base_mask,
-                    position_ids=position_ids,
-                    cache=cache,
-                    use_cache=cache is not None,
-                    logits_to_keep=logits_to_keep,
-                    output_hidden_states=output_hidden,
-                    return_dict=True,
-                )
-            except StopAfterCapture:
-                if not write_only:
-                    raise
+        out = call_with_contexts(
+            self.language_model,
+            dict(inputs, attention_mask=base_mask, position_ids=position_ids, cache=cache, use_cache=cache is not None),
+            dict(logits_to_keep=logits_to_keep, output_hidden_states=output_hidden, return_dict=True),
+            contexts,
+            by_keyword=self._keyword_contexts and not write_only and cache is None,
+            may_stop=write_only,
+        )
         captured = {i: contexts[layers[i]].captured for i in self.config.memory_layers} if contexts else {}
         return out, captured
 
@@ -345,8 +348,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                     "use_cache=True and its cache, or write the window first: model.commit_window(memory_state)."
                 )
             cache = None
+        fresh, unmasked = memory_state is None, attention_mask is None
         logits, hidden, state = self._forward_pieces(
-            input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden
+            input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden, fresh, unmasked
         )
         if cache is not None:
             cache.memory_state = state
@@ -397,7 +401,9 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             )
         return MemLMCache(config=self.config.get_text_config(), memory_state=state), state
 
-    def _forward_pieces(self, input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden):
+    def _forward_pieces(
+        self, input_ids, inputs_embeds, mask, state, cache, logits_to_keep, output_hidden, fresh, unmasked
+    ):
         """Run the call's tokens through the base model in pieces, segmenting every row by its own real tokens.
 
         Row b's real token number k (counting only tokens where `mask` is True) belongs to segment
@@ -414,21 +420,29 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         Outputs come back in the caller's columns; a padded column carries the outputs of the nearest real
         token before it in its row (of the row's first real token when none is before it), so the last
         column of a right-padded row predicts what follows its last real token.
+        `unmasked` (no attention_mask): no host sync plans the pieces; `fresh` (empty `state`) without padding or
+        cache: the writes are told what they write (`written`), so they need none either.
         """
         keep_window = cache is not None
         batch, length = mask.shape
         window = dict(state.window) if keep_window else {}
         window.setdefault("mask", mask.new_zeros(batch, 0))
         state = state.without_window()
-        # The call's one host sync: the padding pattern decides the pieces.
-        host = torch.cat([mask, window["mask"]], dim=1).cpu()
-        host_mask, host_window = host[:, :length], host[:, length:]
-        real_counts = host_mask.sum(-1).tolist()
+        if unmasked and not keep_window:
+            host_mask = host_window = None
+            real_counts, window_counts = [length] * batch, [0] * batch
+        else:
+            # The call's one host sync: the padding pattern decides the pieces.
+            host = torch.cat([mask, window["mask"]], dim=1).cpu()
+            host_mask, host_window = host[:, :length], host[:, length:]
+            real_counts, window_counts = torch.stack([host_mask.sum(-1), host_window.sum(-1)]).tolist()
         if not any(real_counts):
             raise ValueError(
                 "attention_mask is 0 for every token of every row: there is nothing to compute. Mark real tokens with 1."
             )
-        pieces = plan_pieces(real_counts, host_window.sum(-1).tolist(), self.config.segment_length, keep_window)
+        pieces = plan_pieces(real_counts, window_counts, self.config.segment_length, keep_window)
+        # tokens written into every row so far, all real (None: not known on the host)
+        written = 0 if fresh and not keep_window and all(count == length for count in real_counts) else None
         wanted = length if not logits_to_keep else min(logits_to_keep, length)
         logits_kept = unpadded_kept(pieces, length, wanted)
         logits_index = hidden_index = None  # None: the pieces' outputs are already in the caller's columns
@@ -478,7 +492,8 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 host_piece = torch.arange(piece.width)[None, :] < torch.tensor(piece.counts)[:, None]
                 host_window = torch.cat([host_window, host_piece], dim=1)
             else:
-                state = self._write(state, captured, piece_mask)
+                state = self._write(state, captured, piece_mask, written)
+                written = None if written is None else written + piece.width
                 if bptt is not None and (number + 1) % bptt == 0 and number + 1 < len(pieces):
                     state = state.detach()
         logits = to_caller_columns(logits, logits_index)

@@ -253,10 +253,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind, monkey
     writes = []
     original_write = MemoryBlock.forward
 
-    def counting_forward(self, hidden_states, state, mode, mask=None):
+    def counting_forward(self, hidden_states, state, mode, mask=None, **kwargs):
         if mode == "write":
             writes.append(self.layer_index)
-        return original_write(self, hidden_states, state, mode, mask)
+        return original_write(self, hidden_states, state, mode, mask, **kwargs)
 
     monkeypatch.setattr(MemoryBlock, "forward", counting_forward)
 
