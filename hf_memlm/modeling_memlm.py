@@ -21,10 +21,7 @@ Part of the Hub payload: flat sibling files, single-dot relative imports, torch 
 
 from __future__ import annotations
 
-import threading
 import warnings
-from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -53,17 +50,10 @@ from .memory_segments import (
     unpadded_kept,
 )
 from .memory_state import MemoryState
+from .memory_switch import MemorySwitch
 from .memory_writes import write_only_pass
 from .model_inputs import check_embedding_width, check_inputs, check_memorize_inputs, load_base
 from .model_interface import MemLMBackbone, MemLMCausalLMOutput, MemLMModelOutput, check_forward_kwargs
-
-# The models whose memory `disable_memory()` switched off in this thread (or task): a per-caller switch, so a
-# baseline computed in one thread never turns memory off for another thread serving the same model.
-_DISABLED_MODELS: ContextVar[frozenset[int]] = ContextVar("hf_memlm_disabled_models", default=frozenset())
-# How many `disable_memory()` blocks are open, in any thread. While none is, memory is on without reading the
-# ContextVar, which torch.compile cannot trace (a graph break per read); the compiled code guards on this count.
-_OPEN_DISABLED = 0
-_OPEN_DISABLED_LOCK = threading.Lock()
 
 
 class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
@@ -84,7 +74,7 @@ class MemLMPreTrainedModel(HubSharingMixin, PreTrainedModel):
             module.reset_parameters(std)
 
 
-class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
+class MemLMForCausalLM(MemorySwitch, MemLMPreTrainedModel, GenerationMixin):
     """A causal LM with memory. `language_model` is the unchanged base (its parameter names are kept, so
     base checkpoints and PEFT target names apply); `memory_blocks[str(i)]` sits beside decoder layer `i`."""
 
@@ -116,29 +106,6 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         """This model without its LM head (`model.base_model`): returns the final hidden states, memory included.
         (`language_model` is the wrapped base alone: calling it directly runs no memory.)"""
         return MemLMBackbone(self)
-
-    @property
-    def memory_enabled(self) -> bool:
-        """False inside `disable_memory()` (in the thread that entered it)."""
-        return _OPEN_DISABLED == 0 or id(self) not in _DISABLED_MODELS.get()
-
-    @contextmanager
-    def disable_memory(self):
-        """`with model.disable_memory():` runs the same weights with memory switched off (no reads, no writes):
-        the no-memory baseline, named like PEFT's `disable_adapter()`. It holds for calls made by the thread (or
-        asyncio task) that entered it; other threads calling this model meanwhile keep their memory."""
-        global _OPEN_DISABLED
-        with _OPEN_DISABLED_LOCK:
-            _OPEN_DISABLED += 1
-        token = _DISABLED_MODELS.set(_DISABLED_MODELS.get() | {id(self)})
-        try:
-            yield self
-        finally:
-            _DISABLED_MODELS.reset(token)
-            with _OPEN_DISABLED_LOCK:
-                _OPEN_DISABLED -= 1
-
-    memory_disabled = disable_memory  # the earlier name, kept working
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
