@@ -8,13 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 lm_eval = pytest.importorskip("lm_eval")
 
 from test_long_context import CHAT_TEMPLATE, tiny_model  # noqa: E402
 
-from hf_memlm.data.long_context import MAX_NEW_TOKENS, SUITES  # noqa: E402
+from hf_memlm.data.long_context import MAX_NEW_TOKENS, SUITES, make_long_context_dataset  # noqa: E402
 from hf_memlm.evaluation.suite import MEMORY, MEMORY_DISABLED, SuiteSettings, evaluate_suite  # noqa: E402
 from hf_memlm.integrations.lm_eval_tasks import DOCUMENT_END, load_examples, tasks_dir  # noqa: E402
 
@@ -45,19 +44,26 @@ def _suite(folder):
     return evaluate_suite(model, tokenizer, settings, progress=False)
 
 
-def test_the_shipped_task_yamls_cover_the_suite():
-    folder = tasks_dir()
+def test_the_shipped_groups_load_every_task_with_the_suites_examples(model_folder):
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    metadata = {"pretrained": str(model_folder), "lengths": ["700"], "num_examples": 2, "seed": 3}
+    loaded = get_task_dict(
+        ["memlm_ruler", "memlm_babilong"],
+        TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata),
+    )
+    groups = {group.group: tasks for group, tasks in loaded.items()}
+    assert set(groups) == {"memlm_ruler", "memlm_babilong"}
     for suite, tasks in SUITES.items():
-        group = yaml.safe_load((folder / f"memlm_{suite}.yaml").read_text())
-        assert group["task"] == [f"memlm_{suite}_{task}" for task in tasks]
+        assert list(groups[f"memlm_{suite}"]) == [f"memlm_{suite}_{task}" for task in tasks]
         for task in tasks:
-            config = yaml.safe_load((folder / f"memlm_{suite}_{task}.yaml").read_text())
-            assert config["dataset_kwargs"] == {"long_context_task": task}
-            assert config["generation_kwargs"] == {
-                "until": [],
-                "do_sample": False,
-                "max_gen_toks": MAX_NEW_TOKENS[task],
-            }
+            loaded_task = groups[f"memlm_{suite}"][f"memlm_{suite}_{task}"]
+            expected = make_long_context_dataset(task, tokenizer, [700], 2, seed=3).to_list()
+            assert loaded_task.dataset["test"].to_list() == expected
+            kwargs = loaded_task.config.generation_kwargs
+            assert (kwargs["max_gen_toks"], kwargs["until"], kwargs["do_sample"]) == (MAX_NEW_TOKENS[task], [], False)
 
 
 def test_lm_eval_scores_equal_the_suite_on_the_same_examples(model_folder):
@@ -69,7 +75,9 @@ def test_lm_eval_scores_equal_the_suite_on_the_same_examples(model_folder):
     # memory changes the replies: lm-eval must read the documents into it to give the same ones
     assert any(a[MEMORY] != a[MEMORY_DISABLED] for a in suite["answers"])
     names = [f"memlm_{'ruler' if task.startswith('niah') else 'babilong'}_{task}" for task in TASKS]
-    manager = TaskManager(include_path=str(tasks_dir()), metadata={"pretrained": str(model_folder), **METADATA})
+    manager = TaskManager(
+        include_path=str(tasks_dir()), include_defaults=False, metadata={"pretrained": str(model_folder), **METADATA}
+    )
     results = lm_eval.simple_evaluate(
         model="hf-memlm",
         model_args={"pretrained": str(model_folder), "dtype": "float32"},
