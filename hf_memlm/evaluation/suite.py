@@ -230,6 +230,14 @@ def format_suite(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_length(tokens: int) -> str:
+    """4096 -> 4k, 1048576 -> 1m, 3000 -> 3,000."""
+    for size, suffix in ((1024 * 1024, "m"), (1024, "k")):
+        if tokens % size == 0:
+            return f"{tokens // size}{suffix}"
+    return f"{tokens:,}"
+
+
 def plot_suite(results: dict, path):
     """Each suite's average by length, one line per condition (`write_report` writes it as `suite.png`)."""
     import matplotlib
@@ -248,6 +256,9 @@ def plot_suite(results: dict, path):
         if suite == "ruler":
             axis.axhline(RULER_EFFECTIVE, color="grey", linewidth=0.8, linestyle="--", label="RULER threshold")
         axis.set_xscale("log", base=2)
+        lengths = [row["length"] for row in rows]
+        axis.set_xticks(lengths, [_short_length(length) for length in lengths])
+        axis.minorticks_off()
         axis.set_xlabel("length (tokens)")
         axis.set_ylabel("score")
         axis.set_ylim(-3, 103)
