@@ -186,9 +186,10 @@ def test_hf_memlm_checks_its_arguments(memory_model_folder, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--tasks", "x"], ["--model", "hf-memlm", "--tasks", "x"]),
-        (["run", "--tasks", "x"], ["run", "--model", "hf-memlm", "--tasks", "x"]),
-        (["--model", "hf", "--tasks", "x"], ["--model", "hf", "--tasks", "x"]),
+        (["--tasks", "x"], ["--model", "hf-memlm", "--tasks", "x", "--include_path", "TASKS"]),
+        (["run", "--tasks", "x"], ["run", "--model", "hf-memlm", "--tasks", "x", "--include_path", "TASKS"]),
+        (["--model", "hf", "--tasks", "x"], ["--model", "hf", "--tasks", "x", "--include_path", "TASKS"]),
+        (["--tasks", "x", "--include_path", "mine"], ["--model", "hf-memlm", "--tasks", "x", "--include_path", "mine"]),
         (["ls", "tasks"], ["ls", "tasks"]),
         (["--help"], ["--help"]),
     ],
@@ -202,7 +203,8 @@ def test_command_line_defaults_to_the_memory_model_type(monkeypatch, argv, expec
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(integration.sys.argv[1:])))
     monkeypatch.setattr(integration.sys, "argv", ["prog"])
     integration.main(argv)
-    assert seen == [expected]
+    # runs find the memlm long-context tasks (hf_memlm/resources/lm_eval_tasks) unless given a folder
+    assert seen == [[str(integration.tasks_dir()) if arg == "TASKS" else arg for arg in expected]]
 
 
 @pytest.mark.slow

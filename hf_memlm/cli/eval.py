@@ -1,10 +1,16 @@
 """`hf-memlm eval MODEL_DIR --task passkey|recall|copy|update|perplexity --output-dir DIR`: measure a saved memory LM.
+`hf-memlm eval MODEL_DIR --suite ruler babilong --lengths 4k 16k --output-dir DIR`: the long-context suite.
 
 Loads the model with `AutoModelForCausalLM` (and the tokenizer saved beside it), generates the task data
 with `hf_memlm.data` (seeded), evaluates with memory, with memory disabled and (retrieval tasks) the base
 model alone reading its own window, prints the table and writes <task>.json, <task>.md and <task>.png.
 `--memory-size` / `--memory-topk` change the kv memory's settings at load time (e.g. to evaluate lengths
 beyond the saved memory_size). The folder, its weights, the settings and --output-dir are checked first.
+
+--suite generates RULER and BABILong tasks (hf_memlm.data.long_context) at each --lengths (tokens of the
+model's tokenizer), reads each document into memory and asks its question in a fresh call (the chat template
+when the tokenizer has one), and writes suite.json, suite.md and suite.png: scores by task and length with
+memory, with memory disabled and for the base model alone with its own window. docs/long_context_suite.md.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from hf_memlm.data import TASK_BUILDERS
+from hf_memlm.data.long_context import DEFAULT_EXAMPLES, DEFAULT_LENGTHS, MAX_NEW_TOKENS, SUITES
 
 from .common import fail
 from .model_folder import (
@@ -42,9 +49,36 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained (memlm model + tokenizer)"
     )
-    parser.add_argument("--task", required=True, choices=TASKS)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", choices=TASKS)
+    what.add_argument(
+        "--suite",
+        nargs="+",
+        metavar="SUITE",
+        help=f"long-context suites ({', '.join(SUITES)}) or single tasks of them ({', '.join(MAX_NEW_TOKENS)})",
+    )
     parser.add_argument("--output-dir", required=True, help="where <task>.json, <task>.md and <task>.png go")
-    parser.add_argument("--num-examples", type=int, default=64, help="generated examples per length (retrieval tasks)")
+    parser.add_argument(
+        "--num-examples",
+        type=int,
+        default=None,
+        help=f"generated examples per length (default: 64 for a retrieval task, {DEFAULT_EXAMPLES} per task for --suite)",
+    )
+    parser.add_argument(
+        "--lengths",
+        nargs="+",
+        default=[f"{n // 1024}k" for n in DEFAULT_LENGTHS],
+        help="--suite: example lengths in tokens of the tokenizer (4096, 4k, 1m)",
+    )
+    parser.add_argument(
+        "--filler-text", default=None, help="--suite: a text file for the book filler (default: the bundled excerpt)"
+    )
+    parser.add_argument(
+        "--base-window",
+        type=int,
+        default=None,
+        help="--suite: the base model's window in tokens (default: its max_position_embeddings)",
+    )
     parser.add_argument(
         "--num-segments",
         type=int,
@@ -102,6 +136,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    if args.num_examples is None:
+        args.num_examples = DEFAULT_EXAMPLES if args.suite else 64
     for name in ("num_examples", "batch_size"):
         if getattr(args, name) <= 0:
             raise EvalInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
@@ -109,11 +145,12 @@ def _run(args) -> int:
         raise EvalInputError(f"--num-segments must be positive, got {args.num_segments}.")
     if args.task == "perplexity" and len(args.num_segments) != 1:
         raise EvalInputError(f"--task perplexity takes one --num-segments value, got {args.num_segments}.")
+    suite_settings, filler_text = suite_arguments(args) if args.suite else (None, None)
     model_dir = check_model_dir(args.model_dir)
     try:
         overrides = memory_overrides(args, read_saved_config(model_dir), model_dir)
         check_output_dir(args.output_dir, "--output-dir")
-        check_training_report(args.output_dir, args.task)
+        check_training_report(args.output_dir, args.task or "suite")
         device = resolve_device(args.device)
     except ValueError as error:
         raise EvalInputError(str(error)) from error
@@ -143,6 +180,8 @@ def _run(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer, model_dir, model)
     segment_length = model.config.segment_length
     progress = not args.no_progress
+    if suite_settings is not None:
+        return run_suite(model, tokenizer, suite_settings, filler_text, args, progress)
     print(
         f"model: {model_dir} ({model.config.memory_type} memory on {model.config.get_text_config().model_type}, "
         f"segment length {segment_length}); task {args.task}, {'/'.join(map(str, args.num_segments))} segments "
@@ -183,6 +222,50 @@ def _run(args) -> int:
     paths = write_report(results, args.output_dir)
     print()
     print(format_markdown(results))
+    print("wrote: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def suite_arguments(args):
+    """The suite's settings and filler text from the arguments, checked before the model is loaded."""
+    from hf_memlm.evaluation.suite import SuiteSettings
+
+    text = None
+    if args.filler_text is not None:
+        try:
+            text = Path(args.filler_text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise EvalInputError(f"--filler-text {args.filler_text!r} cannot be read as UTF-8 text: {error}") from error
+    try:
+        settings = SuiteSettings(
+            suites=args.suite,
+            lengths=args.lengths,
+            num_examples=args.num_examples,
+            seed=args.seed,
+            baselines=not args.no_baselines,
+            base_window=args.base_window,
+        )
+    except ValueError as error:
+        raise EvalInputError(str(error)) from error
+    return settings, text
+
+
+def run_suite(model, tokenizer, settings, text, args, progress: bool) -> int:
+    from hf_memlm.evaluation import write_report
+    from hf_memlm.evaluation.suite import evaluate_suite, format_suite
+
+    print(
+        f"model: {args.model_dir} ({model.config.memory_type} memory, segment length {model.config.segment_length}); "
+        f"suite {' '.join(settings.tasks)} at {', '.join(f'{n:,}' for n in settings.lengths)} tokens"
+    )
+    try:
+        results = evaluate_suite(model, tokenizer, settings, text=text, progress=progress)
+    except ValueError as error:
+        raise EvalInputError(str(error)) from error
+    results["data"] = {"filler_text": args.filler_text}
+    paths = write_report(results, args.output_dir)
+    print()
+    print(format_suite(results))
     print("wrote: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

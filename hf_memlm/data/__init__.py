@@ -9,6 +9,7 @@
     train = pack_documents(stream, tokenizer, 128, 8)         # train on it with the Trainer's max_steps
     passkey = make_passkey_dataset(tokenizer, 1000, segment_length=128, num_segments=8)
     updates = make_update_dataset(tokenizer, 1000, segment_length=128, num_segments=8)  # latest fact wins
+    ruler = make_long_context_dataset("niah_multikey", tokenizer, ["4k", "16k"], num_examples=20)  # RULER, BABILong
 
 The column conventions of the synthetic tasks are documented in `hf_memlm.data.tasks`.
 """
@@ -17,6 +18,7 @@ from .bundled import default_text
 from .chat_passkey import make_chat_passkey_dataset
 from .corpus import load_text_corpus, pack_documents
 from .layout import FILLER_KINDS, IGNORE_INDEX, SYNTHETIC_FILLER
+from .long_context import make_long_context_dataset
 from .tasks import TASK_BUILDERS as _TASK_BUILDERS
 from .tasks import make_copy_dataset, make_passkey_dataset, make_recall_dataset
 from .tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_tokenizer, check_tokenizer_fits, tokenizer_size
@@ -38,6 +40,7 @@ __all__ = [
     "load_text_corpus",
     "make_chat_passkey_dataset",
     "make_copy_dataset",
+    "make_long_context_dataset",
     "make_passkey_dataset",
     "make_recall_dataset",
     "make_update_dataset",

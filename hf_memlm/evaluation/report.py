@@ -82,6 +82,10 @@ def format_markdown(results: dict) -> str:
         from .comparison import comparison_markdown
 
         text = comparison_markdown(results)
+    elif results["kind"] == "suite":  # scores by task and length: its own layout
+        from .suite import format_suite
+
+        text = format_suite(results)
     else:
         text = _single_model_markdown(results)
     if results.get("environment"):
@@ -227,6 +231,10 @@ def plot_results(results: dict, path) -> Path:
         from .chat_passkey import plot_chat_passkey
 
         return plot_chat_passkey(results, path)
+    if results["kind"] == "suite":
+        from .suite import plot_suite
+
+        return plot_suite(results, path)
     if results["kind"] == "comparison":
         from .comparison import plot_comparison
 

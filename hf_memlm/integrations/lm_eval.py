@@ -16,6 +16,15 @@ Python:
     import hf_memlm.integrations.lm_eval  # registers "hf-memlm"
     lm_eval.simple_evaluate(model="hf-memlm", model_args={"pretrained": "outputs/passkey_cpu"}, tasks=[...])
 
+The long-context suite (RULER and BABILong tasks generated offline, `hf_memlm/integrations/lm_eval_tasks.py`)
+ships as local tasks; the command line adds their folder to `--include_path` by itself:
+
+    python -m hf_memlm.integrations.lm_eval --model_args pretrained=outputs/passkey_cpu \
+        --tasks memlm_ruler memlm_babilong --metadata '{"lengths": ["4k"], "num_examples": 20}'
+
+A context holding `DOCUMENT_END` is answered as `hf-memlm eval --suite` answers it: the text before the mark
+is read into memory, the text after it is asked in a fresh call (greedy), so both give the same scores.
+
 Needs `pip install "hf-memlm[lm-eval]"`.
 """
 
@@ -30,6 +39,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         'hf_memlm.integrations.lm_eval needs lm-evaluation-harness: pip install "hf-memlm[lm-eval]"'
     ) from error
+
+from hf_memlm.evaluation.suite import answer_from_memory
+
+from .lm_eval_tasks import DOCUMENT_END, tasks_dir
 
 # importing this module ran hf_memlm/__init__.py, which registers model_type "memlm" with AutoModelForCausalLM
 
@@ -69,17 +82,34 @@ class MemLMEvalModel(HFLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generation in batches of contexts with the same number of tokens: no row is padded, so each
-        continuation is the one the context gets alone, whatever `batch_size` is."""
+        continuation is the one the context gets alone, whatever `batch_size` is. A context holding
+        `DOCUMENT_END` is a document read into memory and a question asked in a fresh call (one at a time)."""
         groups: dict[int, list[int]] = {}
+        results: list[str | None] = [None] * len(requests)
         for index, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            if DOCUMENT_END in context:
+                results[index] = self._answer_from_memory(context, dict(gen_kwargs))
+                continue
             context_ids, _ = self.tok_batch_encode([request.args[0]])
             groups.setdefault(context_ids.shape[1], []).append(index)
-        results: list[str | None] = [None] * len(requests)
         for indices in groups.values():
             outputs = super().generate_until([requests[i] for i in indices], disable_tqdm=disable_tqdm)
             for index, output in zip(indices, outputs):
                 results[index] = output
         return results
+
+    def _answer_from_memory(self, context: str, gen_kwargs: dict) -> str:
+        document, _, prompt = context.partition(DOCUMENT_END)
+        if gen_kwargs.pop("do_sample", False):
+            raise ValueError(f"{MODEL_TYPE}: the memlm long-context tasks generate greedily (do_sample: false).")
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else until
+        max_new_tokens = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+        reply = answer_from_memory(self.model, self.tokenizer, document, prompt, max_new_tokens)
+        for stop in until:  # lm-eval cuts a reply at its stop sequences
+            reply = reply.split(stop)[0] if stop else reply
+        return reply
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = command in ([], ["run"]) and options and not {"-h", "--help"} & set(options)
     if runs and not any(arg == "--model" or arg.startswith("--model=") for arg in options):
         options = ["--model", MODEL_TYPE, *options]
+    if runs and not any(arg == "--include_path" or arg.startswith("--include_path=") for arg in options):
+        options = [*options, "--include_path", str(tasks_dir())]  # the memlm long-context tasks
     sys.argv = [sys.argv[0], *command, *options]
     cli_evaluate()
 
