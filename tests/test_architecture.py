@@ -144,6 +144,8 @@ def target_layer(module: str) -> str:
     parts = module.split(".")
     if parts == ["hf_memlm"]:
         return "root"
+    if parts[1] == "__main__":
+        return "cli"
     if parts[1] in LAYERS:
         return parts[1]
     return "payload"
@@ -249,3 +251,45 @@ def test_optional_payload_imports_are_lazy_and_guarded():
                     assert node.col_offset > 0 and id(node) in guarded, (
                         f"{path.name}:{node.lineno}: import optional packages inside a function, in a try/except ImportError"
                     )
+
+
+DRAWING_START, DRAWING_END = "<!-- house drawing: begin -->", "<!-- house drawing: end -->"
+ARCHITECTURE_PAGE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def house_drawing() -> str:
+    """The parts of the package and which imports which, drawn from the import graph (Mermaid): what
+    docs/architecture.md shows between its drawing markers."""
+    graph = import_graph()
+    edges = set()
+    for source, targets in graph.items():
+        for target in targets:
+            above, below = target_layer(source), target_layer(target)
+            if above != below:
+                edges.add((above, below))
+    order = sorted(LAYERS, key=lambda name: (-LAYERS[name], name))
+    lines = ["```mermaid", "flowchart TD"]
+    lines += [f"    {a} --> {b}" for a in order for b in order if (a, b) in edges]
+    return "\n".join([*lines, "```"])
+
+
+def test_the_house_drawing_in_the_docs_is_the_import_graph_and_has_no_cycle():
+    """docs/architecture.md draws the parts and their imports; the drawing must be the code's (regenerate it with
+    `python tests/test_architecture.py`), and every arrow points down: no part imports one that imports it."""
+    drawing = house_drawing()
+    edges = {}
+    for line in drawing.splitlines()[2:-1]:
+        above, below = line.split(" --> ")
+        edges.setdefault(above.strip(), set()).add(below.strip())
+    assert not cycles(edges), drawing
+    page = ARCHITECTURE_PAGE.read_text(encoding="utf-8")
+    shown = page.split(DRAWING_START, 1)[1].split(DRAWING_END, 1)[0].strip()
+    assert shown == drawing, "docs/architecture.md's drawing is out of date: run `python tests/test_architecture.py`"
+
+
+if __name__ == "__main__":  # rewrite the drawing in docs/architecture.md from the import graph
+    page = ARCHITECTURE_PAGE.read_text(encoding="utf-8")
+    head, rest = page.split(DRAWING_START, 1)
+    ARCHITECTURE_PAGE.write_text(
+        f"{head}{DRAWING_START}\n{house_drawing()}\n{DRAWING_END}{rest.split(DRAWING_END, 1)[1]}", encoding="utf-8"
+    )
