@@ -190,10 +190,18 @@ def test_real_model_benchmark_quick_reads_a_book_in_chunks_and_times_every_figur
     figures = payload["figures"]
     assert len(figures["long_read"]["chunk_seconds"]) == 3  # 1,024 + 1,024 + 952 tokens, one memorize call each
     assert figures["long_read"]["tokens"] == 3000 and figures["long_read"]["peak_rss_bytes"] > 0
+    assert figures["long_read"]["cost_ratio_last_vs_first_quarter"] > 0
     assert set(figures["memorize_tokens_per_s_by_dtype"]) == {"float32", "bfloat16"}
     assert figures["generation"]["ratio_vs_base"] > 0
     assert figures["inference_ratio_vs_segmented_base"] > 0 and figures["training_step_ratio_vs_segmented_base"] > 0
     assert payload["setting"]["memory"]["memory_topk"] == 4  # the real-model pass-key config's read
+
+
+def test_the_flat_cost_compares_the_last_quarter_of_a_read_with_its_first_leaving_out_the_first_chunk():
+    flat_cost = _benchmark("bench_real_model").flat_cost
+    assert flat_cost([9.0, 1.0, 1.0, 1.0, 2.0]) == 2.0  # the first chunk's one-off cost does not count
+    assert flat_cost([5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == 1.0
+    assert flat_cost([1.0, 1.0]) is None
 
 
 def test_real_model_benchmark_rejects_a_non_positive_read():
