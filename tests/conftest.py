@@ -242,3 +242,24 @@ def run_python_json(code: str, args: list[str], tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[y/N]" not in done.stdout, "the process asked whether to run remote code"
     return json.loads(done.stdout.strip().splitlines()[-1])  # the last line: a library may print before it
+
+
+def tiny_chat_kv_model(tokenizer, segment_length: int, memory_size: int, max_positions: int | None = None):
+    """A tiny byte-vocabulary Llama with `kv` memory beside layer 0 (2 heads, top-4 exact reads) that stops at
+    `tokenizer`'s end token: what the chat evaluations (pass key, long-context suite) run on in tests."""
+    from hf_memlm.recipes.defaults import tiny_llama_config
+
+    sizes = {} if max_positions is None else {"max_positions": max_positions}
+    text_config = tiny_llama_config(vocab_size=260, hidden_size=32, **sizes)
+    text_config.eos_token_id = tokenizer.eos_token_id
+    config = hf_memlm.MemLMConfig(
+        text_config=text_config,
+        memory_type="kv",
+        memory_layers=[0],
+        segment_length=segment_length,
+        memory_heads=2,
+        memory_size=memory_size,
+        memory_topk=4,
+        memory_search="exact",
+    )
+    return hf_memlm.MemLMForCausalLM(config).eval()

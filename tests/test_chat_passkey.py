@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_chat_kv_model
 
-import hf_memlm
 from hf_memlm.data import build_tokenizer, default_text, make_chat_passkey_dataset
 from hf_memlm.data.chat_passkey import reply_text
 from hf_memlm.evaluation.chat_passkey import (
@@ -16,7 +16,6 @@ from hf_memlm.evaluation.chat_passkey import (
     first_number,
 )
 from hf_memlm.evaluation.report import write_report
-from hf_memlm.recipes.defaults import tiny_llama_config
 from hf_memlm.training.collate import LabelledTailCollator
 
 CHAT_TEMPLATE = (
@@ -84,19 +83,7 @@ def test_the_collator_pads_right_and_keeps_logits_from_the_first_label(tokenizer
 
 def _tiny_model(tokenizer):
     torch.manual_seed(0)
-    text_config = tiny_llama_config(vocab_size=260, hidden_size=32)
-    text_config.eos_token_id = tokenizer.eos_token_id
-    config = hf_memlm.MemLMConfig(
-        text_config=text_config,
-        memory_type="kv",
-        memory_layers=[0],
-        segment_length=SEGMENT,
-        memory_heads=2,
-        memory_size=8192,
-        memory_topk=4,
-        memory_search="exact",
-    )
-    return hf_memlm.MemLMForCausalLM(config).eval()
+    return tiny_chat_kv_model(tokenizer, SEGMENT, memory_size=8192)
 
 
 def test_far_evaluation_scores_every_condition_and_writes_its_report(tokenizer, tmp_path):

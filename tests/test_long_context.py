@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_chat_kv_model
 
-import hf_memlm
 from hf_memlm.cli import main
 from hf_memlm.data import build_tokenizer, default_text
 from hf_memlm.data.layout import SYNTHETIC_FILLER
@@ -36,7 +36,6 @@ from hf_memlm.evaluation.suite import (
     encode_text,
     evaluate_suite,
 )
-from hf_memlm.recipes.defaults import tiny_llama_config
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{{ eos_token }}{% endfor %}"
@@ -240,19 +239,7 @@ SEGMENT, WINDOW = 64, 160
 
 def tiny_model(tokenizer, seed=0):
     torch.manual_seed(seed)
-    text_config = tiny_llama_config(vocab_size=260, hidden_size=32, max_positions=WINDOW)
-    text_config.eos_token_id = tokenizer.eos_token_id
-    config = hf_memlm.MemLMConfig(
-        text_config=text_config,
-        memory_type="kv",
-        memory_layers=[0],
-        segment_length=SEGMENT,
-        memory_heads=2,
-        memory_size=4096,
-        memory_topk=4,
-        memory_search="exact",
-    )
-    model = hf_memlm.MemLMForCausalLM(config).eval()
+    model = tiny_chat_kv_model(tokenizer, SEGMENT, memory_size=4096, max_positions=WINDOW)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # memory that changes the outputs
         for param in model.memory_blocks.parameters():
