@@ -281,13 +281,17 @@ def test_a_later_push_keeps_the_metadata_already_on_the_hub(fake_hub):
     assert meta["license"] == "mit" and meta["datasets"] == ["emozilla/pg19"]
 
 
-def test_trainer_push_to_hub_ends_with_our_card(fake_hub, tmp_path):
-    """`trainer.push_to_hub()` writes the trainer's card right before its upload: MemLMTrainer's is ours, with the
-    repo id, the training facts and what push_to_hub was given for the card."""
+@pytest.mark.parametrize("trainer_class", ["Trainer", "MemLMTrainer"])
+def test_trainer_push_to_hub_ends_with_our_card(fake_hub, tmp_path, trainer_class):
+    """`trainer.push_to_hub()` writes the trainer's card right before its upload: MemLMTrainer's is ours, and a
+    plain Trainer's too when HubCodeCallback is among its callbacks, with the repo id, the training facts and
+    what push_to_hub was given for the card."""
+    import transformers
     from datasets import Dataset
     from transformers import default_data_collator
 
-    from hf_memlm.training import MemLMTrainer, MemLMTrainingArguments
+    import hf_memlm.training
+    from hf_memlm.training import MemLMTrainingArguments
 
     ids = torch.randint(3, 90, (4, 2 * SEGMENT), generator=torch.Generator().manual_seed(0))
     args = MemLMTrainingArguments(
@@ -300,7 +304,7 @@ def test_trainer_push_to_hub_ends_with_our_card(fake_hub, tmp_path):
         report_to="none",
         use_cpu=True,
     )
-    trainer = MemLMTrainer(
+    trainer = getattr(hf_memlm.training if trainer_class == "MemLMTrainer" else transformers, trainer_class)(
         model=build("llama", "kv"),
         args=args,
         train_dataset=Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}),

@@ -15,8 +15,10 @@ and `push_model` here when hf_memlm is installed. What `hf-memlm train` does wit
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -216,6 +218,34 @@ def write_trainer_card(
     return True
 
 
+def create_trainer_card(trainer, *args, **kwargs) -> None:
+    """`Trainer.create_model_card` for a memory LM: our card (`write_trainer_card`) from the arguments
+    `push_to_hub` passes on; a PEFT adapter gets Trainer's own card, which PEFT then updates."""
+    from transformers import Trainer
+
+    if not trainer.is_world_process_zero():
+        return
+    names = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset")
+    if not write_trainer_card(trainer, **dict(zip(names, args)), **kwargs):
+        Trainer.create_model_card(trainer, *args, **kwargs)
+
+
+def _pushing_trainer():
+    """The Trainer whose `push_to_hub` (or checkpoint push) raised the `on_push_begin` being handled: the
+    event reaches a callback through `CallbackHandler.call_event`, a few frames below the Trainer's method."""
+    from transformers import Trainer
+
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
 def training_facts(trainer) -> dict:
     """The card's training table from a Trainer's arguments and state."""
     args, state = trainer.args, trainer.state
@@ -237,8 +267,10 @@ class HubCodeCallback(TrainerCallback):
     code that `config.json`'s `auto_map` points to would be missing from the repo. Before each push this
     callback writes the modeling code and the model card (for the repo's id) into the output folder.
 
-    `trainer.push_to_hub()` writes Trainer's own card after every callback has run: `MemLMTrainer` writes
-    ours there instead; with a plain `Trainer`, push the folder again with `push_trained_model`.
+    `trainer.push_to_hub()` writes the trainer's card after every callback has run, and Trainer hands its
+    callbacks no reference to itself: so the callback finds the Trainer whose push raised the event and, when
+    its class writes Trainer's generic card (a plain `Trainer`), has it write ours instead, as `MemLMTrainer`
+    does. A trainer class with its own card (TRL's) keeps it.
     """
 
     def __init__(self):
@@ -253,6 +285,12 @@ class HubCodeCallback(TrainerCallback):
         output_dir.mkdir(parents=True, exist_ok=True)
         custom_object_save(model, str(output_dir), config=model.config)
         _write_card(output_dir, model.config, model_id=self._repo_id(args), num_parameters=parameter_counts(model))
+        from transformers import Trainer
+
+        trainer = _pushing_trainer()
+        if trainer is not None and type(trainer).create_model_card is Trainer.create_model_card:
+            # An instance attribute, so only this trainer changes (what MemLMTrainer's method does)
+            trainer.create_model_card = functools.partial(create_trainer_card, trainer)
 
     def _repo_id(self, args) -> str:
         # Trainer names the repo `hub_model_id` or the output folder and resolves the owner when creating it

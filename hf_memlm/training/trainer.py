@@ -45,13 +45,9 @@ class MemLMTrainer(Trainer):
 
     def create_model_card(self, *args, **kwargs) -> None:
         # Trainer writes this card right before its final upload; TRL's trainers override it the same way
-        from hf_memlm.integrations.hub import write_trainer_card
+        from hf_memlm.integrations.hub import create_trainer_card
 
-        if not self.is_world_process_zero():
-            return
-        names = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset")
-        if not write_trainer_card(self, **dict(zip(names, args)), **kwargs):
-            super().create_model_card(*args, **kwargs)  # a PEFT adapter: Trainer's card, updated by PEFT
+        create_trainer_card(self, *args, **kwargs)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
