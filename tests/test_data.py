@@ -334,8 +334,16 @@ def test_passkey_distractors_are_other_numbers_over_the_filler(byte_tokenizer):
         text = byte_tokenizer.decode(example["input_ids"])
         introduced = re.findall(r"(?: The room number is| The year was) ([0-9]{5})\.", text)
         assert len(introduced) == 3 and text.count(" The pass key is ") == 2
-    with pytest.raises(ValueError, match="distractors must be a non-negative integer, got -1"):
-        make_passkey_dataset(byte_tokenizer, 2, L, S, distractors=-1)
+    # a list of counts is drawn from per example
+    mixed = make_passkey_dataset(byte_tokenizer, 40, L, S, seed=5, distractors=[0, 3], distractor_prefixes=phrases)
+    counts = [
+        len(re.findall(r"(?: The room number is| The year was) [0-9]{5}\.", byte_tokenizer.decode(e["input_ids"])))
+        for e in mixed
+    ]
+    assert set(counts) == {0, 3} and 10 <= counts.count(0) <= 30
+    for wrong in (-1, [], [2, -1], True):
+        with pytest.raises(ValueError, match="distractors must be a non-negative integer or a non-empty list"):
+            make_passkey_dataset(byte_tokenizer, 2, L, S, distractors=wrong)
     with pytest.raises(ValueError, match="distractor_prefixes must be a non-empty list of non-empty phrases"):
         make_passkey_dataset(byte_tokenizer, 2, L, S, distractors=1, distractor_prefixes=" The year was")
 

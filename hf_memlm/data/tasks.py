@@ -84,7 +84,7 @@ def make_passkey_dataset(
     key_digits: int = 5,
     end_marker: bool = True,
     question_position: str = "end",
-    distractors: int = 0,
+    distractors: int | list[int] = 0,
     distractor_prefixes: list[str] | None = None,
 ):
     """Passkey retrieval: "The pass key is 48213. Remember it." hidden in filler, asked for in the last segment.
@@ -101,7 +101,9 @@ def make_passkey_dataset(
         distractors: other numbers of `key_digits` digits (" 73190") written over the filler at random free places,
             as many per example. With digits in the memory that are not the key, a model can only answer by
             telling the key from other numbers by its context ("The pass key is ..."), which is what keeps it
-            right when the memory holds a whole book of text with numbers in it.
+            right when the memory holds a whole book of text with numbers in it. A list of counts is drawn from per
+            example (`[0, 3, 3, 3]`: a quarter of the examples without distractors, which keeps the read learnable
+            from its random start, see `configs/passkey_1m_cpu.yaml`).
         distractor_prefixes: phrases that introduce the distractors, one drawn per distractor (e.g.
             `[" The room number is", " The year was"]`: " The room number is 73190."); default: bare numbers.
             Numbers introduced like the key make the model tell the key by "pass key", not by "is".
@@ -124,8 +126,15 @@ def make_passkey_dataset(
             f"make_passkey_dataset: question_position={question_position!r} is unknown; choose one of "
             f"{QUESTION_POSITIONS}."
         )
-    if isinstance(distractors, bool) or not isinstance(distractors, int) or distractors < 0:
-        raise ValueError(f"make_passkey_dataset: distractors must be a non-negative integer, got {distractors!r}.")
+    distractor_counts = distractors if isinstance(distractors, (list, tuple)) else None
+    if not all(
+        not isinstance(count, bool) and isinstance(count, int) and count >= 0
+        for count in (distractor_counts or [distractors])
+    ) or distractor_counts == []:
+        raise ValueError(
+            "make_passkey_dataset: distractors must be a non-negative integer or a non-empty list of them, got "
+            f"{distractors!r}."
+        )
     prefixes = [""] if distractor_prefixes is None else distractor_prefixes
     if distractor_prefixes is not None and (
         isinstance(prefixes, str) or not prefixes or not all(isinstance(p, str) and p for p in prefixes)
@@ -177,7 +186,9 @@ def make_passkey_dataset(
             question_start = int(rng.integers(earliest, question_start + 1))
         reply_start = layout.write(question_start, question)
         layout.write_answer(reply_start, reply)
-        for _ in range(distractors):
+        # A list is drawn from only when given, so that a fixed count keeps the examples of earlier releases
+        count = distractors if distractor_counts is None else int(rng.choice(distractor_counts))
+        for _ in range(count):
             number = str(int(rng.integers(10 ** (key_digits - 1), 10**key_digits)))
             prefix_text = prefixes[int(rng.integers(len(prefixes)))]
             layout.write_somewhere_free(rng, encode(tokenizer, f"{prefix_text} {number}{'.' if prefix_text else ''}"))
