@@ -181,7 +181,7 @@ def test_baseline_starts_from_the_memory_models_initial_base_weights(tmp_path):
         ({"evaluation.num_segments": "[4, 8]"}, "takes one example length"),
         ({"comparison.repeats": "0"}, "repeats must be at least 1"),
         ({"comparison.baselines": "[no_memory, no_memory]"}, "names a baseline twice"),
-        ({"model.trainable": "memory_only"}, "set model.trainable: full"),
+        ({"comparison.baselines": "[no_memory, base]"}, "score the pretrained base as shipped: set model.base"),
     ],
 )
 def test_bad_comparison_settings_fail_before_training(tmp_path, changes, message):

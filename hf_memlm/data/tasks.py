@@ -127,10 +127,13 @@ def make_passkey_dataset(
             f"{QUESTION_POSITIONS}."
         )
     distractor_counts = distractors if isinstance(distractors, (list, tuple)) else None
-    if not all(
-        not isinstance(count, bool) and isinstance(count, int) and count >= 0
-        for count in (distractor_counts or [distractors])
-    ) or distractor_counts == []:
+    if (
+        not all(
+            not isinstance(count, bool) and isinstance(count, int) and count >= 0
+            for count in (distractor_counts or [distractors])
+        )
+        or distractor_counts == []
+    ):
         raise ValueError(
             "make_passkey_dataset: distractors must be a non-negative integer or a non-empty list of them, got "
             f"{distractors!r}."

@@ -28,8 +28,6 @@ def lora_target_modules(model: nn.Module, names: list[str] | str | None = None) 
         from peft import LoraConfig, get_peft_model
         peft_model = get_peft_model(model, LoraConfig(target_modules=hf_memlm.lora_target_modules(model)))
     """
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "memlm" or not hasattr(model, "language_model"):
         raise TypeError(
@@ -37,12 +35,7 @@ def lora_target_modules(model: nn.Module, names: list[str] | str | None = None) 
         )
     base_type = config.text_config.model_type
     if names is None:
-        names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(base_type)
-        if names is None:
-            names = decoder_linear_names(model)
-            logger.info(
-                "PEFT has no default LoRA targets for %s; using the decoder layers' linears %s", base_type, names
-            )
+        names = default_lora_targets(model)
     if isinstance(names, str):
         names = [names]
     names = list(names)
@@ -57,6 +50,19 @@ def lora_target_modules(model: nn.Module, names: list[str] | str | None = None) 
         )
     alternatives = "|".join(re.escape(name) for name in names)
     return rf"language_model\..*\.({alternatives})"
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """PEFT's default LoRA targets for the base of the `MemLMForCausalLM` `model` (what `LoraConfig()` picks for
+    that `model_type`), or every linear layer of its decoder layers when PEFT has none for that type."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    base_type = model.config.text_config.model_type
+    names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(base_type)
+    if names is None:
+        names = decoder_linear_names(model)
+        logger.info("PEFT has no default LoRA targets for %s; using the decoder layers' linears %s", base_type, names)
+    return list(names)
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
@@ -76,4 +82,4 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-__all__ = ["decoder_linear_names", "is_peft_model", "lora_target_modules"]
+__all__ = ["decoder_linear_names", "default_lora_targets", "is_peft_model", "lora_target_modules"]

@@ -4,11 +4,19 @@ With `comparison.baselines` and/or `comparison.repeats` in a train config (and `
 perplexity`), `hf-memlm train` trains, after the memory model in `output_dir`:
 
 * the memory model again for every further seed: `output_dir/comparison/memory/seed-<k>/`;
-* each baseline once per seed: `output_dir/comparison/<baseline>/seed-<k>/`. A baseline is the base
+* each trained baseline once per seed: `output_dir/comparison/<baseline>/seed-<k>/`. A baseline is the base
   architecture alone (`model.language_model`, from the same initial weights as the memory model of that
   seed) trained on the same examples in the same order, with the same steps, schedule and optimizer,
   but reading each example in independent windows (`no_memory`: windows of `segment_length` tokens, the
-  equal-compute model without memory; `double_window`: windows of twice that).
+  equal-compute model without memory; `double_window`: windows of twice that). What trains follows
+  `model.trainable`: the whole base (`full`); the same LoRA as the memory model's (`lora`); or, when only the
+  memory trains (`memory_only`), a LoRA of about the memory's parameter count (`matched_lora_rank`), so that
+  the baseline has the same trainable budget.
+
+With a pretrained `model.base`, two untrained baselines are scored beside them: `base`, the base as shipped
+reading windows of `segment_length` tokens (so that adapting to the training text is not counted as memory),
+and `full_attention`, the base as shipped attending over each whole evaluation example (up to its positions):
+not equal compute, the ceiling a memory aims at.
 
 This module plans those runs (`compared_runs`) and turns a prepared memory-model run into its baseline
 (`prepare_baseline`); `pipeline.py` trains them. Then every model is scored on the same held-out documents
@@ -22,9 +30,10 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import default_data_collator
 
-from hf_memlm.recipes.config import BASELINE_WINDOWS
+from hf_memlm.recipes.config import BASELINE_WINDOWS, PRETRAINED_BASELINES
 from hf_memlm.recipes.held_out import held_out_corpus
 
 MEMORY = "memory"
@@ -78,13 +87,14 @@ def check_comparison(config: dict) -> None:
         raise ValueError(
             f"comparison.* compares language models: data.task must be text, got {config['data']['task']!r}."
         )
-    if config["model"]["trainable"] != "full":
+    untrained = [name for name in section["baselines"] if name in PRETRAINED_BASELINES]
+    if untrained and config["model"]["base"] is None:
         raise ValueError(
-            "comparison.baselines train the base model in full; set model.trainable: full "
-            f"(it is {config['model']['trainable']!r})."
+            f"comparison.baselines {untrained} score the pretrained base as shipped: set model.base (a model "
+            "trained from scratch has no such base; compare it with no_memory or double_window)."
         )
     num_segments = config["data"]["num_segments"]
-    for name in section["baselines"]:
+    for name in trained_baselines(config):
         if num_segments % BASELINE_WINDOWS[name]:
             raise ValueError(
                 f"comparison.baselines: {name} reads windows of {BASELINE_WINDOWS[name]} segments, which must "
@@ -92,16 +102,23 @@ def check_comparison(config: dict) -> None:
             )
 
 
+def trained_baselines(config: dict) -> list[str]:
+    return [name for name in config["comparison"]["baselines"] if name in BASELINE_WINDOWS]
+
+
 @dataclasses.dataclass
 class ComparedRun:
     """One model to train beside the memory model: `config` is the run's own (seed, output folder); `window`
-    is a baseline's window in tokens, None for the memory model of a further seed."""
+    is a baseline's window in tokens, None for the memory model of a further seed; `trainable` and `lora` are
+    the memory model's (a baseline's run is prepared with its base frozen, `prepare_baseline` adds its LoRA)."""
 
     name: str
     seed: int
     folder: Path
     config: dict
     window: int | None = None
+    trainable: str = "full"
+    lora: dict | None = None
 
 
 def compared_runs(config: dict) -> list[ComparedRun]:
@@ -114,11 +131,16 @@ def compared_runs(config: dict) -> list[ComparedRun]:
     for seed in seeds[1:]:
         folder = output_dir / COMPARISON_FOLDER / MEMORY / f"seed-{seed}"
         planned.append(ComparedRun(MEMORY, seed, folder, _variant(config, seed, folder)))
-    for name in config["comparison"]["baselines"]:
+    trainable = config["model"]["trainable"]
+    for name in trained_baselines(config):
         window = BASELINE_WINDOWS[name] * segment_length
         for seed in seeds:
             folder = output_dir / COMPARISON_FOLDER / name / f"seed-{seed}"
-            planned.append(ComparedRun(name, seed, folder, _variant(config, seed, folder), window))
+            variant = _variant(config, seed, folder)
+            if trainable != "full":  # built with the base frozen; its LoRA comes in prepare_baseline
+                variant["model"]["trainable"], variant["lora"] = "memory_only", {}
+            lora = dict(config["lora"]) if trainable == "lora" else None
+            planned.append(ComparedRun(name, seed, folder, variant, window, trainable, lora))
     return planned
 
 
@@ -130,10 +152,13 @@ def _variant(config: dict, seed: int, folder: Path) -> dict:
     return variant
 
 
-def prepare_baseline(prepared, window: int):
+def prepare_baseline(prepared, window: int, trainable: str = "full", lora: dict | None = None):
     """The run of a baseline from the memory model's prepared run (`train.prepare_run` of the baseline's
-    config): the base model alone, with the same initial weights, reading windows of `window` tokens."""
-    base = prepared.model.language_model  # the same initial weights as the memory model of this seed
+    config): the base model alone, with the same initial weights, reading windows of `window` tokens; with
+    `trainable` lora or memory_only, the base frozen under LoRA adapters (`lora`'s settings, or of the memory's
+    parameter count), merged into the base when the run is saved."""
+    memory_model = prepared.model
+    base = memory_model.language_model  # the same initial weights as the memory model of this seed
     text_config = base.config
     positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     if positions is not None and positions < window:
@@ -141,7 +166,43 @@ def prepare_baseline(prepared, window: int):
             f"comparison.baselines: a window of {window} tokens needs model.text_config.max_position_embeddings "
             f">= {window} (it is {positions})."
         )
+    if trainable != "full":
+        base = _with_lora(base, memory_model, lora)
     return dataclasses.replace(prepared, model=base, data_collator=WindowCollator(window))
+
+
+def _with_lora(base, memory_model, lora: dict | None):
+    """`base` under LoRA: `lora`'s settings (the memory model's), or, for a memory-only memory model, adapters
+    on PEFT's default targets with the rank that comes closest to the memory's parameter count."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_memlm.integrations.lora import default_lora_targets
+    from hf_memlm.training.model_setup import parameter_counts
+
+    if lora is None:
+        targets = default_lora_targets(memory_model)
+        budget = parameter_counts(memory_model)["trainable_memory"]
+        rank = matched_lora_rank(base, targets, budget)
+        lora = {"r": rank, "lora_alpha": 2 * rank, "target_modules": targets}
+    settings = {"task_type": "CAUSAL_LM", **lora}
+    if settings.get("target_modules") is None:
+        settings["target_modules"] = default_lora_targets(memory_model)
+    return get_peft_model(base, LoraConfig(**settings))
+
+
+def matched_lora_rank(base: nn.Module, targets: list[str], budget: int) -> int:
+    """The LoRA rank on the linear layers named `targets` whose parameter count comes closest to `budget`
+    (a rank-r adapter on an (in, out) linear has r * (in + out) parameters)."""
+    from transformers.pytorch_utils import Conv1D
+
+    per_rank = sum(
+        sum(module.weight.shape)  # in + out, for a Linear (out, in) and GPT-2's Conv1D (in, out) alike
+        for name, module in base.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] in targets
+    )
+    if not per_rank:
+        raise ValueError(f"comparison: no linear layer of the base is named {targets}; LoRA has nothing to adapt.")
+    return max(1, round(budget / per_rank))
 
 
 @torch.no_grad()
@@ -172,6 +233,8 @@ def evaluate_comparison(config: dict, runs: dict[str, list[Path]], tokenizer, lo
             entry["counts"] = counts
         log(f"scored {label} ({len(folder_list)} seed(s))", flush=True)
 
+    untrained = [name for name in config["comparison"]["baselines"] if name in PRETRAINED_BASELINES]
+
     main_model = AutoModelForCausalLM.from_pretrained(runs[MEMORY][0])
     kind = main_model.config.memory_type
     measure(
@@ -181,7 +244,7 @@ def evaluate_comparison(config: dict, runs: dict[str, list[Path]], tokenizer, lo
         "earlier segments of the example",
         runs[MEMORY],
     )
-    for name in config["comparison"]["baselines"]:
+    for name in trained_baselines(config):
         window = BASELINE_WINDOWS[name] * segment_length
         label = "no memory" if name == "no_memory" else f"no memory, window {window}"
         measure(
@@ -193,6 +256,8 @@ def evaluate_comparison(config: dict, runs: dict[str, list[Path]], tokenizer, lo
             runs[name],
             window=window,
         )
+    if untrained:
+        measurements.update(_score_pretrained_base(config, untrained, rows, seeds, log))
     measure(
         MEMORY_DISABLED,
         "memory disabled",
@@ -208,6 +273,46 @@ def evaluate_comparison(config: dict, runs: dict[str, list[Path]], tokenizer, lo
     results["model"] = describe_model(main_model)
     paths = write_report(results, output_dir / "eval", name=REPORT_NAME)
     return {"results": results, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _score_pretrained_base(config: dict, names: list[str], rows, seeds: list[int], log) -> dict[str, dict]:
+    """The untrained baselines: `model.base` as shipped, in windows of one segment (`base`) or over each whole
+    example, up to the base's positions (`full_attention`). Scored once; the score stands beside every seed."""
+    from hf_memlm.evaluation.comparison import segment_nll
+    from hf_memlm.integrations.gguf import resolve_base
+    from hf_memlm.model_inputs import load_base
+
+    section, model_cfg = config["evaluation"], config["model"]
+    segment_length = model_cfg["memory"]["segment_length"]
+    model = load_base(*resolve_base(model_cfg["base"], model_cfg["base_kwargs"])).eval()
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    length = len(rows[0])
+    scored = {}
+    for name in names:
+        whole = min(length, positions or length)
+        window = segment_length if name == "base" else whole
+        if name == "base":
+            label = "base as shipped"
+            description = f"model.base as shipped, no fine-tuning, reading windows of {window} tokens (equal compute)"
+        else:
+            label = f"base, full attention ({window} tokens)"
+            description = (
+                f"model.base as shipped attending over windows of {window} tokens"
+                + (" (each whole example)" if window == length else f" (its {positions} positions)")
+                + ": not equal compute, the ceiling a memory aims at"
+            )
+        # a window's logits are (batch, window, vocabulary): keep that about what one segment's batch takes
+        batch_size = max(1, section["batch_size"] * segment_length // window)
+        sums, counts = segment_nll(model, rows, segment_length, window=window, batch_size=batch_size)
+        scored[name] = {
+            "label": label,
+            "description": description + "; untrained, so its one score stands beside every seed",
+            "seeds": list(seeds),
+            "nll": [sums] * len(seeds),
+            "counts": counts,
+        }
+        log(f"scored {label}", flush=True)
+    return scored
 
 
 def held_out_rows(section: dict, tokenizer, segment_length: int) -> tuple[list[list[int]], str]:
@@ -236,5 +341,7 @@ __all__ = [
     "evaluate_comparison",
     "has_comparison",
     "held_out_rows",
+    "matched_lora_rank",
     "prepare_baseline",
+    "trained_baselines",
 ]

@@ -40,6 +40,9 @@ RETRIEVAL_TASKS = tuple(TASK_BUILDERS)  # tasks the evaluation section measures 
 EVALUATION_TASKS = (*RETRIEVAL_TASKS, "perplexity")
 # models trained beside the memory model for a comparison: name -> attention window in segments
 BASELINE_WINDOWS = {"no_memory": 1, "double_window": 2}
+# the pretrained base as shipped (model.base), scored beside them without training: name -> attention window in
+# segments (None: the whole evaluation example, up to the base's positions)
+PRETRAINED_BASELINES = {"base": 1, "full_attention": None}
 
 # keys a user may reach for that belong elsewhere: key -> where to set it instead
 EXCLUDED = {
@@ -109,8 +112,10 @@ class ComparisonSection:
     """comparison.*: models trained beside the memory model, on the same examples, steps and schedule, and
     scored with it (evaluation.task: perplexity)."""
 
-    baselines: list[Literal[tuple(BASELINE_WINDOWS)]] = field(default_factory=list)  # no_memory: the base
-    # reading windows of segment_length tokens (equal compute); double_window: windows of 2 x segment_length
+    baselines: list[Literal[(*BASELINE_WINDOWS, *PRETRAINED_BASELINES)]] = field(default_factory=list)  # trained:
+    # no_memory, the base reading windows of segment_length tokens (equal compute); double_window, windows of
+    # 2 x segment_length. With model.base, untrained: base, the base as shipped in windows of segment_length;
+    # full_attention, the base as shipped attending over each whole evaluation example (the ceiling)
     repeats: int = 1  # train every model this many times, with seeds seed, seed + 1, ...
 
 
@@ -401,6 +406,7 @@ __all__ = [
     "BASELINE_WINDOWS",
     "EVALUATION_TASKS",
     "EXCLUDED",
+    "PRETRAINED_BASELINES",
     "RETRIEVAL_TASKS",
     "TRAINABLE_MODES",
     "TRAIN_TASKS",

@@ -19,7 +19,7 @@ from hf_memlm.recipes.comparison import (
     has_comparison,
     prepare_baseline,
 )
-from hf_memlm.recipes.config import card_datasets, check_card
+from hf_memlm.recipes.config import PRETRAINED_BASELINES, card_datasets, check_card
 from hf_memlm.recipes.final_eval import check_evaluation, run_final_evaluation
 from hf_memlm.recipes.train import PreparedRun, check_training_config, prepare_run, run_training
 
@@ -60,7 +60,7 @@ def train_compared_models(config: dict, tokenizer, log=print) -> dict[str, list[
         try:
             prepared = prepare_run(run.config, tokenizer)
             if run.window is not None:
-                prepared = prepare_baseline(prepared, run.window)
+                prepared = prepare_baseline(prepared, run.window, run.trainable, run.lora)
             run_training(prepared)
         except (ValueError, OSError) as error:
             raise ComparisonError(f"comparison: {error}") from error
@@ -121,9 +121,12 @@ def publish(config: dict, summary: dict, evaluation: dict | None, config_path: s
     comparison = config.get("comparison") or {}
     if comparison.get("baselines") or comparison.get("repeats", 1) > 1:
         seeds = ", ".join(str(config["seed"] + k) for k in range(comparison.get("repeats", 1)))
-        facts["compared with"] = (
-            f"{', '.join(comparison.get('baselines') or ['its own seeds'])}, trained the same way; seeds {seeds}"
-        )
+        baselines = comparison.get("baselines") or []
+        trained = [name for name in baselines if name not in PRETRAINED_BASELINES] or ["its own seeds"]
+        facts["compared with"] = f"{', '.join(trained)}, trained the same way; seeds {seeds}"
+        untrained = [name for name in baselines if name in PRETRAINED_BASELINES]
+        if untrained:
+            facts["compared with"] += f"; {', '.join(untrained)}: the base as shipped"
     command = f"hf-memlm train {config_path}" if config_path else None
     card = write_model_card(
         output_dir,
