@@ -293,3 +293,13 @@ if __name__ == "__main__":  # rewrite the drawing in docs/architecture.md from t
     ARCHITECTURE_PAGE.write_text(
         f"{head}{DRAWING_START}\n{house_drawing()}\n{DRAWING_END}{rest.split(DRAWING_END, 1)[1]}", encoding="utf-8"
     )
+
+
+def test_every_payload_file_is_in_the_reading_guide():
+    """docs/architecture.md, "Reading the payload", lists each payload file once, so a newcomer has an order to read
+    them in and a new file has to find its place there."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    guide = text.split("## Reading the payload", 1)[1].split("\n## ", 1)[0]
+    listed = [line.split("`")[1] for line in guide.splitlines() if line.startswith("| ") and line.count("`") >= 2]
+    payload = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert sorted(listed) == payload
