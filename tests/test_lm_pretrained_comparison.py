@@ -14,10 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from hf_memlm.cli import main
 from hf_memlm.data import build_tokenizer
-from hf_memlm.recipes.comparison import held_out_rows, matched_lora_rank, prepare_baseline
+from hf_memlm.recipes.comparison import compared_runs, held_out_rows, matched_lora_rank, prepare_baseline
 from hf_memlm.recipes.config import load_train_config
 from hf_memlm.recipes.defaults import tiny_llama_config
-from hf_memlm.recipes.pipeline import check_config
 from hf_memlm.recipes.train import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +150,15 @@ def test_lora_baseline_starts_from_the_shipped_base(tiny_base, tmp_path):
     merged = baseline.model.merge_and_unload()  # LoRA's B starts at zero: merged, it is the shipped base
     for key, value in shipped.state_dict().items():
         assert torch.equal(merged.state_dict()[key], value), key
+
+
+def test_a_lora_memory_models_baseline_gets_the_same_lora(tiny_base, tmp_path):
+    """model.trainable: lora: the no-memory baseline trains the memory model's LoRA (its settings, its targets)."""
+    overrides = miniature(tmp_path / "run", tiny_base, **{"model.trainable": "lora", "lora.r": "4"})
+    config = load_train_config(CONFIG, overrides)
+    run = next(r for r in compared_runs(config) if r.name == "no_memory")
+    assert (run.trainable, run.lora["r"], run.config["model"]["trainable"]) == ("lora", 4, "memory_only")
+    baseline = prepare_baseline(prepare_run(run.config), SEGMENT, run.trainable, run.lora).model
+    adapted = {name.rsplit(".", 1)[-1] for name, module in baseline.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "v_proj"} and baseline.peft_config["default"].r == 4
+    assert not any("memory" in name for name, _ in baseline.named_parameters())
