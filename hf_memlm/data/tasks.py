@@ -126,14 +126,9 @@ def make_passkey_dataset(
             f"make_passkey_dataset: question_position={question_position!r} is unknown; choose one of "
             f"{QUESTION_POSITIONS}."
         )
-    distractor_counts = distractors if isinstance(distractors, (list, tuple)) else None
-    if (
-        not all(
-            not isinstance(count, bool) and isinstance(count, int) and count >= 0
-            for count in (distractor_counts or [distractors])
-        )
-        or distractor_counts == []
-    ):
+    distractor_counts = list(distractors) if isinstance(distractors, (list, tuple)) else None
+    counts = [distractors] if distractor_counts is None else distractor_counts
+    if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
         raise ValueError(
             "make_passkey_dataset: distractors must be a non-negative integer or a non-empty list of them, got "
             f"{distractors!r}."
