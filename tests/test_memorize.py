@@ -71,6 +71,27 @@ def test_memorize_runs_many_segments_per_call_and_writes_them_in_order(kind, mon
     _assert_same_state(model.memorize(ids, attention_mask=mask), expected)
 
 
+@pytest.mark.parametrize("memory_size", [4096, 1 << 50], ids=["reservable", "too-large-to-reserve"])
+def test_a_read_chunk_by_chunk_gives_the_whole_read_state_and_copies_no_entry_on_cpu(memory_size):
+    # A long document is read chunk by chunk. On CPU the entries go to a buffer that reserves the whole capacity
+    # (pages are backed once written), so no chunk copies the entries before it: copying held them twice (a
+    # 5.5 GiB peak for a 1M-token read of SmolLM2 instead of 3.3). A capacity too large to reserve grows the
+    # buffer instead, with the same entries.
+    torch.manual_seed(0)
+    config = hf_memlm.MemLMConfig(text_config=base_config("llama"), **memory_settings("kv", memory_size=memory_size))
+    model = hf_memlm.MemLMForCausalLM(config).eval()
+    randomize_memory(model, 0)
+    ids = torch.randint(1, VOCAB, (1, 2048), generator=torch.Generator().manual_seed(4))
+    state, storages = None, []
+    for chunk in ids.split(256, dim=1):
+        state = model.memorize(chunk, memory_state=state)
+        storages.append(state.layers[0]["keys"].untyped_storage().data_ptr())
+    _assert_same_state(state, model.memorize(ids))
+    assert state.layers[0]["keys"].shape[2] == 2048 - config.memory_value_shift  # the last entry waits its value
+    if memory_size < 1 << 50:  # (the first chunk's state is made before any buffer)
+        assert len(set(storages[1:])) == 1, "a chunk copied the entries before it into a new buffer"
+
+
 def test_memorize_keeps_no_graph_and_runs_nothing_above_the_last_memory_layer():
     model = build("llama", "kv").train()  # even in training mode with gradients enabled
     ids = torch.randint(1, VOCAB, (1, 5 * SEGMENT))
