@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -57,6 +58,26 @@ def test_examples_hold_the_document_then_the_chat_question_from_a_segment_start(
     assert 5 < named < 35
     again = make_chat_passkey_dataset(tokenizer, 40, SEGMENT, 3, seed=0, named_share=0.5, max_needles=3)
     assert again["input_ids"] == examples["input_ids"]
+
+
+def test_book_numbers_are_written_over_the_document_and_leave_the_key_once(tokenizer):
+    # `numbers`: numbers of 1-5 digits after book phrases (" CHAPTER 83."), over every document, half starting
+    # with a digit of the key; a list draws the count per example. The key stays written once, and 0 changes nothing.
+    plain = make_chat_passkey_dataset(tokenizer, 40, SEGMENT, 3, seed=0)
+    assert make_chat_passkey_dataset(tokenizer, 40, SEGMENT, 3, seed=0, numbers=0)["input_ids"] == plain["input_ids"]
+    examples = make_chat_passkey_dataset(tokenizer, 40, SEGMENT, 3, seed=0, numbers=[0, 6])
+    counts, key_digit_first = set(), 0
+    for example in examples:
+        document = tokenizer.decode(example["input_ids"][: example["question_start"]])
+        asked = f" of the {example['key_name']}" if example["key_name"] else ""
+        assert document.count(f"pass key{asked} is {example['answer']}.") == 1
+        written = re.findall(r"(?<! is) (\d{1,5})\.", document)  # every number but the needles' keys
+        counts.add(len(written) > 0)
+        key_digit_first += sum(number[0] in example["answer"] for number in written)
+    assert counts == {True, False}  # some documents got none (count 0 drawn), others some
+    assert key_digit_first > 0
+    with pytest.raises(ValueError, match="numbers must be a non-negative integer"):
+        make_chat_passkey_dataset(tokenizer, 2, SEGMENT, 3, numbers=[-1])
 
 
 def test_examples_refuse_what_cannot_be_built(tokenizer):

@@ -7,7 +7,9 @@ comes in a fresh call (a new segment, positions from 0) and the model answers in
 
 A needle is named ("of the blue door") or plain ("The pass key is 48213."). Several named needles of the same
 form may share a document, one of them asked for; plain documents may hold other 5-digit numbers (distractors).
-The model must then tell the key by its context, not by being the only number around.
+The model must then tell the key by its context, not by being the only number around. Books hold numbers of
+their own ("CHAPTER 83.", "in the year 1839"): `numbers` writes such numbers over any document, half of them
+starting with one of the key's digits, so that a digit of the key is not the only one followed by another.
 
 Columns: input_ids, labels (the reply only), answer (the key), key_name ("" for a plain needle),
 needle_segment, question_start (first token of the question segment = (num_segments - 1) * segment_length),
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import IGNORE_INDEX, FillerStream, check_positive_int, encode, to_dataset
+from .layout import IGNORE_INDEX, FillerStream, check_counts, check_positive_int, encode, to_dataset
 
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "purple", "orange", "grey", "golden", "silver")
 THINGS = ("door", "box", "gate", "chest", "safe", "locker", "cellar", "tower", "garden", "study", "cabin", "vault")
+# What introduces the numbers a book holds (`numbers`): chapter numbers, years, pages, counts, bare numbers.
+NUMBER_PREFIXES = (" CHAPTER", " in the year", " page", " No.", " about", " the", "")
 
 
 def needle_text(key: str, name: str = "") -> str:
@@ -106,6 +110,7 @@ def make_chat_passkey_dataset(
     max_needles: int = 4,
     distractors: int = 2,
     key_digits: int = 5,
+    numbers: int | list[int] = 0,
 ):
     """Chat passkey examples: `num_segments - 1` segments of document, then the chat question and reply.
 
@@ -116,6 +121,9 @@ def make_chat_passkey_dataset(
         max_needles: a named example holds 1 to `max_needles` needles (distinct names, distinct keys), each in
             its own segment where the document has enough; one of them is asked for.
         distractors: other numbers of `key_digits` digits written over the filler of plain examples.
+        numbers: numbers of 1 to `key_digits` digits written over the filler of every example, each after a phrase
+            such as " CHAPTER" or " in the year" and half of them starting with one of the key's digits; a count,
+            or a list of counts to draw one from per example.
     """
     check_positive_int("num_examples", num_examples)
     check_positive_int("segment_length", segment_length)
@@ -126,6 +134,7 @@ def make_chat_passkey_dataset(
         raise ValueError(f"named_share must lie in [0, 1], got {named_share!r}.")
     if isinstance(distractors, bool) or not isinstance(distractors, int) or distractors < 0:
         raise ValueError(f"distractors must be a non-negative integer, got {distractors!r}.")
+    number_counts = check_counts("make_chat_passkey_dataset", "numbers", numbers)
     rng = np.random.default_rng(seed)
     stream = FillerStream(tokenizer, filler, text)
     document_length = (num_segments - 1) * segment_length
@@ -162,6 +171,12 @@ def make_chat_passkey_dataset(
                     document[start : start + len(ids)] = ids
                     taken[start : start + len(ids)] = True
         asked = int(rng.integers(count))
+        for _ in range(numbers if number_counts is None else int(rng.choice(number_counts))):
+            ids = encode(tokenizer, _book_number(rng, keys[asked], key_digits))
+            start = _free_start(rng, taken, 0, document_length, len(ids))
+            if start is not None:
+                document[start : start + len(ids)] = ids
+                taken[start : start + len(ids)] = True
         exchange, prompt_length = chat_exchange_ids(tokenizer, keys[asked], names[asked])
         if len(exchange) > segment_length:
             raise ValueError(
@@ -183,6 +198,14 @@ def make_chat_passkey_dataset(
             }
         )
     return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
+
+
+def _book_number(rng, key: str, max_digits: int) -> str:
+    """A number as books write them (" CHAPTER 83."), starting with one of `key`'s digits half of the time."""
+    digits = int(rng.integers(1, max_digits + 1))
+    first = key[int(rng.integers(len(key)))] if rng.random() < 0.5 else str(int(rng.integers(1, 10)))
+    rest = "".join(str(int(d)) for d in rng.integers(0, 10, digits - 1))
+    return f"{NUMBER_PREFIXES[int(rng.integers(len(NUMBER_PREFIXES)))]} {first}{rest}."
 
 
 def _free_start(rng, taken: np.ndarray, first: int, span: int, length: int) -> int | None:

@@ -25,6 +25,18 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def check_counts(function: str, name: str, value) -> list[int] | None:
+    """The counts to draw one of per example when `value` is a list (None for one fixed count), after a clear
+    error unless `value` is a non-negative integer or a non-empty list of them."""
+    drawn = isinstance(value, (list, tuple))
+    counts = list(value) if drawn else [value]
+    if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+        raise ValueError(
+            f"{function}: {name} must be a non-negative integer or a non-empty list of them, got {value!r}."
+        )
+    return counts if drawn else None
+
+
 def encode(tokenizer, text: str) -> np.ndarray:
     """Token ids of `text` with no special tokens added."""
     return np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)

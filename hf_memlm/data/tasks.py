@@ -31,6 +31,7 @@ import numpy as np
 from .layout import (
     ExampleLayout,
     FillerStream,
+    check_counts,
     check_positive_int,
     encode,
     place_before_question,
@@ -126,13 +127,7 @@ def make_passkey_dataset(
             f"make_passkey_dataset: question_position={question_position!r} is unknown; choose one of "
             f"{QUESTION_POSITIONS}."
         )
-    distractor_counts = list(distractors) if isinstance(distractors, (list, tuple)) else None
-    counts = [distractors] if distractor_counts is None else distractor_counts
-    if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
-        raise ValueError(
-            "make_passkey_dataset: distractors must be a non-negative integer or a non-empty list of them, got "
-            f"{distractors!r}."
-        )
+    distractor_counts = check_counts("make_passkey_dataset", "distractors", distractors)
     prefixes = [""] if distractor_prefixes is None else distractor_prefixes
     if distractor_prefixes is not None and (
         isinstance(prefixes, str) or not prefixes or not all(isinstance(p, str) and p for p in prefixes)
