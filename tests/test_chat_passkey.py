@@ -144,3 +144,25 @@ def test_first_number_scoring():
     assert first_number("The pass key is 48213.") == "48213"
     assert first_number("It is 4 8 2") == "4"
     assert first_number("no digits") is None
+
+
+def test_the_distances_script_scores_a_saved_chat_model(tokenizer, tmp_path, capsys):
+    # scripts/chat_passkey_distances.py: a saved folder, the curve at chosen distances, every miss printed
+    import sys
+    from pathlib import Path
+
+    model = _tiny_model(tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "book.txt").write_text(default_text()[:20000], encoding="utf-8")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import chat_passkey_distances
+    finally:
+        sys.path.pop(0)
+    argv = [str(tmp_path / "model"), "--distances", str(SEGMENT), str(2 * SEGMENT), "--examples", "2"]
+    chat_passkey_distances.main([*argv, "--text", str(tmp_path / "book.txt")])
+    printed = capsys.readouterr().out
+    assert f"key {SEGMENT:,} tokens back: exact match" in printed and f"key {2 * SEGMENT:,} tokens" in printed
+    rates = [float(line.split("exact match ")[1].split()[0]) for line in printed.splitlines() if "exact match" in line]
+    assert printed.count("missed at") == round(sum(2 * (1 - rate) for rate in rates))  # 2 examples per distance
