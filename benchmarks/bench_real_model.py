@@ -160,18 +160,12 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             fast.language_model.generate(prompt, **options)
 
-    runs = {"base": generate_base, "memory": generate_memory}
-    if reads_use_index and args.threads > 1:
-        # the same generation with each head's index searched after the other instead of side by side
-        runs["memory_heads_one_by_one"] = functools.partial(one_search_at_a_time, generate_memory)
-    wall, _ = interleaved(runs, repeats)
+    wall, _ = interleaved({"base": generate_base, "memory": generate_memory}, repeats)
     generation = {
         "new_tokens_per_s": {name: args.new_tokens / median(times) for name, times in wall.items()},
         "ratio_vs_base": median(wall["base"]) / median(wall["memory"]),
         "wall_s": wall,
     }
-    if "memory_heads_one_by_one" in wall:
-        generation["ratio_vs_base_heads_one_by_one"] = median(wall["base"]) / median(wall["memory_heads_one_by_one"])
     state = None  # frees the long read's entries before the next figures
 
     # 4. a forward and a training step on 4 segments, memory vs the base per segment
@@ -235,34 +229,12 @@ def main(argv=None) -> dict:
         ["time per chunk, last quarter of the read / first quarter", _ratio(long["cost_ratio_last_vs_first_quarter"])],
         ["peak RSS up to the end of the read", f"{long['peak_rss_bytes'] / 2**30:.2f} GiB"],
         ["generation with the read in memory / base from its window", f"{generation['ratio_vs_base']:.3f}"],
-        *(
-            [["... the index's head searches one by one", f"{generation['ratio_vs_base_heads_one_by_one']:.3f}"]]
-            if "ratio_vs_base_heads_one_by_one" in generation
-            else []
-        ),
         ["forward tokens/s, memory / segmented base", f"{inference_ratio:.3f}"],
         ["training step tokens/s, memory / segmented base", f"{training_ratio:.3f}"],
     ]
     table = markdown_table(["figure", "value"], rows)
     payload = {"setting": setting, "environment": environment(), "figures": figures}
     return report("real_model", payload, table, args)
-
-
-def one_search_at_a_time(run):
-    """`run()` with the index's (row, head) searches one after the other (`memory_kv_index._search_pool`)."""
-    from hf_memlm import memory_kv_index
-
-    class OneByOne:
-        @staticmethod
-        def map(function, items):
-            return map(function, items)
-
-    side_by_side = memory_kv_index._search_pool
-    memory_kv_index._search_pool = lambda threads: OneByOne()
-    try:
-        run()
-    finally:
-        memory_kv_index._search_pool = side_by_side
 
 
 def _ratio(value) -> str:

@@ -197,18 +197,6 @@ def test_real_model_benchmark_quick_reads_a_book_in_chunks_and_times_every_figur
     assert payload["setting"]["memory"]["memory_topk"] == 4  # the real-model pass-key config's read
 
 
-def test_real_model_benchmark_times_index_searches_side_by_side_and_one_by_one(tmp_path):
-    pytest.importorskip("faiss")
-    output = tmp_path / "real_model_index.json"
-    argv = ["--quick", "--search", "auto", "--threads", "2", "--repeats", "1", "--tokens", "6000", "--chunk", "2048"]
-    _benchmark("bench_real_model").main([*argv, "--new-tokens", "4", "--output", str(output)])
-    payload = json.loads(output.read_text())
-    assert payload["setting"]["reads_use_index"]  # 6,000 entries: past the 4,096 of memory_search="auto"
-    generation = payload["figures"]["generation"]
-    assert set(generation["wall_s"]) == {"base", "memory", "memory_heads_one_by_one"}
-    assert generation["ratio_vs_base"] > 0 and generation["ratio_vs_base_heads_one_by_one"] > 0
-
-
 def test_the_flat_cost_compares_the_last_quarter_of_a_read_with_its_first_leaving_out_the_first_chunk():
     flat_cost = _benchmark("bench_real_model").flat_cost
     assert flat_cost([9.0, 1.0, 1.0, 1.0, 2.0]) == 2.0  # the first chunk's one-off cost does not count
