@@ -8,7 +8,6 @@ so reads stay differentiable.
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -61,17 +60,6 @@ def _warn_faiss_missing(threshold: int) -> None:
             "silence this warning.",
             stacklevel=3,
         )
-
-
-_SEARCH_POOL: ThreadPoolExecutor | None = None
-
-
-def _search_pool(threads: int) -> ThreadPoolExecutor:
-    """A pool of `threads` workers for searches side by side, made again when the thread count changes."""
-    global _SEARCH_POOL
-    if _SEARCH_POOL is None or _SEARCH_POOL._max_workers != threads:
-        _SEARCH_POOL = ThreadPoolExecutor(threads, thread_name_prefix="hf_memlm-search")
-    return _SEARCH_POOL
 
 
 def _fingerprint(tensor: torch.Tensor) -> tuple:
@@ -240,25 +228,14 @@ class _SearchIndex:
 
     def search(self, queries: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Entry positions (B, H, T, k) of the approximate top-k of each query, and which are real picks."""
-        threads = torch.get_num_threads()
-        self.faiss.omp_set_num_threads(threads)
+        self.faiss.omp_set_num_threads(torch.get_num_threads())
         batch, heads, tokens, _ = queries.shape
         found = torch.empty(batch, heads, tokens, topk, dtype=torch.int64)
         data = _as_float32_numpy(queries)
-
-        def search_one(row: int, head: int) -> None:
-            _, labels = self.indexes[row][head][0].search(data[row, head], topk)
-            found[row, head] = torch.from_numpy(labels) - self.first_id[row]
-
-        pairs = [(row, head) for row in range(batch) for head in range(heads)]
-        if tokens < threads and len(pairs) > 1:
-            # Fewer queries than threads (generation: one per head): faiss would scan each head's lists on one
-            # thread, so the (row, head) searches run side by side (faiss releases the GIL). Many queries per
-            # head are spread over threads by faiss itself.
-            list(_search_pool(threads).map(lambda pair: search_one(*pair), pairs))
-        else:
-            for row, head in pairs:
-                search_one(row, head)
+        for row in range(batch):
+            for head, (index, _) in enumerate(self.indexes[row]):
+                _, labels = index.search(data[row, head], topk)
+                found[row, head] = torch.from_numpy(labels) - self.first_id[row]
         # faiss pads with -1 (below first_id) when the probed lists hold fewer than k entries
         counts = torch.tensor(self.counts, dtype=torch.int64).view(batch, 1, 1, 1)
         selected_valid = (found >= 0) & (found < counts)

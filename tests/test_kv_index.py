@@ -234,31 +234,6 @@ def test_remote_code_loads_and_reads_without_faiss(tmp_path):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
-def test_one_query_per_head_searched_side_by_side_picks_what_one_thread_picks(monkeypatch):
-    # Generation reads one query per head: with several torch threads the (row, head) searches run side by side
-    # (`_SearchIndex.search`). Each must land in its own row and head of the picks.
-    pytest.importorskip("faiss")
-    block = kv_block(memory_search_threshold=1024, memory_heads=4)
-    generator = torch.Generator().manual_seed(5)
-    state = write_segments(block, clustered_hidden(generator, 3, 4096))
-    queries = clustered_hidden(generator, 3, 1)
-    threads = torch.get_num_threads()
-    pools = []
-    monkeypatch.setattr(
-        kv_index, "_search_pool", lambda count, made=kv_index._search_pool: pools.append(count) or made(count)
-    )
-    try:
-        torch.set_num_threads(1)
-        alone = block.select_entries(queries, state)
-        torch.set_num_threads(2)
-        side_by_side = block.select_entries(queries, state)
-    finally:
-        torch.set_num_threads(threads)
-    assert pools == [2]  # the second search ran side by side, the first did not
-    assert torch.equal(alone[0], side_by_side[0]) and torch.equal(alone[1], side_by_side[1])
-    assert len(set(alone[0].flatten().tolist())) > 4  # rows and heads pick different entries
-
-
 @pytest.mark.slow  # 4,096 segments through a tiny model: about a minute on a quiet 2-core machine
 def test_streaming_a_million_tokens_keeps_rss_bounded_by_the_capacity():
     psutil = pytest.importorskip("psutil")
