@@ -1,15 +1,14 @@
 """`kv` memory: an episodic store of past tokens' keys and values, read by (top-k) attention.
 
-Each row keeps up to `memory_size` entries, oldest evicted first (FIFO). An entry pairs the key of token
-`j` with the value of token `j + memory_value_shift`: with shift 1 a query that matches a past context
-retrieves "what followed it" (kNN-LM style), which trains far faster than same-token values.
-Keys and queries are L2-normalised; a learned per-head temperature sharpens the softmax.
-Anchors: Memorizing Transformers (Wu et al. 2022), LongLLaMA / Focused Transformer.
+Each row keeps up to `memory_size` entries, oldest evicted first (FIFO). An entry pairs the key of token `j` with the
+value of token `j + memory_value_shift`: with shift 1 a query that matches a past context retrieves "what followed
+it" (kNN-LM style), which trains far faster than same-token values. Keys and queries are L2-normalised; a learned
+per-head temperature sharpens the softmax. Anchors: Memorizing Transformers (Wu et al. 2022), LongLLaMA / FoT.
 
-Reads over large memories: with `memory_search="auto"` a row holding more than `memory_search_threshold`
-entries is searched through a faiss IVF index per (row, head) (`_SearchIndex`, `memory_kv_index.py`), held by
-the state it indexes (`LayerState.index`) and moved by a write to the state the write makes; below the threshold,
-without faiss, or off CPU, the read is the exact top-k.
+Reads over large memories: with `memory_search="auto"` a row holding more than `memory_search_threshold` entries
+is searched through a faiss IVF index per (row, head) (`_SearchIndex`, `memory_kv_index.py`), held by the state it
+indexes (`LayerState.index`) and moved by a write to the state the write makes; below the threshold, without faiss,
+or off CPU, the read is the exact top-k.
 """
 
 from __future__ import annotations
@@ -256,9 +255,6 @@ class _AppendBuffers:
         self.values[:, :, :stored] = values
         self.end = stored
 
-    def room(self) -> int:
-        return self.keys.shape[2] - self.end
-
     def _ends_here(self, view: torch.Tensor, buffer: torch.Tensor) -> bool:
         if view.dtype != buffer.dtype or view.device != buffer.device or view.shape[:2] != buffer.shape[:2]:
             return False
@@ -475,16 +471,15 @@ class KVMemory(MemoryBlock):
     def _append_in_place(self, state, entry_keys, entry_values, drop: int):
         """Without autograd, append to this block's growable buffers instead of copying the whole store.
 
-        The new state's keys/values are views of a buffer with room after them; appending writes only past
-        the old state's end, so the old state still reads what it held. Returns None when the old state
-        does not end where its buffer's last write ended (it is not the newest state, e.g. a branch, or
-        it was made elsewhere) and no buffer could be used, or when gradients are being recorded.
+        The new state's keys/values are views of a buffer with room after them; appending writes only past the old
+        state's end, so the old state still reads what it held. Returns None when the old state does not end where
+        its buffer's last write ended (not the newest state, e.g. a branch, or made elsewhere) and no buffer could
+        be used, or when gradients are being recorded.
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             # in-place writes would invalidate tensors saved for backward; compiled code keeps no buffers
             return None
-        added = entry_keys.shape[2]
-        if added > self.capacity:
+        if (added := entry_keys.shape[2]) > self.capacity:
             return None
         with _INDEX_LOCK:
             return self._append_locked(state, entry_keys, entry_values, drop, added)
@@ -493,27 +488,23 @@ class KVMemory(MemoryBlock):
         buffers = _APPEND_BUFFERS.get(self)
         keys, values = state["keys"], state["values"]
         live = keys.shape[2] - drop + added
-        if buffers is None or not buffers.ends_with(keys, values) or buffers.room() < added:
+        if buffers is None or not buffers.ends_with(keys, values) or buffers.keys.shape[2] - buffers.end < added:
             buffers = self._new_buffers(keys[:, :, drop:], values[:, :, drop:], live, added)
             _APPEND_BUFFERS[self] = buffers
         return buffers.append(entry_keys, entry_values, live)
 
     def _new_buffers(self, keys, values, live: int, added: int) -> _AppendBuffers:
-        """Buffers holding `keys`/`values` with room for the next writes.
-
-        On CPU they reserve the whole capacity (plus a quarter, so that a full memory copies its entries once
-        per quarter of them replaced): the pages of an allocation this large are backed only once written, so
-        the reservation costs no RAM, and a long read never copies its entries into a larger buffer (growing
-        by doubling held the old and the new copy at once: a peak of twice the entries, 5.5 GiB for a 1M-token
-        read of SmolLM2 instead of 3.4). Elsewhere, or where the reservation is refused, they grow by doubling.
-        """
-        room = max(self.capacity // 4, added)
+        """Buffers holding `keys`/`values` with room for the next writes. On CPU they reserve the whole capacity
+        (plus a quarter): pages are backed only once written, and a long read never copies its entries into a
+        doubled buffer, which held both copies at once (a 1M-token SmolLM2 read peaked at 5.5 GiB, now 3.3).
+        Elsewhere, or where the reservation is refused, they grow by doubling."""
+        whole = max(live, self.capacity + max(self.capacity // 4, added))
         if keys.device.type == "cpu":
             try:
-                return _AppendBuffers(keys, values, max(live, self.capacity + room))
+                return _AppendBuffers(keys, values, whole)
             except RuntimeError:  # the address space refused (a huge capacity times many rows): grow instead
                 pass
-        return _AppendBuffers(keys, values, max(live, min(2 * live, self.capacity + room), 1024))
+        return _AppendBuffers(keys, values, max(live, min(2 * live, whole), 1024))
 
     def _follow_write(self, state, new_state, entry_valid) -> None:
         """Move `state`'s index to `new_state` (adding and evicting what the write did)."""
