@@ -28,14 +28,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     text = open(args.text, encoding="utf-8").read()
-    settings = ChatPasskeySettings(
-        distances=args.distances,
-        num_examples=[args.examples] * len(args.distances),
-        multi_needle_distances=[],
-        multi_needle_examples=0,
-        base_beyond_examples=0,
-        base_inside_examples=0,
-    )
+    settings = ChatPasskeySettings.memory_only(args.distances, args.examples)
     results = {}
     for name in args.dtypes:
         model = AutoModelForCausalLM.from_pretrained(

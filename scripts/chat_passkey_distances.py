@@ -36,14 +36,7 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, memory_topk=args.topk, memory_size=memory_size)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     print(environment_line(environment()), flush=True)
-    settings = ChatPasskeySettings(
-        distances=args.distances,
-        num_examples=[args.examples] * len(args.distances),
-        multi_needle_distances=[],
-        base_beyond_examples=0,
-        base_inside_examples=0,
-        seed=args.seed,
-    )
+    settings = ChatPasskeySettings.memory_only(args.distances, args.examples, seed=args.seed)
     results = evaluate_chat_passkey(model, tokenizer, Path(args.text).read_text(encoding="utf-8"), settings, False)
     for row in results["rows"]:
         print(f"key {row['distance']:,} tokens back: exact match {row['memory']:.3f} ({row['examples']} examples)")

@@ -165,18 +165,10 @@ def make_chat_passkey_dataset(
             needle_segments.append(segment)
         if not named:
             for _ in range(distractors):
-                ids = encode(tokenizer, f" {draw_key(rng, key_digits)}")
-                start = _free_start(rng, taken, 0, document_length, len(ids))
-                if start is not None:
-                    document[start : start + len(ids)] = ids
-                    taken[start : start + len(ids)] = True
+                _write_where_free(rng, document, taken, encode(tokenizer, f" {draw_key(rng, key_digits)}"))
         asked = int(rng.integers(count))
         for _ in range(numbers if number_counts is None else int(rng.choice(number_counts))):
-            ids = encode(tokenizer, _book_number(rng, keys[asked], key_digits))
-            start = _free_start(rng, taken, 0, document_length, len(ids))
-            if start is not None:
-                document[start : start + len(ids)] = ids
-                taken[start : start + len(ids)] = True
+            _write_where_free(rng, document, taken, encode(tokenizer, _book_number(rng, keys[asked], key_digits)))
         exchange, prompt_length = chat_exchange_ids(tokenizer, keys[asked], names[asked])
         if len(exchange) > segment_length:
             raise ValueError(
@@ -206,6 +198,14 @@ def _book_number(rng, key: str, max_digits: int) -> str:
     first = key[int(rng.integers(len(key)))] if rng.random() < 0.5 else str(int(rng.integers(1, 10)))
     rest = "".join(str(int(d)) for d in rng.integers(0, 10, digits - 1))
     return f"{NUMBER_PREFIXES[int(rng.integers(len(NUMBER_PREFIXES)))]} {first}{rest}."
+
+
+def _write_where_free(rng, document: np.ndarray, taken: np.ndarray, ids: np.ndarray) -> None:
+    """Write `ids` over `document` at a random place none of whose tokens is taken (nowhere if there is none)."""
+    start = _free_start(rng, taken, 0, len(document), len(ids))
+    if start is not None:
+        document[start : start + len(ids)] = ids
+        taken[start : start + len(ids)] = True
 
 
 def _free_start(rng, taken: np.ndarray, first: int, span: int, length: int) -> int | None:

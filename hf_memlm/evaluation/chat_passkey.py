@@ -48,6 +48,18 @@ class ChatPasskeySettings:
     max_new_tokens: int = 24
     seed: int = 1000
 
+    @classmethod
+    def memory_only(cls, distances: list[int], examples: int, **settings) -> ChatPasskeySettings:
+        """`examples` single-needle examples per distance, read with memory only: no named needles, no base model."""
+        return cls(
+            distances=list(distances),
+            num_examples=[examples] * len(distances),
+            multi_needle_distances=[],
+            base_beyond_examples=0,
+            base_inside_examples=0,
+            **settings,
+        )
+
     def __post_init__(self):
         if len(self.num_examples) != len(self.distances):
             raise ValueError(f"num_examples ({self.num_examples}) must give one count per distance ({self.distances}).")
