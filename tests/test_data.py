@@ -348,6 +348,46 @@ def test_passkey_distractors_are_other_numbers_over_the_filler(byte_tokenizer):
         make_passkey_dataset(byte_tokenizer, 2, L, S, distractors=1, distractor_prefixes=" The year was")
 
 
+def test_passkey_book_numbers_are_written_over_the_filler_and_leave_needle_and_reply_intact(byte_tokenizer):
+    import re
+
+    # `numbers`: 1-5 digits after book phrases (" CHAPTER 83."), a count drawn per example from a list; 0 draws
+    # nothing, so the examples of a config without them stay the same
+    plain = make_passkey_dataset(byte_tokenizer, 20, L, S, seed=6, distractors=[0, 3])
+    assert make_passkey_dataset(byte_tokenizer, 20, L, S, seed=6, distractors=[0, 3], numbers=0)[:] == plain[:]
+    examples = make_passkey_dataset(byte_tokenizer, 40, L, S, seed=6, numbers=[0, 4], question_position="random")
+    counts, key_digit_first = [], 0
+    for example in examples:
+        text, key = byte_tokenizer.decode(example["input_ids"]), example["answer"]
+        written = re.findall(r"(?<! is) (\d{1,5})\.", text)  # every number but the needle's and the reply's key
+        counts.append(len(written))
+        key_digit_first += sum(number[0] in key for number in written)
+        needle = f"{PASSKEY_NEEDLE_PREFIX} {key}{PASSKEY_NEEDLE_SUFFIX}"
+        assert byte_tokenizer.decode(example["input_ids"][example["needle_start"] :][: len(needle)]) == needle
+        reply = [token for token in example["labels"] if token != IGNORE_INDEX]
+        assert reply == list(f" {key}".encode()) + [byte_tokenizer.eos_token_id]
+        _check_answers(example, byte_tokenizer, L, S)
+    assert set(counts) == {0, 4} and 10 <= counts.count(0) <= 30
+    assert key_digit_first > 0  # half start with a digit of the key, which is what makes them confusable
+    # "with_distractors": an example drawn without distractors holds no other number at all
+    phrase = " The room key is"
+    paired = make_passkey_dataset(
+        byte_tokenizer, 40, L, S, seed=7, distractors=[0, 2], distractor_prefixes=[phrase], numbers=3,
+        numbers_where="with_distractors",
+    )  # fmt: skip
+    kinds = set()
+    for example in paired:
+        text = byte_tokenizer.decode(example["input_ids"])
+        kinds.add((text.count(phrase), len(re.findall(r"(?<! is) (\d{1,5})\.", text))))
+    assert kinds == {(0, 0), (2, 3)}
+    with pytest.raises(ValueError, match="numbers must be a non-negative integer or a non-empty list"):
+        make_passkey_dataset(byte_tokenizer, 2, L, S, numbers=[3, -1])
+    with pytest.raises(
+        ValueError, match=r"numbers_where='plain' is unknown; choose one of \('all', 'with_distractors'\)"
+    ):
+        make_passkey_dataset(byte_tokenizer, 2, L, S, numbers=1, numbers_where="plain")
+
+
 def test_passkey_reply_options_are_checked(byte_tokenizer):
     with pytest.raises(ValueError, match=r"question_position='middle' is unknown; choose one of \('end', 'random'\)"):
         make_passkey_dataset(byte_tokenizer, 2, L, S, question_position="middle")

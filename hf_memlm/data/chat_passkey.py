@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import IGNORE_INDEX, FillerStream, check_counts, check_positive_int, encode, to_dataset
+from .layout import IGNORE_INDEX, FillerStream, book_number, check_counts, check_positive_int, encode, to_dataset
 
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "purple", "orange", "grey", "golden", "silver")
 THINGS = ("door", "box", "gate", "chest", "safe", "locker", "cellar", "tower", "garden", "study", "cabin", "vault")
-# What introduces the numbers a book holds (`numbers`): chapter numbers, years, pages, counts, bare numbers.
-NUMBER_PREFIXES = (" CHAPTER", " in the year", " page", " No.", " about", " the", "")
 
 
 def needle_text(key: str, name: str = "") -> str:
@@ -168,7 +166,7 @@ def make_chat_passkey_dataset(
                 _write_where_free(rng, document, taken, encode(tokenizer, f" {draw_key(rng, key_digits)}"))
         asked = int(rng.integers(count))
         for _ in range(numbers if number_counts is None else int(rng.choice(number_counts))):
-            _write_where_free(rng, document, taken, encode(tokenizer, _book_number(rng, keys[asked], key_digits)))
+            _write_where_free(rng, document, taken, encode(tokenizer, book_number(rng, keys[asked], key_digits)))
         exchange, prompt_length = chat_exchange_ids(tokenizer, keys[asked], names[asked])
         if len(exchange) > segment_length:
             raise ValueError(
@@ -190,14 +188,6 @@ def make_chat_passkey_dataset(
             }
         )
     return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
-
-
-def _book_number(rng, key: str, max_digits: int) -> str:
-    """A number as books write them (" CHAPTER 83."), starting with one of `key`'s digits half of the time."""
-    digits = int(rng.integers(1, max_digits + 1))
-    first = key[int(rng.integers(len(key)))] if rng.random() < 0.5 else str(int(rng.integers(1, 10)))
-    rest = "".join(str(int(d)) for d in rng.integers(0, 10, digits - 1))
-    return f"{NUMBER_PREFIXES[int(rng.integers(len(NUMBER_PREFIXES)))]} {first}{rest}."
 
 
 def _write_where_free(rng, document: np.ndarray, taken: np.ndarray, ids: np.ndarray) -> None:

@@ -18,6 +18,8 @@ IGNORE_INDEX = -100  # label value the loss skips
 FILLER_KINDS = ("natural", "synthetic")
 # The classic passkey filler (Landmark Attention, Mohtashami & Jaggi 2023).
 SYNTHETIC_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+# What introduces the numbers a book holds (`numbers` of the pass-key tasks): chapters, years, pages, counts, bare.
+NUMBER_PREFIXES = (" CHAPTER", " in the year", " page", " No.", " about", " the", "")
 
 
 def check_positive_int(name: str, value) -> None:
@@ -35,6 +37,15 @@ def check_counts(function: str, name: str, value) -> list[int] | None:
             f"{function}: {name} must be a non-negative integer or a non-empty list of them, got {value!r}."
         )
     return counts if drawn else None
+
+
+def book_number(rng, key: str, max_digits: int) -> str:
+    """A number as books write them (" CHAPTER 83."), of 1 to `max_digits` digits, starting with one of `key`'s
+    digits half of the time (so that a digit of the key is not the only one followed by another)."""
+    digits = int(rng.integers(1, max_digits + 1))
+    first = key[int(rng.integers(len(key)))] if rng.random() < 0.5 else str(int(rng.integers(1, 10)))
+    rest = "".join(str(int(d)) for d in rng.integers(0, 10, digits - 1))
+    return f"{NUMBER_PREFIXES[int(rng.integers(len(NUMBER_PREFIXES)))]} {first}{rest}."
 
 
 def encode(tokenizer, text: str) -> np.ndarray:

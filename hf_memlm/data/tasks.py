@@ -31,6 +31,7 @@ import numpy as np
 from .layout import (
     ExampleLayout,
     FillerStream,
+    book_number,
     check_counts,
     check_positive_int,
     encode,
@@ -43,6 +44,7 @@ from .layout import (
 
 PASSKEY_NEEDLE_PREFIX = " The pass key is"  # + " 48213"
 PASSKEY_NEEDLE_SUFFIX = ". Remember it. "
+NUMBERS_WHERE = ("all", "with_distractors")
 PASSKEY_QUESTION = " What is the pass key? The pass key is"  # + " 48213<eos>" (the labelled reply)
 QUESTION_POSITIONS = ("end", "random")
 RECALL_KEY_END = ":"  # a pair is " <key>:<value>", a query the same with the loss on <value>
@@ -87,6 +89,8 @@ def make_passkey_dataset(
     question_position: str = "end",
     distractors: int | list[int] = 0,
     distractor_prefixes: list[str] | None = None,
+    numbers: int | list[int] = 0,
+    numbers_where: str = "all",
 ):
     """Passkey retrieval: "The pass key is 48213. Remember it." hidden in filler, asked for in the last segment.
 
@@ -108,6 +112,13 @@ def make_passkey_dataset(
         distractor_prefixes: phrases that introduce the distractors, one drawn per distractor (e.g.
             `[" The room number is", " The year was"]`: " The room number is 73190."); default: bare numbers.
             Numbers introduced like the key make the model tell the key by "pass key", not by "is".
+        numbers: numbers as books hold them (" CHAPTER 83.", " in the year 1839."), of 1 to `key_digits` digits,
+            half of them starting with one of the key's digits, written over the filler at random free places; a
+            count, or a list of counts to draw one from per example. A book's own numbers are what a key read back
+            from a million tokens of it gets its wrong digits from.
+        numbers_where: `"all"` examples, or only those `"with_distractors"`: then the examples drawn without
+            distractors hold the key alone among the filler's digits, the plain examples a read learns from at
+            its random start (see `configs/passkey_1m_cpu.yaml`).
         question_position: `"end"`: the question and its reply end the example (the last tokens of the last
             segment). `"random"`: they start at a random position of the last segment (after the needle when
             the needle is there too), filler after them; from the first position of a segment (as a prompt
@@ -128,6 +139,11 @@ def make_passkey_dataset(
             f"{QUESTION_POSITIONS}."
         )
     distractor_counts = check_counts("make_passkey_dataset", "distractors", distractors)
+    number_counts = check_counts("make_passkey_dataset", "numbers", numbers)
+    if numbers_where not in NUMBERS_WHERE:
+        raise ValueError(
+            f"make_passkey_dataset: numbers_where={numbers_where!r} is unknown; choose one of {NUMBERS_WHERE}."
+        )
     prefixes = [""] if distractor_prefixes is None else distractor_prefixes
     if distractor_prefixes is not None and (
         isinstance(prefixes, str) or not prefixes or not all(isinstance(p, str) and p for p in prefixes)
@@ -185,6 +201,9 @@ def make_passkey_dataset(
             number = str(int(rng.integers(10 ** (key_digits - 1), 10**key_digits)))
             prefix_text = prefixes[int(rng.integers(len(prefixes)))]
             layout.write_somewhere_free(rng, encode(tokenizer, f"{prefix_text} {number}{'.' if prefix_text else ''}"))
+        book_numbers = numbers if number_counts is None else int(rng.choice(number_counts))
+        for _ in range(book_numbers if count or numbers_where == "all" else 0):
+            layout.write_somewhere_free(rng, encode(tokenizer, book_number(rng, key, key_digits)))
         answer_start = reply_start + len(space)
         row = {"input_ids": layout.tokens, "labels": layout.labels}
         key_start = needle_start + len(prefix) + len(space)
