@@ -2,7 +2,8 @@
 
 The quick check behind the recipe notes of `configs/passkey_1m_cpu.yaml`: load a trained model with its
 memory settings changed at load time, hide the key in the first segment of `--segments` segments of
-*Moby-Dick* (`data/books/held_out`), ask at the end, and print exact match per length and the misses.
+*Moby-Dick* (`data/books/held_out`, the validation book recipes are chosen on; `--text
+data/books/test/persuasion.txt` for the test book), ask at the end, and print exact match per length and the misses.
 
     PYTHONPATH=$PWD python scripts/passkey_far.py outputs/passkey_cpu --segments 257 1025 4097 --topk 32
     PYTHONPATH=$PWD python scripts/passkey_far.py outputs/passkey_1m_cpu --segments 16385 --topk 4

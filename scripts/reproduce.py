@@ -115,7 +115,7 @@ JOBS = {
         Job(
             "passkey_1m",
             _train("passkey_1m_cpu.yaml"),
-            14,
+            18,
             (
                 Figure("exact match, key 16k tokens back", 1.0, 0.01, _exact_match(256)),
                 Figure("exact match, key 256k tokens back", 1.0, 0.01, _exact_match(4096)),

@@ -314,6 +314,22 @@ def test_every_shipped_config_resolves(name):
     assert config["output_dir"].startswith("outputs/")
 
 
+def test_no_shipped_config_scores_on_what_it_trains_on_and_the_book_roles_share_no_text():
+    # data/books: train/, held_out/ (the validation book recipes were chosen on), test/ (the README's figures)
+    books = {role: {p.name: p.read_bytes() for p in (ROOT / "data" / "books" / role).glob("*.txt")} for role in
+             ("train", "held_out", "test")}  # fmt: skip
+    assert all(books.values())
+    texts = [text for files in books.values() for text in files.values()]
+    assert len(set(texts)) == len(texts)  # no book in two roles
+    for path in (ROOT / "configs").glob("*.yaml"):
+        config = load_train_config(path)
+        trained, scored = config["data"].get("source"), config["evaluation"].get("source")
+        assert scored is None or scored != trained, path.name
+    # the toy jobs whose recipes were searched on the validation book report on the test book
+    for name in ("lm_books_cpu.yaml", "passkey_1m_cpu.yaml"):
+        assert load_train_config(ROOT / "configs" / name)["evaluation"]["source"] == "data/books/test", name
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "accelerate").glob("*.yaml")))
 def test_every_accelerate_config_loads(name):
     from accelerate.commands.config.config_args import load_config_from_file

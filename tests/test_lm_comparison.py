@@ -155,7 +155,7 @@ def test_lm_job_trains_every_model_and_reports_them_side_by_side(mini_job):
     assert set(results["models"]) == {"memory", "no_memory", "double_window", "memory_disabled"}
     assert all(m["seeds"] == [0, 1] for m in results["models"].values())
     assert len(results["by_segment"]) == 6 and results["beyond"]["from_segment"] == 4
-    assert results["data"]["source"].endswith("held_out")
+    assert results["data"]["source"] == "data/books/test"  # the test book, not the validation book
     card = (mini_job / "README.md").read_text()
     assert "Perplexity by segment position" in card and "gain:" in card  # the model card carries the table
     assert "| compared with | no_memory, double_window, trained the same way; seeds 0, 1 |" in card
@@ -202,3 +202,4 @@ def test_a_window_longer_than_the_positions_fails_clearly(tmp_path):
 def test_the_bundled_books_are_there():
     assert sorted(p.name for p in (BOOKS / "train").glob("*.txt")) == ["pride_and_prejudice.txt", "tinyshakespeare.txt"]
     assert [p.name for p in (BOOKS / "held_out").glob("*.txt")] == ["moby_dick.txt"]
+    assert [p.name for p in (BOOKS / "test").glob("*.txt")] == ["persuasion.txt"]
