@@ -44,9 +44,9 @@ from .layout import (
 
 PASSKEY_NEEDLE_PREFIX = " The pass key is"  # + " 48213"
 PASSKEY_NEEDLE_SUFFIX = ". Remember it. "
-NUMBERS_WHERE = ("all", "with_distractors")
 PASSKEY_QUESTION = " What is the pass key? The pass key is"  # + " 48213<eos>" (the labelled reply)
 QUESTION_POSITIONS = ("end", "random")
+NUMBERS_WHERE = ("all", "with_distractors")  # which examples get book numbers
 RECALL_KEY_END = ":"  # a pair is " <key>:<value>", a query the same with the loss on <value>
 # Single-character recall keys for `key_length=1, separator=""`: every printable ASCII character but the digits (the
 # default values) and the space (which opens a pair). With a byte tokenizer each key is one token right before its
