@@ -7,13 +7,23 @@ recipe before its config's full evaluation (`evaluation.task: chat_passkey`).
 Each example's document (its own 4 segments with the needle, then held-out text read as a shared haystack) is
 read into memory, the question is asked in a fresh call through the chat template, and the answer is right when
 its first number is the key (`hf_memlm.evaluation.chat_passkey`). Prints exact match per distance and the misses.
+
+With the same seed, distances and examples per distance as a config's evaluation, the single-needle examples are
+the config's own (only the draws of examples use the seed), so `--dtype bfloat16 --search auto` reruns a trained
+model's curve with the settings that make reading fast, answer by answer beside the config's report:
+
+    PYTHONPATH=$PWD python scripts/chat_passkey_distances.py outputs/smollm2_passkey_cpu \
+        --distances 16384 65536 262144 1048576 --examples 100 100 50 20 --text data/books/test/persuasion.txt \
+        --dtype bfloat16 --search auto --output fast_curve.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_memlm  # noqa: F401  (registers the memlm auto classes)
@@ -27,17 +37,39 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a saved memory model folder with its tokenizer")
     parser.add_argument("--distances", type=int, nargs="+", required=True, help="haystack tokens after the needle")
-    parser.add_argument("--examples", type=int, default=30, help="examples per distance")
+    parser.add_argument(
+        "--examples", type=int, nargs="+", default=[30], help="examples per distance: one count, or one per distance"
+    )
     parser.add_argument("--topk", type=int, default=4, help="memory_topk at load time")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--text", default=str(HELD_OUT), help="held-out text (default: Moby-Dick)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's and memory's")
+    parser.add_argument(
+        "--search", default="exact", choices=["exact", "auto"], help="memory_search: exact, or the faiss index (auto)"
+    )
+    parser.add_argument("--output", help="also write the results (answers, timings, environment) to this JSON file")
     args = parser.parse_args(argv)
+    if len(args.examples) not in (1, len(args.distances)):
+        parser.error(f"--examples takes one count or one per distance ({len(args.distances)}), got {args.examples}.")
+    examples = args.examples * len(args.distances) if len(args.examples) == 1 else args.examples
     memory_size = max(args.distances) + 8192  # the haystack, the example's own segments and the question
-    model = AutoModelForCausalLM.from_pretrained(args.model, memory_topk=args.topk, memory_size=memory_size)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model,
+        memory_topk=args.topk,
+        memory_size=memory_size,
+        memory_search=args.search,
+        dtype=getattr(torch, args.dtype),
+    )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     print(environment_line(environment()), flush=True)
-    settings = ChatPasskeySettings.memory_only(args.distances, args.examples, seed=args.seed)
+    settings = ChatPasskeySettings.memory_only(args.distances, examples, seed=args.seed)
     results = evaluate_chat_passkey(model, tokenizer, Path(args.text).read_text(encoding="utf-8"), settings, False)
+    results.update(environment=environment(), dtype=args.dtype, search=args.search, text=args.text)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    print(
+        f"haystack read in {results['seconds']['read_haystack']} s; examples {results['seconds']['memory_examples']} s"
+    )
     for row in results["rows"]:
         print(f"key {row['distance']:,} tokens back: exact match {row['memory']:.3f} ({row['examples']} examples)")
     for answer in results["answers"]:

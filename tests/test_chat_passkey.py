@@ -166,3 +166,23 @@ def test_the_distances_script_scores_a_saved_chat_model(tokenizer, tmp_path, cap
     assert f"key {SEGMENT:,} tokens back: exact match" in printed and f"key {2 * SEGMENT:,} tokens" in printed
     rates = [float(line.split("exact match ")[1].split()[0]) for line in printed.splitlines() if "exact match" in line]
     assert printed.count("missed at") == round(sum(2 * (1 - rate) for rate in rates))  # 2 examples per distance
+
+    # one count per distance, bfloat16 and the index: the config's single-needle examples, asked the same way
+    output = tmp_path / "curve.json"
+    extra = ["--examples", "2", "1", "--dtype", "bfloat16", "--search", "auto", "--output", str(output)]
+    chat_passkey_distances.main([*argv[:-2], *extra, "--text", str(tmp_path / "book.txt")])
+    scripted = json.loads(output.read_text())
+    assert scripted["dtype"] == "bfloat16" and scripted["search"] == "auto" and "torch" in scripted["environment"]
+    full = ChatPasskeySettings(
+        distances=[SEGMENT, 2 * SEGMENT],
+        num_examples=[2, 1],
+        multi_needle_distances=[SEGMENT],
+        multi_needle_examples=1,
+        base_beyond_examples=1,
+        base_inside_examples=1,
+        max_new_tokens=4,
+        seed=1000,
+    )
+    configured = evaluate_chat_passkey(model, tokenizer, default_text()[:20000], full, progress=False)
+    singles = [(a["distance"], a["key"]) for a in configured["answers"] if a["needles"] == 1]
+    assert [(a["distance"], a["key"]) for a in scripted["answers"]] == singles

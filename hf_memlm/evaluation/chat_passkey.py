@@ -49,11 +49,12 @@ class ChatPasskeySettings:
     seed: int = 1000
 
     @classmethod
-    def memory_only(cls, distances: list[int], examples: int, **settings) -> ChatPasskeySettings:
-        """`examples` single-needle examples per distance, read with memory only: no named needles, no base model."""
+    def memory_only(cls, distances: list[int], examples: int | list[int], **settings) -> ChatPasskeySettings:
+        """`examples` single-needle examples per distance (one count, or one per distance), read with memory only:
+        no named needles, no base model."""
         return cls(
             distances=list(distances),
-            num_examples=[examples] * len(distances),
+            num_examples=[examples] * len(distances) if isinstance(examples, int) else list(examples),
             multi_needle_distances=[],
             base_beyond_examples=0,
             base_inside_examples=0,
