@@ -38,7 +38,7 @@ def test_unknown_jobs_and_contradictory_folders_are_refused(reproduce, tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         reproduce.parse_args(["--jobs", "main", "passkey_2m"])
     assert exit_info.value.code == 2
-    assert "unknown job(s) passkey_2m; choose among main, slot, lm_books, passkey_1m, recall_capacity" in (
+    assert "unknown job(s) passkey_2m; choose among main, slot, lm_books, passkey_1m, recall_capacity, " in (
         capsys.readouterr().err
     )
     with pytest.raises(SystemExit):
@@ -50,7 +50,9 @@ def test_unknown_jobs_and_contradictory_folders_are_refused(reproduce, tmp_path,
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--threads", "0"])
     assert "--threads must be at least 1" in capsys.readouterr().err
-    assert reproduce.parse_args([]).jobs == ["main", "slot", "lm_books", "passkey_1m", "recall_capacity"]
+    assert reproduce.parse_args([]).jobs == [
+        *("main", "slot", "lm_books", "passkey_1m", "recall_capacity", "smollm2_passkey", "smollm2_lm_books")
+    ]
 
 
 def test_figures_within_their_tolerance_pass_and_others_fail(reproduce, tmp_path, capsys):
@@ -82,3 +84,35 @@ def test_a_job_that_fails_fails_the_comparison(reproduce, tmp_path, monkeypatch,
     printed = capsys.readouterr().out
     assert "main failed (exit status 3)" in printed
     assert json.loads((tmp_path / "reproduce.json").read_text())["timings"]["main"]["exit_status"] == 3
+
+
+def test_the_real_model_jobs_read_their_chat_curve_and_perplexities(reproduce, tmp_path, capsys):
+    """The real-model jobs' figures come from other reports: the chat curve's rows (by distance and needles) and
+    the perplexity comparison (the memory model's percent below a baseline)."""
+    passkey = reproduce.JOBS["smollm2_passkey"]
+    expected = {(f.name): f.expected for f in passkey.figures}
+    rows = [
+        {"distance": d, "needles": needles, "memory": expected[name]}
+        for (d, needles), name in zip(
+            [(16384, 1), (65536, 1), (262144, 1), (1048576, 1), (65536, 4)], expected, strict=True
+        )
+    ]
+    rows[4]["memory"] += 0.5  # the 4-needle row only: far outside
+    (tmp_path / "smollm2_passkey" / "eval").mkdir(parents=True)
+    (tmp_path / "smollm2_passkey" / "eval" / "chat_passkey.json").write_text(json.dumps({"rows": rows}))
+    lm = reproduce.JOBS["smollm2_lm_books"]
+    base, lora = (f.expected for f in lm.figures)
+    perplexity = {
+        "base": 50.0,
+        "memory": 50.0 * (1 - base / 100),
+        "no_memory": 50.0 * (1 - base / 100) / (1 - lora / 100),
+    }
+    (tmp_path / "smollm2_lm_books" / "eval").mkdir(parents=True)
+    (tmp_path / "smollm2_lm_books" / "eval" / "perplexity.json").write_text(
+        json.dumps({"beyond": {"perplexity": perplexity}})
+    )
+    assert "--comparison.repeats" in lm.command  # the README reports one seed
+    assert reproduce.main(["--compare-only", str(tmp_path), "--jobs", "smollm2_passkey", "smollm2_lm_books"]) == 1
+    verdicts = [row["verdict"] for row in json.loads((tmp_path / "reproduce.json").read_text())["rows"]]
+    assert verdicts == ["ok", "ok", "ok", "ok", "OUTSIDE", "ok", "ok"]
+    assert "| smollm2_passkey | exact match in chat, 64k back among 4 needles |" in capsys.readouterr().out
