@@ -9,12 +9,15 @@ read into memory, the question is asked in a fresh call through the chat templat
 its first number is the key (`hf_memlm.evaluation.chat_passkey`). Prints exact match per distance and the misses.
 
 With the same seed, distances and examples per distance as a config's evaluation, the single-needle examples are
-the config's own (only the draws of examples use the seed), so `--dtype bfloat16 --search auto` reruns a trained
-model's curve with the settings that make reading fast, answer by answer beside the config's report:
+the config's own (only the draws of examples use the seed), so `--dtype bfloat16` reruns a trained model's curve in
+the dtype that reads fastest, answer by answer beside the config's report:
 
     PYTHONPATH=$PWD python scripts/chat_passkey_distances.py outputs/smollm2_passkey_cpu \
         --distances 16384 65536 262144 1048576 --examples 100 100 50 20 --text data/books/test/persuasion.txt \
-        --dtype bfloat16 --search auto --output fast_curve.json
+        --dtype bfloat16 --output bfloat16_curve.json
+
+Reads are exact: the examples share one haystack read (`SharedHaystack`), whose entries change with each example,
+so an approximate index would be built anew for every one.
 """
 
 from __future__ import annotations
@@ -44,9 +47,6 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--text", default=str(HELD_OUT), help="held-out text (default: Moby-Dick)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's and memory's")
-    parser.add_argument(
-        "--search", default="exact", choices=["exact", "auto"], help="memory_search: exact, or the faiss index (auto)"
-    )
     parser.add_argument("--output", help="also write the results (answers, timings, environment) to this JSON file")
     args = parser.parse_args(argv)
     if len(args.examples) not in (1, len(args.distances)):
@@ -57,14 +57,14 @@ def main(argv=None) -> None:
         args.model,
         memory_topk=args.topk,
         memory_size=memory_size,
-        memory_search=args.search,
+        memory_search="exact",
         dtype=getattr(torch, args.dtype),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     print(environment_line(environment()), flush=True)
     settings = ChatPasskeySettings.memory_only(args.distances, examples, seed=args.seed)
     results = evaluate_chat_passkey(model, tokenizer, Path(args.text).read_text(encoding="utf-8"), settings, False)
-    results.update(environment=environment(), dtype=args.dtype, search=args.search, text=args.text)
+    results.update(environment=environment(), dtype=args.dtype, text=args.text)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(

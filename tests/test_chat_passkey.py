@@ -167,12 +167,12 @@ def test_the_distances_script_scores_a_saved_chat_model(tokenizer, tmp_path, cap
     rates = [float(line.split("exact match ")[1].split()[0]) for line in printed.splitlines() if "exact match" in line]
     assert printed.count("missed at") == round(sum(2 * (1 - rate) for rate in rates))  # 2 examples per distance
 
-    # one count per distance, bfloat16 and the index: the config's single-needle examples, asked the same way
+    # one count per distance, bfloat16: the config's single-needle examples, asked the same way
     output = tmp_path / "curve.json"
-    extra = ["--examples", "2", "1", "--dtype", "bfloat16", "--search", "auto", "--output", str(output)]
+    extra = ["--examples", "2", "1", "--dtype", "bfloat16", "--output", str(output)]
     chat_passkey_distances.main([*argv[:-2], *extra, "--text", str(tmp_path / "book.txt")])
     scripted = json.loads(output.read_text())
-    assert scripted["dtype"] == "bfloat16" and scripted["search"] == "auto" and "torch" in scripted["environment"]
+    assert scripted["dtype"] == "bfloat16" and "torch" in scripted["environment"]
     full = ChatPasskeySettings(
         distances=[SEGMENT, 2 * SEGMENT],
         num_examples=[2, 1],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import SEGMENT, build, memory_settings
@@ -9,10 +11,10 @@ from conftest import SEGMENT, build, memory_settings
 from hf_memlm.evaluation.shared_haystack import SharedHaystack
 
 
-def _kv_model(value_shift: int, memory_layers=(0,)):
+def _kv_model(value_shift: int, memory_layers=(0,), **extra):
     model = build("llama", "kv").eval()
     settings = memory_settings(
-        "kv", memory_size=4096, memory_value_shift=value_shift, memory_layers=list(memory_layers)
+        "kv", memory_size=4096, memory_value_shift=value_shift, memory_layers=list(memory_layers), **extra
     )
     from hf_memlm import MemLMConfig, MemLMForCausalLM
 
@@ -59,3 +61,11 @@ def test_shared_haystack_refuses_what_it_cannot_share():
     shared = SharedHaystack(model, torch.ones(2 * SEGMENT, dtype=torch.long), head_segments=1)
     with pytest.raises(ValueError, match="whole number of segments"):
         shared.state(torch.ones(SEGMENT, dtype=torch.long), SEGMENT + 1)
+    # the approximate index would be built anew for every example: a warning that says to read exactly
+    searched = _kv_model(1, memory_search="auto", memory_search_threshold=SEGMENT)
+    with pytest.warns(UserWarning, match="memory_search='exact'"):
+        SharedHaystack(searched, torch.ones(2 * SEGMENT, dtype=torch.long), head_segments=1)
+    exact = _kv_model(1, memory_search="exact", memory_search_threshold=SEGMENT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SharedHaystack(exact, torch.ones(2 * SEGMENT, dtype=torch.long), head_segments=1)

@@ -12,6 +12,8 @@ equals reading the example whole, entry by entry.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from hf_memlm.memory_state import MemoryState
@@ -49,6 +51,17 @@ class SharedHaystack:
                 f"memory_size={config.memory_size:,} entries cannot hold a head of {self.head_tokens:,} tokens and a "
                 f"haystack of {len(haystack_ids):,}: the oldest entries would be evicted. Load the model with a "
                 "larger memory_size."
+            )
+        block, entries = model.memory_blocks[str(self.layer)], self.head_tokens + len(haystack_ids)
+        if block.topk is not None and block.search == "auto" and entries > block.search_threshold:
+            # Each example rewrites the head's entries in place and gets a new state: an index of the whole
+            # haystack is built for every example (30 s per head at a million entries, 1 thread, 4,096 lists).
+            warnings.warn(
+                f"a shared haystack of {entries:,} entries read through the approximate index (memory_search="
+                f"'auto' searches above memory_search_threshold={block.search_threshold:,}) builds that index anew "
+                "for every example, since the head's entries change with each. Load the model with "
+                "memory_search='exact' to read it exactly, which is faster here.",
+                stacklevel=2,
             )
         # Read one segment before the haystack (any will do: its own first segment), so that the haystack's
         # first token has an entry (with shift 1 the first token of a stream has none); that entry's key is
