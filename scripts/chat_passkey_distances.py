@@ -61,10 +61,11 @@ def main(argv=None) -> None:
         dtype=getattr(torch, args.dtype),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    print(environment_line(environment()), flush=True)
+    measured_in = environment()
+    print(environment_line(measured_in), flush=True)
     settings = ChatPasskeySettings.memory_only(args.distances, examples, seed=args.seed)
     results = evaluate_chat_passkey(model, tokenizer, Path(args.text).read_text(encoding="utf-8"), settings, False)
-    results.update(environment=environment(), dtype=args.dtype, text=args.text)
+    results.update(environment=measured_in, dtype=args.dtype, text=args.text)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(
