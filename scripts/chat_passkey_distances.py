@@ -16,8 +16,9 @@ the dtype that reads fastest, answer by answer beside the config's report:
         --distances 16384 65536 262144 1048576 --examples 100 100 50 20 --text data/books/test/persuasion.txt \
         --dtype bfloat16 --output bfloat16_curve.json
 
-Reads are exact: the examples share one haystack read (`SharedHaystack`), whose entries change with each example,
-so an approximate index would be built anew for every one.
+Reads are exact by default. `--search auto` reads through the approximate index (faiss IVF, `--probes` lists per
+query), as a user's read of a long document does: the examples share one haystack read (`SharedHaystack`), which
+builds the index once while it reads and keeps a copy at each distance; each example's head is added to it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--text", default=str(HELD_OUT), help="held-out text (default: Moby-Dick)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's and memory's")
+    parser.add_argument(
+        "--search", default="exact", choices=["exact", "auto"], help="exact reads, or the approximate index"
+    )
+    parser.add_argument("--probes", type=int, default=None, help="memory_search_probes (default: the model's)")
     parser.add_argument("--output", help="also write the results (answers, timings, environment) to this JSON file")
     args = parser.parse_args(argv)
     if len(args.examples) not in (1, len(args.distances)):
@@ -57,15 +62,22 @@ def main(argv=None) -> None:
         args.model,
         memory_topk=args.topk,
         memory_size=memory_size,
-        memory_search="exact",
+        memory_search=args.search,
         dtype=getattr(torch, args.dtype),
+        **({} if args.probes is None else {"memory_search_probes": args.probes}),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     measured_in = environment()
     print(environment_line(measured_in), flush=True)
     settings = ChatPasskeySettings.memory_only(args.distances, examples, seed=args.seed)
     results = evaluate_chat_passkey(model, tokenizer, Path(args.text).read_text(encoding="utf-8"), settings, False)
-    results.update(environment=measured_in, dtype=args.dtype, text=args.text)
+    results.update(
+        environment=measured_in,
+        dtype=args.dtype,
+        text=args.text,
+        search=args.search,
+        probes=model.config.memory_search_probes,
+    )
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(

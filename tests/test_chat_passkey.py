@@ -186,3 +186,9 @@ def test_the_distances_script_scores_a_saved_chat_model(tokenizer, tmp_path, cap
     configured = evaluate_chat_passkey(model, tokenizer, default_text()[:20000], full, progress=False)
     singles = [(a["distance"], a["key"]) for a in configured["answers"] if a["needles"] == 1]
     assert [(a["distance"], a["key"]) for a in scripted["answers"]] == singles
+
+    # through the approximate index, as a user's read of a long document: the setting is recorded with the curve
+    book = ["--text", str(tmp_path / "book.txt")]
+    chat_passkey_distances.main([*argv, *book, "--search", "auto", "--probes", "7", "--output", str(output)])
+    searched = json.loads(output.read_text())
+    assert (searched["search"], searched["probes"]) == ("auto", 7)

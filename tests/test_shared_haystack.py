@@ -61,11 +61,59 @@ def test_shared_haystack_refuses_what_it_cannot_share():
     shared = SharedHaystack(model, torch.ones(2 * SEGMENT, dtype=torch.long), head_segments=1)
     with pytest.raises(ValueError, match="whole number of segments"):
         shared.state(torch.ones(SEGMENT, dtype=torch.long), SEGMENT + 1)
-    # the approximate index would be built anew for every example: a warning that says to read exactly
-    searched = _kv_model(1, memory_search="auto", memory_search_threshold=SEGMENT)
-    with pytest.warns(UserWarning, match="memory_search='exact'"):
-        SharedHaystack(searched, torch.ones(2 * SEGMENT, dtype=torch.long), head_segments=1)
-    exact = _kv_model(1, memory_search="exact", memory_search_threshold=SEGMENT)
+    with pytest.raises(ValueError, match="whole number of segments"):
+        SharedHaystack(model, torch.ones(2 * SEGMENT, dtype=torch.long), head_segments=1, lengths=[3 * SEGMENT])
+
+
+def _searched_model():
+    """A kv model whose reads above 8 entries go through the faiss index, searched exhaustively (every list
+    probed), so that its picks must be the exact top-k."""
+    pytest.importorskip("faiss")
+    # at layer 1 a key depends on the tokens before it (at layer 0 a repeated token repeats its key: ties)
+    return _kv_model(
+        1, memory_layers=(1,), memory_search="auto", memory_search_threshold=SEGMENT, memory_search_probes=4096
+    )
+
+
+def test_shared_haystack_index_is_built_once_and_finds_what_an_exact_read_finds(monkeypatch):
+    torch.manual_seed(0)
+    model = _searched_model()
+    block = model.memory_blocks["1"]
+    generator = torch.Generator().manual_seed(1)
+    haystack = torch.randint(1, 90, (128 * SEGMENT,), generator=generator)  # 1,024 entries: 32 lists
+    lengths = [16 * SEGMENT, 128 * SEGMENT]
+    shared = SharedHaystack(model, haystack, head_segments=2, lengths=lengths)
+    import hf_memlm.memory_kv as memory_kv
+
+    built, real_index = [], memory_kv._SearchIndex
+    monkeypatch.setattr(memory_kv, "_SearchIndex", lambda *args: built.append(1) or real_index(*args))
+    hidden = torch.randn(1, 6, model.config.text_config.hidden_size, generator=generator)
+    prompt = torch.randint(1, 90, (1, 5), generator=generator)
+    for seed, tokens in [(2, lengths[0]), (3, lengths[1]), (4, lengths[0])]:  # each head leaves its index
+        head = torch.randint(1, 90, (2 * SEGMENT,), generator=torch.Generator().manual_seed(seed))
+        state = shared.state(head, tokens)
+        before = len(built)
+        assert block.uses_index(state.layers[1])
+        picks, picked = block.select_entries(hidden, state.layers[1])
+        read = model(prompt, memory_state=state).logits
+        assert len(built) == before, "a read of the shared haystack built an index"
+        monkeypatch.setattr(block, "search", "exact")
+        whole = model.memorize(torch.cat([head, haystack[:tokens]])[None])
+        exact, _ = block.select_entries(hidden, whole.layers[1])
+        torch.testing.assert_close(read, model(prompt, memory_state=whole).logits)
+        monkeypatch.setattr(block, "search", "auto")
+        assert bool(picked.all())
+        assert torch.equal(picks.sort(-1).values, exact.sort(-1).values), (seed, tokens)
+
+
+def test_shared_haystack_warns_for_a_length_it_kept_no_index_for():
+    model = _searched_model()
+    haystack = torch.randint(1, 90, (8 * SEGMENT,), generator=torch.Generator().manual_seed(1))
+    shared = SharedHaystack(model, haystack, head_segments=1, lengths=[8 * SEGMENT])
+    head = torch.ones(SEGMENT, dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        SharedHaystack(exact, torch.ones(2 * SEGMENT, dtype=torch.long), head_segments=1)
+        shared.state(head, 8 * SEGMENT)
+    with pytest.warns(UserWarning, match="not one of its `lengths`"):
+        state = shared.state(head, 4 * SEGMENT)
+    assert model.memory_blocks["1"].uses_index(state.layers[1])  # it builds its own: still a read through an index

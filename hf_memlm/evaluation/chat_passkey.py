@@ -92,7 +92,7 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
     say = _printer(progress)
     started = time.perf_counter()
     say(f"reading the haystack: {longest:,} tokens into memory (once, shared by every example)")
-    shared = SharedHaystack(model, torch.from_numpy(haystack), HEAD_SEGMENTS)
+    shared = SharedHaystack(model, torch.from_numpy(haystack), HEAD_SEGMENTS, lengths=distances)
     seconds = {"read_haystack": round(time.perf_counter() - started, 1)}
 
     answers, disabled_cache = [], {}
