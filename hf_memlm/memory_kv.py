@@ -453,6 +453,7 @@ class KVMemory(MemoryBlock):
             return None
         index = _fitting_index(state)
         if index is not None:
+            index.probes = self.search_probes  # lists searched per query: the block's setting as it is now
             return index if max(index.counts) > self.search_threshold else None
         faiss = _import_faiss()
         if faiss is None:

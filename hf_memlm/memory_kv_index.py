@@ -234,6 +234,7 @@ class _SearchIndex:
         data = _as_float32_numpy(queries)
         for row in range(batch):
             for head, (index, _) in enumerate(self.indexes[row]):
+                index.nprobe = min(self.probes, index.nlist)  # `probes` may change after the build
                 _, labels = index.search(data[row, head], topk)
                 found[row, head] = torch.from_numpy(labels) - self.first_id[row]
         # faiss pads with -1 (below first_id) when the probed lists hold fewer than k entries

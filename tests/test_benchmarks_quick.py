@@ -197,6 +197,18 @@ def test_real_model_benchmark_quick_reads_a_book_in_chunks_and_times_every_figur
     assert payload["setting"]["memory"]["memory_topk"] == 4  # the real-model pass-key config's read
 
 
+def test_real_model_benchmark_times_generation_for_each_number_of_lists_searched(tmp_path):
+    pytest.importorskip("faiss")
+    output = tmp_path / "real_model.json"
+    argv = ["--quick", "--threads", "1", "--repeats", "1", "--tokens", "6144", "--chunk", "2048"]
+    _benchmark("bench_real_model").main([*argv, "--search", "auto", "--probes", "1", "8", "--output", str(output)])
+    payload = json.loads(output.read_text())
+    assert payload["setting"]["reads_use_index"]
+    by_probes = payload["figures"]["generation_by_probes"]
+    assert set(by_probes) == {"1", "8"} and all(g["ratio_vs_base"] > 0 for g in by_probes.values())
+    assert payload["figures"]["generation"] == by_probes["1"]  # the first setting is the headline figure
+
+
 def test_the_flat_cost_compares_the_last_quarter_of_a_read_with_its_first_leaving_out_the_first_chunk():
     flat_cost = _benchmark("bench_real_model").flat_cost
     assert flat_cost([9.0, 1.0, 1.0, 1.0, 2.0]) == 2.0  # the first chunk's one-off cost does not count

@@ -448,3 +448,15 @@ def test_threads_with_states_of_their_own_read_what_they_read_alone():
     for thread in range(4):
         assert torch.equal(results[thread][0], serial[thread]), f"thread {thread}"
     assert len({id(index) for _, index in results.values()}) == 4
+
+
+def test_lists_searched_per_query_follow_the_block_setting_after_the_index_is_built():
+    # A user trades speed for recall on a document already read: `search_probes` applies to the next read.
+    pytest.importorskip("faiss")
+    block = kv_block(memory_search_threshold=1024, memory_search_probes=1)
+    generator = torch.Generator().manual_seed(3)
+    state = write_segments(block, clustered_hidden(generator, 2, 6144))
+    queries = clustered_hidden(generator, 2, 64)
+    one_list = _recall_against_exact(block, state, queries)
+    block.search_probes = 1 << 20  # every list: the exact top-k
+    assert one_list < 0.99 and _recall_against_exact(block, state, queries) == 1.0
