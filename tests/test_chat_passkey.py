@@ -192,3 +192,26 @@ def test_the_distances_script_scores_a_saved_chat_model(tokenizer, tmp_path, cap
     chat_passkey_distances.main([*argv, *book, "--search", "auto", "--probes", "7", "--output", str(output)])
     searched = json.loads(output.read_text())
     assert (searched["search"], searched["probes"]) == ("auto", 7)
+
+
+def test_the_index_recall_script_compares_the_index_with_exact_reads_on_the_reply(tokenizer, tmp_path):
+    # scripts/index_recall_on_reads.py: the evaluation's examples, each read searched exactly and through the index
+    pytest.importorskip("faiss")
+    import sys
+    from pathlib import Path
+
+    model = _tiny_model(tokenizer)
+    model.config.memory_search_threshold = SEGMENT  # the head and 4 segments of haystack: read through the index
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "book.txt").write_text(default_text()[:20000], encoding="utf-8")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import index_recall_on_reads
+    finally:
+        sys.path.pop(0)
+    argv = [str(tmp_path / "model"), "--distance", str(4 * SEGMENT), "--examples", "2", "--probes", "1", "4096"]
+    results = index_recall_on_reads.main([*argv, "--text", str(tmp_path / "book.txt"), "--dtype", "float32"])
+    one, every = results["figures"][1], results["figures"][4096]
+    assert 0 < one["recall_at_k"] <= every["recall_at_k"] <= 1  # every list probed: the exact top-k, ties aside
+    assert every["own_best_reads"] == one["own_best_reads"] > 0 and one["own_best_found"] <= every["own_best_found"]

@@ -80,15 +80,9 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
     model.eval()
     segment = model.config.segment_length
     rng = np.random.default_rng(settings.seed)
-    filler = encode(tokenizer, text)
-    if len(filler) < 2 * HEAD_SEGMENTS * segment:
-        raise ValueError(
-            f"the held-out text has {len(filler)} tokens; it needs at least {2 * HEAD_SEGMENTS * segment}."
-        )
     distances = sorted({_whole_segments(d, segment) for d in [*settings.distances, *settings.multi_needle_distances]})
-    longest = max(distances)
-    # the held-out text repeated where it is shorter than the haystack, from a random place
-    haystack = _wrapped(filler, int(rng.integers(len(filler))), longest)
+    filler, haystack = held_out_haystack(tokenizer, text, rng, segment, max(distances))
+    longest = len(haystack)
     say = _printer(progress)
     started = time.perf_counter()
     say(f"reading the haystack: {longest:,} tokens into memory (once, shared by every example)")
@@ -102,7 +96,7 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
     for distance, count, needles in plan:
         tokens = _whole_segments(distance, segment)
         for number in range(count):
-            example = _draw_example(rng, tokenizer, filler, segment, needles)
+            example = draw_example(rng, tokenizer, filler, segment, needles)
             state = shared.state(torch.from_numpy(example["head"]), tokens)
             prompt = chat_prompt_ids(tokenizer, example["name"])
             reply = _generate(model, tokenizer, prompt, settings.max_new_tokens, memory_state=state)
@@ -130,7 +124,7 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
     started = time.perf_counter()
     inside = []
     for number in range(settings.base_inside_examples):
-        example = _draw_example(rng, tokenizer, filler, segment, 1)
+        example = draw_example(rng, tokenizer, filler, segment, 1)
         start = int(rng.integers(len(filler)))
         document = _wrapped(filler, start, settings.base_inside_tokens)
         depth = int(rng.integers(0, len(document) - len(example["needle"])))
@@ -164,6 +158,17 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
     }
 
 
+def held_out_haystack(tokenizer, text: str, rng, segment: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """`text`'s tokens (the filler examples' heads are drawn from) and the haystack: `tokens` of them from a random
+    place, the text repeated where it is shorter. The first draw of `rng`, as the evaluation makes it."""
+    filler = encode(tokenizer, text)
+    if len(filler) < 2 * HEAD_SEGMENTS * segment:
+        raise ValueError(
+            f"the held-out text has {len(filler)} tokens; it needs at least {2 * HEAD_SEGMENTS * segment}."
+        )
+    return filler, _wrapped(filler, int(rng.integers(len(filler))), tokens)
+
+
 def _whole_segments(tokens: int, segment: int) -> int:
     return -(-tokens // segment) * segment
 
@@ -172,7 +177,7 @@ def _wrapped(tokens: np.ndarray, start: int, length: int) -> np.ndarray:
     return tokens[(start + np.arange(length)) % len(tokens)]
 
 
-def _draw_example(rng, tokenizer, filler: np.ndarray, segment: int, needles: int) -> dict:
+def draw_example(rng, tokenizer, filler: np.ndarray, segment: int, needles: int) -> dict:
     """The example's own head: HEAD_SEGMENTS segments of held-out text with its needle(s); one needle per
     segment (a single needle in the last head segment, nearest the haystack)."""
     head = _wrapped(filler, int(rng.integers(len(filler))), HEAD_SEGMENTS * segment).copy()
@@ -340,9 +345,12 @@ def plot_chat_passkey(results: dict, path):
 
 
 __all__ = [
+    "HEAD_SEGMENTS",
     "ChatPasskeySettings",
+    "draw_example",
     "evaluate_chat_passkey",
     "first_number",
     "format_chat_passkey",
+    "held_out_haystack",
     "plot_chat_passkey",
 ]
