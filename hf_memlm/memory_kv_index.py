@@ -1,4 +1,5 @@
-"""The approximate search behind large `kv` memories: faiss IVF indexes over a memory state's keys.
+"""The approximate search behind large `kv` memories: faiss IVF indexes over a memory state's keys, with the
+entries least like their list's centroid scored exactly by every search.
 
 faiss is optional (`pip install hf-memlm[faiss]`): it is imported lazily, and without it `KVMemory` reads
 exactly and warns once. The index only selects entries; scores and values are computed by `memory_kv.py`,
@@ -7,6 +8,7 @@ so reads stay differentiable.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -35,6 +37,12 @@ _MAX_LISTS = 4096
 _TRAINING_POINTS_PER_LIST = 4
 _KMEANS_ITERATIONS = 4
 _MAX_TRAINING_POINTS = 32768
+# The share of a build's entries least like their list's centroid that are kept out of the lists and scored
+# exactly by every search (`_HeadIndex`). A trained reader's query can match such an entry well while ranking its
+# list low: on the real-model pass key the needle's digits are such entries. Of the reads whose best entry was the
+# needle's, 32 lists found it in 0.861 (128 lists: 0.987), and 1.000 with the lowest 1% scored exactly
+# (`scripts/index_recall_on_reads.py`, 64k tokens back; docs/results/smollm2_passkey.md).
+_OUTLIER_SHARE = 0.01
 
 
 def _import_faiss():
@@ -83,6 +91,71 @@ def valid_counts(valid: torch.Tensor) -> list[int] | None:
 
 def _as_float32_numpy(tensor: torch.Tensor):
     return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+class _HeadIndex:
+    """One head's index of one row: faiss IVF lists (inner product) over most entries, and the entries least like
+    their list's centroid (below `threshold`, the `_OUTLIER_SHARE` quantile at the build) in a flat index that
+    every search scores exactly. Ids are the callers' (`_SearchIndex`: `first_id + position`)."""
+
+    def __init__(self, faiss, data, ids, lists: int, probes: int):
+        dim = data.shape[1]
+        self.faiss, self.probes = faiss, probes
+        self.quantizer = faiss.IndexFlatIP(dim)  # must outlive the IVF index, which does not own it
+        self.lists = faiss.IndexIVFFlat(self.quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        self.lists.cp.niter = _KMEANS_ITERATIONS
+        self.lists.cp.max_points_per_centroid = max(1, min(_TRAINING_POINTS_PER_LIST, _MAX_TRAINING_POINTS // lists))
+        self.lists.cp.min_points_per_centroid = 1  # no warning when a row has few entries per list
+        self.lists.train(data)
+        self.outliers = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        similarity, assigned = self.quantizer.search(data, 1)
+        similarity = torch.from_numpy(similarity[:, 0])
+        outlying = int(_OUTLIER_SHARE * len(similarity))
+        # with one list every search scans every entry: nothing to score apart
+        self.threshold = float(similarity.kthvalue(outlying).values) if lists > 1 and outlying else -math.inf
+        self._add_assigned(data, ids, similarity, assigned[:, 0])
+
+    def add(self, data, ids) -> None:
+        similarity, assigned = self.quantizer.search(data, 1)
+        self._add_assigned(data, ids, torch.from_numpy(similarity[:, 0]), assigned[:, 0])
+
+    def _add_assigned(self, data, ids, similarity: torch.Tensor, assigned) -> None:
+        """Add entries (numpy `data` (n, d), `ids` (n,)) whose nearest lists are `assigned`: those at most
+        `threshold` like their list's centroid to the exact side, the others to their list."""
+        outlying = similarity <= self.threshold
+        data, ids, assigned = torch.from_numpy(data), torch.from_numpy(ids), torch.from_numpy(assigned)
+        if bool(outlying.any()):
+            self.outliers.add_with_ids(data[outlying].contiguous().numpy(), ids[outlying].contiguous().numpy())
+            kept = ~outlying
+            data, ids, assigned = data[kept].contiguous(), ids[kept].contiguous(), assigned[kept].contiguous()
+        if len(ids):  # the lists each entry was just found nearest to: no second assignment
+            swig = self.faiss.swig_ptr
+            self.lists.add_core(len(ids), swig(data.numpy()), swig(ids.numpy()), swig(assigned.numpy()))
+
+    def remove_range(self, first: int, end: int) -> None:
+        """Remove the entries with ids in [first, end)."""
+        selector = self.faiss.IDSelectorRange(first, end)
+        self.lists.remove_ids(selector)
+        self.outliers.remove_ids(selector)
+
+    def search(self, queries, topk: int):
+        """Ids (n, topk), a tensor, of the best entries for each query (-1 where fewer were found)."""
+        self.lists.nprobe = min(self.probes, self.lists.nlist)  # `probes` may change after the build
+        scores, ids = self.lists.search(queries, topk)
+        if not self.outliers.ntotal:
+            return torch.from_numpy(ids)
+        more_scores, more_ids = self.outliers.search(queries, topk)
+        scores = torch.cat([torch.from_numpy(scores), torch.from_numpy(more_scores)], 1)
+        ids = torch.cat([torch.from_numpy(ids), torch.from_numpy(more_ids)], 1)
+        return ids.gather(1, scores.topk(topk, dim=1).indices)
+
+    def clone(self) -> _HeadIndex:
+        copy = object.__new__(_HeadIndex)
+        copy.faiss, copy.probes, copy.threshold = self.faiss, self.probes, self.threshold
+        copy.lists = self.faiss.clone_index(self.lists)  # owns its copy of the quantizer
+        copy.quantizer = copy.lists.quantizer
+        copy.outliers = self.faiss.clone_index(self.outliers)
+        return copy
 
 
 class _SearchIndex:
@@ -136,8 +209,7 @@ class _SearchIndex:
     def _own_row(self, row: int) -> None:
         """Give row `row` faiss indexes of its own before a write changes them (see `rows_of`)."""
         if self.shared[row]:
-            clones = [self.faiss.clone_index(index) for index, _ in self.indexes[row]]
-            self.indexes[row] = [(clone, clone.quantizer) for clone in clones]
+            self.indexes[row] = [head.clone() for head in self.indexes[row]]
             self.shared[row] = False
 
     def _bind(self, keys: torch.Tensor) -> None:
@@ -170,22 +242,13 @@ class _SearchIndex:
     def _build_row(self, row: int, keys: torch.Tensor) -> None:
         faiss, count = self.faiss, self.counts[row]
         faiss.omp_set_num_threads(torch.get_num_threads())  # as many threads as torch is told to use
-        dim = keys.shape[-1]
         lists = self._lists_for(count)
         ids = torch.arange(self.first_id[row], self.first_id[row] + count, dtype=torch.int64).numpy()
-        self.indexes[row] = []
-        for head in range(self.heads):
-            # One head at a time: a float32 store's (count, d) slice is passed to faiss without a copy.
-            data = _as_float32_numpy(keys[row, head, :count])
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-            index.cp.niter = _KMEANS_ITERATIONS
-            index.cp.max_points_per_centroid = max(1, min(_TRAINING_POINTS_PER_LIST, _MAX_TRAINING_POINTS // lists))
-            index.cp.min_points_per_centroid = 1  # no warning when a row has few entries per list
-            index.train(data)
-            index.add_with_ids(data, ids)
-            index.nprobe = min(self.probes, lists)
-            self.indexes[row].append((index, quantizer))  # the quantizer must outlive the index
+        # One head at a time: a float32 store's (count, d) slice is passed to faiss without a copy.
+        self.indexes[row] = [
+            _HeadIndex(faiss, _as_float32_numpy(keys[row, head, :count]), ids, lists, self.probes)
+            for head in range(self.heads)
+        ]
         self.built_lists[row] = lists
         self.built_counts[row] = count
         self.written_since_build[row] = 0
@@ -215,12 +278,11 @@ class _SearchIndex:
                 data = _as_float32_numpy(new_keys[row, :, new_count - new : new_count])
                 start = self.first_id[row] + count
                 ids = torch.arange(start, start + new, dtype=torch.int64).numpy()
-                for head, (index, _) in enumerate(self.indexes[row]):
-                    index.add_with_ids(data[head], ids)
+                for head, index in enumerate(self.indexes[row]):
+                    index.add(data[head], ids)
             if evicted:
-                selector = self.faiss.IDSelectorRange(self.first_id[row], self.first_id[row] + evicted)
-                for index, _ in self.indexes[row]:
-                    index.remove_ids(selector)
+                for index in self.indexes[row]:
+                    index.remove_range(self.first_id[row], self.first_id[row] + evicted)
                 self.first_id[row] += evicted
         self.counts = list(new_counts)
         self._bind(new_keys)
@@ -233,10 +295,9 @@ class _SearchIndex:
         found = torch.empty(batch, heads, tokens, topk, dtype=torch.int64)
         data = _as_float32_numpy(queries)
         for row in range(batch):
-            for head, (index, _) in enumerate(self.indexes[row]):
-                index.nprobe = min(self.probes, index.nlist)  # `probes` may change after the build
-                _, labels = index.search(data[row, head], topk)
-                found[row, head] = torch.from_numpy(labels) - self.first_id[row]
+            for head, index in enumerate(self.indexes[row]):
+                index.probes = self.probes  # the reading block's setting as it is now
+                found[row, head] = index.search(data[row, head], topk) - self.first_id[row]
         # faiss pads with -1 (below first_id) when the probed lists hold fewer than k entries
         counts = torch.tensor(self.counts, dtype=torch.int64).view(batch, 1, 1, 1)
         selected_valid = (found >= 0) & (found < counts)

@@ -460,3 +460,24 @@ def test_lists_searched_per_query_follow_the_block_setting_after_the_index_is_bu
     one_list = _recall_against_exact(block, state, queries)
     block.search_probes = 1 << 20  # every list: the exact top-k
     assert one_list < 0.99 and _recall_against_exact(block, state, queries) == 1.0
+
+
+@pytest.mark.parametrize("outlier_share", [0.0, kv_index._OUTLIER_SHARE])
+def test_an_entry_unlike_every_list_is_found_by_the_query_it_matches(monkeypatch, outlier_share):
+    # A trained read's query can match one entry far from every centroid (the real-model pass key's digits) while
+    # ranking that entry's list low: the entries least like their list are scored exactly by every search.
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setattr(kv_index, "_OUTLIER_SHARE", outlier_share)
+    generator = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(64, 32, generator=generator), dim=-1)
+    keys = F.normalize(centres.repeat(64, 1) + 0.05 * torch.randn(4096, 32, generator=generator), dim=-1)
+    odd = F.normalize(torch.randn(32, generator=generator), dim=-1)
+    keys[1234] = odd
+    query = F.normalize(odd + 0.8 * F.normalize(centres[0] - (centres[0] @ odd) * odd, dim=-1), dim=-1)
+    assert int((keys @ query).argmax()) == 1234  # the exact read's best entry
+    ids = torch.arange(4096, dtype=torch.int64).numpy()
+    index = kv_index._HeadIndex(faiss, keys.numpy(), ids, lists=64, probes=1)
+    found = int(index.search(query[None].numpy(), 1)[0, 0])
+    assert (found == 1234) == (outlier_share > 0)
+    index.remove_range(1234, 1235)  # and an evicted outlier is gone from the exact side too
+    assert 1234 not in index.search(query[None].numpy(), 4)[0].tolist()

@@ -120,14 +120,11 @@ class SharedHaystack:
         index = getattr(layer_state, "index", None)
         if index is None or block.search == "exact" or not index.fits(layer_state["keys"], layer_state["valid"]):
             return  # reads of this length are exact (or build their own index: a short memory)
-        faiss = _import_faiss()
         first = index.first_id[0]
         copies = []
-        for live, quantizer in index.indexes[0]:
-            # the whole haystack's is the read's own index (no copy); a copy holds its quantizer, the read's
-            # index does not (the quantizer must outlive it)
-            copy = (live, quantizer) if tokens == self.haystack_length else (faiss.clone_index(live), None)
-            copy[0].remove_ids(faiss.IDSelectorRange(first, first + offset + 1))
+        for live in index.indexes[0]:
+            copy = live if tokens == self.haystack_length else live.clone()  # the whole haystack's: the read's own
+            copy.remove_range(first, first + offset + 1)
             copies.append(copy)
         self._snapshots[tokens] = (copies, first)
 
@@ -169,9 +166,8 @@ class SharedHaystack:
         length with no snapshot: the read builds its own index)."""
         if self._headed is not None:  # the last example's head leaves the index it was added to
             copies, _ = self._snapshots[self._headed]
-            selector = _import_faiss().IDSelectorRange(_HEAD_IDS, _HEAD_IDS + self.head_entries + 1)
-            for copy, _ in copies:
-                copy.remove_ids(selector)
+            for copy in copies:
+                copy.remove_range(_HEAD_IDS, _HEAD_IDS + self.head_entries + 1)
             self._headed = None
         block = self.model.memory_blocks[str(self.layer)]
         if block.topk is None or block.search == "exact" or layer["keys"].shape[2] <= block.search_threshold:
@@ -190,14 +186,14 @@ class SharedHaystack:
         # the head's entries and the entry that joins it to the haystack (its key is the head's)
         head_keys = self._keys[0, :, : self.head_entries + 1].float().contiguous().numpy()
         ids = torch.arange(_HEAD_IDS, _HEAD_IDS + self.head_entries + 1, dtype=torch.int64).numpy()
-        for head, (copy, _) in enumerate(copies):
-            copy.add_with_ids(head_keys[head], ids)
+        for head, copy in enumerate(copies):
+            copy.add(head_keys[head], ids)
         self._headed = tokens
-        return _SplicedIndex([copy for copy, _ in copies], self._shift - first, layer["keys"], layer["valid"])
+        return _SplicedIndex(copies, self._shift - first, layer["keys"], layer["valid"])
 
 
 class _SplicedIndex:
-    """A read's index over one `SharedHaystack.state`: the haystack's faiss indexes at its length, holding this
+    """A read's index over one `SharedHaystack.state`: the haystack's indexes (`_HeadIndex`) at its length, holding this
     example's head entries under ids from `_HEAD_IDS`. It answers the reads of that state as the index of a
     whole read would (`memory_kv.KVMemory` asks `fits`, `counts` and `search`); it cannot follow a write (a
     write builds the new state its own index)."""
@@ -205,7 +201,7 @@ class _SplicedIndex:
     def __init__(self, indexes: list, shift: int, keys: torch.Tensor, valid: torch.Tensor):
         self.indexes, self.shift = indexes, shift
         self.counts = [keys.shape[2]]
-        self.probes = indexes[0].nprobe  # lists searched per query (the reading block sets it)
+        self.probes = indexes[0].probes  # lists searched per query (the reading block sets it)
         self.fingerprint, self.valid_fingerprint = _fingerprint(keys), _mask_fingerprint(valid)
 
     def fits(self, keys: torch.Tensor, valid: torch.Tensor) -> bool:
@@ -217,9 +213,8 @@ class _SplicedIndex:
         data = queries.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         found = torch.empty(*queries.shape[:3], topk, dtype=torch.int64)
         for head, index in enumerate(self.indexes):
-            index.nprobe = min(self.probes, index.nlist)
-            _, labels = index.search(data[0, head], topk)
-            found[0, head] = torch.from_numpy(labels)
+            index.probes = self.probes
+            found[0, head] = index.search(data[0, head], topk)
         picked = found >= 0  # faiss pads with -1 where the probed lists hold fewer than k entries
         positions = torch.where(found >= _HEAD_IDS, found - _HEAD_IDS, found + self.shift)
         return positions.masked_fill(~picked, 0).to(queries.device), picked.to(queries.device)
