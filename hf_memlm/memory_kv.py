@@ -231,8 +231,7 @@ _INDEX_LOCK = threading.RLock()
 
 
 def _fitting_index(state) -> _SearchIndex | None:
-    """The index `state` holds, if it indexes the state's keys as they are (not a state that was written
-    since, nor a mask edited in place)."""
+    """The index `state` holds, if it indexes the state's keys as they are (not written since, no mask edit)."""
     index = getattr(state, "index", None)
     return index if index is not None and index.fits(state["keys"], state["valid"]) else None
 
