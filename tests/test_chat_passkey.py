@@ -146,20 +146,29 @@ def test_first_number_scoring():
     assert first_number("no digits") is None
 
 
-def test_the_distances_script_scores_a_saved_chat_model(tokenizer, tmp_path, capsys):
-    # scripts/chat_passkey_distances.py: a saved folder, the curve at chosen distances, every miss printed
+def _saved_model_and_script(tokenizer, tmp_path, script: str, **config):
+    """The tiny chat model (with `config` set) and its tokenizer saved to tmp_path/model, a book at
+    tmp_path/book.txt, and the module of scripts/`script`.py."""
+    import importlib
     import sys
     from pathlib import Path
 
     model = _tiny_model(tokenizer)
+    for name, value in config.items():
+        setattr(model.config, name, value)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "book.txt").write_text(default_text()[:20000], encoding="utf-8")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
-        import chat_passkey_distances
+        return model, importlib.import_module(script)
     finally:
         sys.path.pop(0)
+
+
+def test_the_distances_script_scores_a_saved_chat_model(tokenizer, tmp_path, capsys):
+    # scripts/chat_passkey_distances.py: a saved folder, the curve at chosen distances, every miss printed
+    model, chat_passkey_distances = _saved_model_and_script(tokenizer, tmp_path, "chat_passkey_distances")
     argv = [str(tmp_path / "model"), "--distances", str(SEGMENT), str(2 * SEGMENT), "--examples", "2"]
     chat_passkey_distances.main([*argv, "--text", str(tmp_path / "book.txt")])
     printed = capsys.readouterr().out
@@ -197,19 +206,10 @@ def test_the_distances_script_scores_a_saved_chat_model(tokenizer, tmp_path, cap
 def test_the_index_recall_script_compares_the_index_with_exact_reads_on_the_reply(tokenizer, tmp_path):
     # scripts/index_recall_on_reads.py: the evaluation's examples, each read searched exactly and through the index
     pytest.importorskip("faiss")
-    import sys
-    from pathlib import Path
-
-    model = _tiny_model(tokenizer)
-    model.config.memory_search_threshold = SEGMENT  # the head and 4 segments of haystack: read through the index
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    (tmp_path / "book.txt").write_text(default_text()[:20000], encoding="utf-8")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        import index_recall_on_reads
-    finally:
-        sys.path.pop(0)
+    # the head and 4 segments of haystack: read through the index
+    _, index_recall_on_reads = _saved_model_and_script(
+        tokenizer, tmp_path, "index_recall_on_reads", memory_search_threshold=SEGMENT
+    )
     argv = [str(tmp_path / "model"), "--distance", str(4 * SEGMENT), "--examples", "2", "--probes", "1", "4096"]
     results = index_recall_on_reads.main([*argv, "--text", str(tmp_path / "book.txt"), "--dtype", "float32"])
     one, every = results["figures"][1], results["figures"][4096]
