@@ -38,7 +38,7 @@ _TRAINING_POINTS_PER_LIST = 4
 _KMEANS_ITERATIONS = 4
 _MAX_TRAINING_POINTS = 32768
 # The share of a build's entries least like their list's centroid that are kept out of the lists and scored
-# exactly by every search (`_HeadIndex`). A trained reader's query can match such an entry well while ranking its
+# exactly by every search (`_RowIndex`). A trained reader's query can match such an entry well while ranking its
 # list low: on the real-model pass key the needle's digits are such entries. Of the reads whose best entry was the
 # needle's, 32 lists found it in 0.861 (128 lists: 0.987), and 1.000 with the lowest 1% scored exactly
 # (`scripts/index_recall_on_reads.py`, 64k tokens back; docs/results/smollm2_passkey.md).
@@ -93,68 +93,140 @@ def _as_float32_numpy(tensor: torch.Tensor):
     return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
 
 
-class _HeadIndex:
-    """One head's index of one row: faiss IVF lists (inner product) over most entries, and the entries least like
-    their list's centroid (below `threshold`, the `_OUTLIER_SHARE` quantile at the build) in a flat index that
-    every search scores exactly. Ids are the callers' (`_SearchIndex`: `first_id + position`)."""
+class _Outliers:
+    """The entries of one row's heads that its lists do not hold, scored exactly by every search: all heads' in one
+    (heads, capacity, d) float32 buffer, so that one batched product scores them for every head at once (a search
+    per head cost four times as much at a million entries). Slot `i` of head `h` is used where `ids[h, i] >= 0`;
+    each head's used slots come first, in the order they were added."""
 
-    def __init__(self, faiss, data, ids, lists: int, probes: int):
-        dim = data.shape[1]
+    def __init__(self, heads: int, dim: int):
+        self.data = torch.zeros(heads, 0, dim)
+        self.ids = torch.full((heads, 0), -1, dtype=torch.int64)
+        self.sizes = [0] * heads
+
+    def add(self, head: int, data: torch.Tensor, ids: torch.Tensor) -> None:
+        size, count = self.sizes[head], len(ids)
+        if size + count > self.data.shape[1]:  # grow by doubling: appends cost amortized O(entries)
+            capacity = max(size + count, 2 * self.data.shape[1], 64)
+            data_buffer = self.data.new_zeros(self.data.shape[0], capacity, self.data.shape[2])
+            id_buffer = self.ids.new_full((self.ids.shape[0], capacity), -1)
+            data_buffer[:, : self.data.shape[1]], id_buffer[:, : self.ids.shape[1]] = self.data, self.ids
+            self.data, self.ids = data_buffer, id_buffer
+        self.data[head, size : size + count] = data
+        self.ids[head, size : size + count] = ids
+        self.sizes[head] = size + count
+
+    def remove_range(self, first: int, end: int) -> None:
+        for head, size in enumerate(self.sizes):
+            kept = (self.ids[head, :size] < first) | (self.ids[head, :size] >= end)
+            remaining = int(kept.sum())
+            if remaining < size:
+                self.data[head, :remaining] = self.data[head, :size][kept]
+                self.ids[head, :remaining] = self.ids[head, :size][kept]
+                self.ids[head, remaining:size] = -1
+                self.sizes[head] = remaining
+
+    def search(self, queries: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Scores and ids (heads, n, k) of each head's best outliers for its queries (heads, n, d); -inf and -1
+        where a head holds fewer than k. None when no head holds any."""
+        width = max(self.sizes)
+        if not width:
+            return None
+        scores = torch.bmm(queries, self.data[:, :width].transpose(1, 2))
+        ids = self.ids[:, None, :width]
+        scores = scores.masked_fill(ids < 0, -math.inf)
+        best, picked = scores.topk(min(topk, width), dim=-1)
+        return best, ids.expand_as(scores).gather(-1, picked)
+
+    def clone(self) -> _Outliers:
+        copy = object.__new__(_Outliers)
+        copy.data, copy.ids, copy.sizes = self.data.clone(), self.ids.clone(), list(self.sizes)
+        return copy
+
+
+class _RowIndex:
+    """The index of one row's heads: per head, faiss IVF lists (inner product) over most entries; the entries least
+    like their list's centroid (below the head's `threshold`, the `_OUTLIER_SHARE` quantile at the build) in
+    `_Outliers`, which every search scores exactly. Ids are the callers' (`_SearchIndex`: `first_id + position`).
+
+    `head_data(h)` gives head `h`'s entries (n, d) as a float32 numpy array: one head's at a time (a float32 store's
+    slice is passed to faiss without a copy)."""
+
+    def __init__(self, faiss, heads: int, head_data, ids, lists: int, probes: int):
         self.faiss, self.probes = faiss, probes
-        self.quantizer = faiss.IndexFlatIP(dim)  # must outlive the IVF index, which does not own it
-        self.lists = faiss.IndexIVFFlat(self.quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-        self.lists.cp.niter = _KMEANS_ITERATIONS
-        self.lists.cp.max_points_per_centroid = max(1, min(_TRAINING_POINTS_PER_LIST, _MAX_TRAINING_POINTS // lists))
-        self.lists.cp.min_points_per_centroid = 1  # no warning when a row has few entries per list
-        self.lists.train(data)
-        self.outliers = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
-        similarity, assigned = self.quantizer.search(data, 1)
-        similarity = torch.from_numpy(similarity[:, 0])
-        outlying = int(_OUTLIER_SHARE * len(similarity))
-        # with one list every search scans every entry: nothing to score apart
-        self.threshold = float(similarity.kthvalue(outlying).values) if lists > 1 and outlying else -math.inf
-        self._add_assigned(data, ids, similarity, assigned[:, 0])
+        self.lists, self.thresholds, self.outliers = [], [], None
+        for head in range(heads):
+            data = head_data(head)
+            dim = data.shape[1]
+            if self.outliers is None:
+                self.outliers = _Outliers(heads, dim)
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+            index.own_fields = True  # the IVF index frees its quantizer (and `clone_index` copies it)
+            quantizer.this.disown()
+            index.cp.niter = _KMEANS_ITERATIONS
+            index.cp.max_points_per_centroid = max(1, min(_TRAINING_POINTS_PER_LIST, _MAX_TRAINING_POINTS // lists))
+            index.cp.min_points_per_centroid = 1  # no warning when a row has few entries per list
+            index.train(data)
+            self.lists.append(index)
+            similarity, assigned = quantizer.search(data, 1)
+            similarity = torch.from_numpy(similarity[:, 0])
+            outlying = int(_OUTLIER_SHARE * len(similarity))
+            # with one list every search scans every entry: nothing to score apart
+            threshold = float(similarity.kthvalue(outlying).values) if lists > 1 and outlying else -math.inf
+            self.thresholds.append(threshold)
+            self._add_assigned(head, data, ids, similarity, assigned[:, 0])
 
     def add(self, data, ids) -> None:
-        similarity, assigned = self.quantizer.search(data, 1)
-        self._add_assigned(data, ids, torch.from_numpy(similarity[:, 0]), assigned[:, 0])
+        """Add entries `data` (heads, n, d) (float32 numpy) under `ids` (n,)."""
+        for head, index in enumerate(self.lists):
+            similarity, assigned = index.quantizer.search(data[head], 1)
+            self._add_assigned(head, data[head], ids, torch.from_numpy(similarity[:, 0]), assigned[:, 0])
 
-    def _add_assigned(self, data, ids, similarity: torch.Tensor, assigned) -> None:
-        """Add entries (numpy `data` (n, d), `ids` (n,)) whose nearest lists are `assigned`: those at most
-        `threshold` like their list's centroid to the exact side, the others to their list."""
-        outlying = similarity <= self.threshold
+    def _add_assigned(self, head: int, data, ids, similarity: torch.Tensor, assigned) -> None:
+        """Add head `head`'s entries (numpy `data` (n, d), `ids` (n,)) whose nearest lists are `assigned`: those
+        at most `threshold` like their list's centroid to the exact side, the others to their list."""
+        outlying = similarity <= self.thresholds[head]
         data, ids, assigned = torch.from_numpy(data), torch.from_numpy(ids), torch.from_numpy(assigned)
         if bool(outlying.any()):
-            self.outliers.add_with_ids(data[outlying].contiguous().numpy(), ids[outlying].contiguous().numpy())
+            self.outliers.add(head, data[outlying], ids[outlying])
             kept = ~outlying
             data, ids, assigned = data[kept].contiguous(), ids[kept].contiguous(), assigned[kept].contiguous()
         if len(ids):  # the lists each entry was just found nearest to: no second assignment
             swig = self.faiss.swig_ptr
-            self.lists.add_core(len(ids), swig(data.numpy()), swig(ids.numpy()), swig(assigned.numpy()))
+            self.lists[head].add_core(len(ids), swig(data.numpy()), swig(ids.numpy()), swig(assigned.numpy()))
 
     def remove_range(self, first: int, end: int) -> None:
         """Remove the entries with ids in [first, end)."""
         selector = self.faiss.IDSelectorRange(first, end)
-        self.lists.remove_ids(selector)
-        self.outliers.remove_ids(selector)
+        for index in self.lists:
+            index.remove_ids(selector)
+        self.outliers.remove_range(first, end)
 
-    def search(self, queries, topk: int):
-        """Ids (n, topk), a tensor, of the best entries for each query (-1 where fewer were found)."""
-        self.lists.nprobe = min(self.probes, self.lists.nlist)  # `probes` may change after the build
-        scores, ids = self.lists.search(queries, topk)
-        if not self.outliers.ntotal:
-            return torch.from_numpy(ids)
-        more_scores, more_ids = self.outliers.search(queries, topk)
-        scores = torch.cat([torch.from_numpy(scores), torch.from_numpy(more_scores)], 1)
-        ids = torch.cat([torch.from_numpy(ids), torch.from_numpy(more_ids)], 1)
-        return ids.gather(1, scores.topk(topk, dim=1).indices)
+    def search(self, queries, topk: int) -> torch.Tensor:
+        """Ids (heads, n, topk) of the best entries for each head's queries (heads, n, d) (float32 numpy), -1
+        where fewer were found."""
+        # One query (generation) is searched over its lists by all threads; several, a query per thread.
+        parallel_mode = 1 if len(queries[0]) < self.faiss.omp_get_max_threads() else 0
+        scores, ids = [], []
+        for head, index in enumerate(self.lists):
+            index.nprobe = min(self.probes, index.nlist)  # `probes` may change after the build
+            index.parallel_mode = parallel_mode
+            head_scores, head_ids = index.search(queries[head], topk)
+            scores.append(torch.from_numpy(head_scores))
+            ids.append(torch.from_numpy(head_ids))
+        scores, ids = torch.stack(scores), torch.stack(ids)
+        outlying = self.outliers.search(torch.from_numpy(queries), topk)
+        if outlying is None:
+            return ids
+        scores, ids = torch.cat([scores, outlying[0]], -1), torch.cat([ids, outlying[1]], -1)
+        return ids.gather(-1, scores.topk(topk, dim=-1).indices)
 
-    def clone(self) -> _HeadIndex:
-        copy = object.__new__(_HeadIndex)
-        copy.faiss, copy.probes, copy.threshold = self.faiss, self.probes, self.threshold
-        copy.lists = self.faiss.clone_index(self.lists)  # owns its copy of the quantizer
-        copy.quantizer = copy.lists.quantizer
-        copy.outliers = self.faiss.clone_index(self.outliers)
+    def clone(self) -> _RowIndex:
+        copy = object.__new__(_RowIndex)
+        copy.faiss, copy.probes, copy.thresholds = self.faiss, self.probes, list(self.thresholds)
+        copy.lists = [self.faiss.clone_index(index) for index in self.lists]  # each owns its quantizer's copy
+        copy.outliers = self.outliers.clone()
         return copy
 
 
@@ -177,7 +249,7 @@ class _SearchIndex:
         self.built_lists = [0] * len(counts)
         self.built_counts = [0] * len(counts)
         self.written_since_build = [0] * len(counts)
-        self.indexes: list[list] = [[] for _ in counts]
+        self.indexes: list[_RowIndex | None] = [None] * len(counts)
         # Rows whose faiss indexes another row or another `_SearchIndex` also holds (`rows_of`): a write
         # copies them first.
         self.shared = [False] * len(counts)
@@ -209,7 +281,7 @@ class _SearchIndex:
     def _own_row(self, row: int) -> None:
         """Give row `row` faiss indexes of its own before a write changes them (see `rows_of`)."""
         if self.shared[row]:
-            self.indexes[row] = [head.clone() for head in self.indexes[row]]
+            self.indexes[row] = self.indexes[row].clone()
             self.shared[row] = False
 
     def _bind(self, keys: torch.Tensor) -> None:
@@ -244,11 +316,9 @@ class _SearchIndex:
         faiss.omp_set_num_threads(torch.get_num_threads())  # as many threads as torch is told to use
         lists = self._lists_for(count)
         ids = torch.arange(self.first_id[row], self.first_id[row] + count, dtype=torch.int64).numpy()
-        # One head at a time: a float32 store's (count, d) slice is passed to faiss without a copy.
-        self.indexes[row] = [
-            _HeadIndex(faiss, _as_float32_numpy(keys[row, head, :count]), ids, lists, self.probes)
-            for head in range(self.heads)
-        ]
+        self.indexes[row] = _RowIndex(
+            faiss, self.heads, lambda head: _as_float32_numpy(keys[row, head, :count]), ids, lists, self.probes
+        )
         self.built_lists[row] = lists
         self.built_counts[row] = count
         self.written_since_build[row] = 0
@@ -278,11 +348,9 @@ class _SearchIndex:
                 data = _as_float32_numpy(new_keys[row, :, new_count - new : new_count])
                 start = self.first_id[row] + count
                 ids = torch.arange(start, start + new, dtype=torch.int64).numpy()
-                for head, index in enumerate(self.indexes[row]):
-                    index.add(data[head], ids)
+                self.indexes[row].add(data, ids)
             if evicted:
-                for index in self.indexes[row]:
-                    index.remove_range(self.first_id[row], self.first_id[row] + evicted)
+                self.indexes[row].remove_range(self.first_id[row], self.first_id[row] + evicted)
                 self.first_id[row] += evicted
         self.counts = list(new_counts)
         self._bind(new_keys)
@@ -294,10 +362,9 @@ class _SearchIndex:
         batch, heads, tokens, _ = queries.shape
         found = torch.empty(batch, heads, tokens, topk, dtype=torch.int64)
         data = _as_float32_numpy(queries)
-        for row in range(batch):
-            for head, index in enumerate(self.indexes[row]):
-                index.probes = self.probes  # the reading block's setting as it is now
-                found[row, head] = index.search(data[row, head], topk) - self.first_id[row]
+        for row, index in enumerate(self.indexes):
+            index.probes = self.probes  # the reading block's setting as it is now
+            found[row] = index.search(data[row], topk) - self.first_id[row]
         # faiss pads with -1 (below first_id) when the probed lists hold fewer than k entries
         counts = torch.tensor(self.counts, dtype=torch.int64).view(batch, 1, 1, 1)
         selected_valid = (found >= 0) & (found < counts)

@@ -476,8 +476,41 @@ def test_an_entry_unlike_every_list_is_found_by_the_query_it_matches(monkeypatch
     query = F.normalize(odd + 0.8 * F.normalize(centres[0] - (centres[0] @ odd) * odd, dim=-1), dim=-1)
     assert int((keys @ query).argmax()) == 1234  # the exact read's best entry
     ids = torch.arange(4096, dtype=torch.int64).numpy()
-    index = kv_index._HeadIndex(faiss, keys.numpy(), ids, lists=64, probes=1)
-    found = int(index.search(query[None].numpy(), 1)[0, 0])
+    index = kv_index._RowIndex(faiss, 1, lambda head: keys.numpy(), ids, lists=64, probes=1)
+    found = int(index.search(query[None, None].numpy(), 1)[0, 0, 0])
     assert (found == 1234) == (outlier_share > 0)
     index.remove_range(1234, 1235)  # and an evicted outlier is gone from the exact side too
-    assert 1234 not in index.search(query[None].numpy(), 4)[0].tolist()
+    assert 1234 not in index.search(query[None, None].numpy(), 4)[0, 0].tolist()
+
+
+def test_a_row_index_with_every_list_searched_is_the_exact_top_k_through_adds_removals_and_copies(monkeypatch):
+    # The outlying entries of all heads are scored in one batched product over a padded buffer: heads holding
+    # different numbers of them, entries evicted from the middle of that buffer's order, and a copy written apart
+    # from its source must each still give every head its own exact top-k.
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setattr(kv_index, "_OUTLIER_SHARE", 0.05)
+    generator = torch.Generator().manual_seed(1)
+    heads, dim = 3, 16
+
+    def entries(count: int, spread: float) -> torch.Tensor:
+        centres = F.normalize(torch.randn(heads, 8, dim, generator=generator), dim=-1)
+        picked = centres[:, torch.randint(0, 8, (count,), generator=generator)]
+        return F.normalize(picked + spread * torch.randn(heads, count, dim, generator=generator), dim=-1)
+
+    keys = entries(1024, torch.tensor([0.05, 0.3, 1.0]).view(heads, 1, 1))
+    index = kv_index._RowIndex(faiss, heads, lambda head: keys[head].numpy(), torch.arange(1024).numpy(), 16, 16)
+    more = entries(512, 0.5)  # further from the first entries' lists than the tightest head's outliers were
+    index.add(more.contiguous().numpy(), torch.arange(1024, 1536).numpy())
+    assert len(set(index.outliers.sizes)) == heads
+    keys = torch.cat([keys, more], 1)
+    index.remove_range(0, 300)
+    copy = index.clone()
+    copy.remove_range(300, 700)  # the copy only
+    queries = entries(20, 0.4)
+
+    def exact(first: int) -> torch.Tensor:
+        scores = queries @ keys[:, first:].transpose(1, 2)
+        return scores.topk(5, dim=-1).indices + first
+
+    assert torch.equal(index.search(queries.numpy(), 5), exact(300))
+    assert torch.equal(copy.search(queries.numpy(), 5), exact(700))

@@ -120,13 +120,10 @@ class SharedHaystack:
         index = getattr(layer_state, "index", None)
         if index is None or block.search == "exact" or not index.fits(layer_state["keys"], layer_state["valid"]):
             return  # reads of this length are exact (or build their own index: a short memory)
-        first = index.first_id[0]
-        copies = []
-        for live in index.indexes[0]:
-            copy = live if tokens == self.haystack_length else live.clone()  # the whole haystack's: the read's own
-            copy.remove_range(first, first + offset + 1)
-            copies.append(copy)
-        self._snapshots[tokens] = (copies, first)
+        first, live = index.first_id[0], index.indexes[0]
+        copy = live if tokens == self.haystack_length else live.clone()  # the whole haystack's: the read's own
+        copy.remove_range(first, first + offset + 1)
+        self._snapshots[tokens] = (copy, first)
 
     def state(self, head_ids: torch.Tensor, tokens: int) -> MemoryState:
         """The memory after reading `head_ids` ((head_segments * segment_length,) tokens, all real) and then the
@@ -165,9 +162,8 @@ class SharedHaystack:
         """The haystack's index at `tokens` with this example's head entries in it, or None (an exact read, or a
         length with no snapshot: the read builds its own index)."""
         if self._headed is not None:  # the last example's head leaves the index it was added to
-            copies, _ = self._snapshots[self._headed]
-            for copy in copies:
-                copy.remove_range(_HEAD_IDS, _HEAD_IDS + self.head_entries + 1)
+            copy, _ = self._snapshots[self._headed]
+            copy.remove_range(_HEAD_IDS, _HEAD_IDS + self.head_entries + 1)
             self._headed = None
         block = self.model.memory_blocks[str(self.layer)]
         if block.topk is None or block.search == "exact" or layer["keys"].shape[2] <= block.search_threshold:
@@ -182,26 +178,24 @@ class SharedHaystack:
                     stacklevel=3,
                 )
             return None
-        copies, first = self._snapshots[tokens]
+        copy, first = self._snapshots[tokens]
         # the head's entries and the entry that joins it to the haystack (its key is the head's)
         head_keys = self._keys[0, :, : self.head_entries + 1].float().contiguous().numpy()
-        ids = torch.arange(_HEAD_IDS, _HEAD_IDS + self.head_entries + 1, dtype=torch.int64).numpy()
-        for head, copy in enumerate(copies):
-            copy.add(head_keys[head], ids)
+        copy.add(head_keys, torch.arange(_HEAD_IDS, _HEAD_IDS + self.head_entries + 1, dtype=torch.int64).numpy())
         self._headed = tokens
-        return _SplicedIndex(copies, self._shift - first, layer["keys"], layer["valid"])
+        return _SplicedIndex(copy, self._shift - first, layer["keys"], layer["valid"])
 
 
 class _SplicedIndex:
-    """A read's index over one `SharedHaystack.state`: the haystack's indexes (`_HeadIndex`) at its length, holding this
+    """A read's index over one `SharedHaystack.state`: the haystack's index (`_RowIndex`) at its length, holding this
     example's head entries under ids from `_HEAD_IDS`. It answers the reads of that state as the index of a
     whole read would (`memory_kv.KVMemory` asks `fits`, `counts` and `search`); it cannot follow a write (a
     write builds the new state its own index)."""
 
-    def __init__(self, indexes: list, shift: int, keys: torch.Tensor, valid: torch.Tensor):
-        self.indexes, self.shift = indexes, shift
+    def __init__(self, index, shift: int, keys: torch.Tensor, valid: torch.Tensor):
+        self.index, self.shift = index, shift
         self.counts = [keys.shape[2]]
-        self.probes = indexes[0].probes  # lists searched per query (the reading block sets it)
+        self.probes = index.probes  # lists searched per query (the reading block sets it)
         self.fingerprint, self.valid_fingerprint = _fingerprint(keys), _mask_fingerprint(valid)
 
     def fits(self, keys: torch.Tensor, valid: torch.Tensor) -> bool:
@@ -211,10 +205,8 @@ class _SplicedIndex:
         """Entry positions (B, H, T, k) of the approximate top-k of each query, and which are real picks."""
         _import_faiss().omp_set_num_threads(torch.get_num_threads())
         data = queries.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        found = torch.empty(*queries.shape[:3], topk, dtype=torch.int64)
-        for head, index in enumerate(self.indexes):
-            index.probes = self.probes
-            found[0, head] = index.search(data[0, head], topk)
+        self.index.probes = self.probes
+        found = self.index.search(data[0], topk)[None]
         picked = found >= 0  # faiss pads with -1 where the probed lists hold fewer than k entries
         positions = torch.where(found >= _HEAD_IDS, found - _HEAD_IDS, found + self.shift)
         return positions.masked_fill(~picked, 0).to(queries.device), picked.to(queries.device)
