@@ -5,10 +5,8 @@ value of token `j + memory_value_shift`: with shift 1 a query that matches a pas
 it" (kNN-LM style), which trains far faster than same-token values. Keys and queries are L2-normalised; a learned
 per-head temperature sharpens the softmax. Anchors: Memorizing Transformers (Wu et al. 2022), LongLLaMA / FoT.
 
-Reads over large memories: with `memory_search="auto"` a row holding more than `memory_search_threshold` entries
-is searched through a faiss IVF index per (row, head) (`_SearchIndex`, `memory_kv_index.py`), held by the state it
-indexes (`LayerState.index`) and moved by a write to the state the write makes; below the threshold, without faiss,
-or off CPU, the read is the exact top-k.
+Large memories (`memory_search="auto"`, more than `memory_search_threshold` entries) are read through faiss IVF
+indexes held by the state they index (`memory_kv_index.py`); below the threshold, without faiss, or off CPU, exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +21,15 @@ from torch import nn
 from transformers import initialization as init
 
 from .memory_base import LayerState, MemoryBlock, merge_heads, split_heads
-from .memory_kv_index import _import_faiss, _SearchIndex, _warn_faiss_missing, valid_counts
+from .memory_kv_index import (
+    _AppendedIndex,
+    _fitting_index,
+    _import_faiss,
+    _keep_index,
+    _SearchIndex,
+    _warn_faiss_missing,
+    valid_counts,
+)
 
 # Cap on one chunk of the (batch, heads, queries, entries) score tensor, in elements.
 _SCORE_CHUNK_ELEMENTS = 1 << 25
@@ -230,19 +236,6 @@ def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
 _INDEX_LOCK = threading.RLock()
 
 
-def _fitting_index(state) -> _SearchIndex | None:
-    """The index `state` holds, if it indexes the state's keys as they are (not written since, no mask edit)."""
-    index = getattr(state, "index", None)
-    return index if index is not None and index.fits(state["keys"], state["valid"]) else None
-
-
-def _keep_index(state, index: _SearchIndex | None) -> None:
-    """Give `state` its index. A plain dict (a state made by hand, not by this block) cannot hold one: its
-    reads build their own each time."""
-    if isinstance(state, LayerState):
-        state.index = index
-
-
 class _AppendBuffers:
     """Key and value buffers (B, H, size, d) holding a run of entries at [start, end), with room after it."""
 
@@ -363,9 +356,8 @@ class KVMemory(MemoryBlock):
     def reset_parameters(self, std: float) -> None:
         for proj in (self.mem_query, self.mem_value):
             init.normal_(proj.weight, mean=0.0, std=std)
-        # Keys start equal to queries: a token's query then best matches stored tokens in the same context,
-        # and with value shift 1 the read returns "what followed this context last time" from step 0.
-        # With independent random q/k the read is noise and a from-scratch passkey model stays at chance.
+        # Keys start equal to queries: a query then best matches stored tokens of the same context, and with value
+        # shift 1 reads "what followed it last time" from step 0 (random q/k: noise, a from-scratch passkey at chance).
         init.copy_(self.mem_key.weight, self.mem_query.weight)
         init.zeros_(self.mem_out.weight)
         # Scores are cosines in [-1, 1]: a temperature of sqrt(head_dim) (4 at head_dim 16) leaves the softmax
@@ -516,10 +508,18 @@ class KVMemory(MemoryBlock):
     def _follow_write_locked(self, state, new_state, entry_valid) -> None:
         index = _fitting_index(state)
         if index is not None:
+            new_counts, added = valid_counts(new_state["valid"]), entry_valid.sum(-1).tolist()
+            if new_counts is not None:
+                evicted = [old + new - count for old, new, count in zip(index.counts, added, new_counts, strict=True)]
+                appended = _AppendedIndex.over(index, new_state["keys"], new_state["valid"], new_counts, evicted)
+                if appended is not None:  # a few entries more: `state` keeps its index
+                    return _keep_index(new_state, appended)
             # the index becomes the new state's: it no longer indexes `state` (read again, that builds its own)
             _keep_index(state, None)
-            new_counts = valid_counts(new_state["valid"])
-            if new_counts is not None and index.advance(new_state["keys"], entry_valid.sum(-1).tolist(), new_counts):
+            if isinstance(index, _AppendedIndex):  # what was appended since its base was moved, then this write
+                added = [new + count - base for new, count, base in zip(added, index.counts, index.base_counts)]
+                index = index.base
+            if new_counts is not None and index.advance(new_state["keys"], added, new_counts):
                 index.remember_valid(new_state["valid"])
                 index.refresh(new_state["keys"])
                 _keep_index(new_state, index)

@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from .memory_base import LayerState
+
 # An IVF index is built with lists for `_LOOKAHEAD` times the entries it holds (at most the capacity),
 # `_ENTRIES_PER_LIST` each when full, so a search scans about `probes * _ENTRIES_PER_LIST` entries per query
 # up to `_MAX_LISTS` lists: at the default 65,536 entries, 512 lists and 32 probes scan 4,096 entries.
@@ -68,6 +70,19 @@ def _warn_faiss_missing(threshold: int) -> None:
             "silence this warning.",
             stacklevel=3,
         )
+
+
+def _fitting_index(state):
+    """The index `state` holds, if it indexes the state's keys as they are (not written since, no mask edit)."""
+    index = getattr(state, "index", None)
+    return index if index is not None and index.fits(state["keys"], state["valid"]) else None
+
+
+def _keep_index(state, index: _SearchIndex | None) -> None:
+    """Give `state` its index. A plain dict (a state made by hand, not by this block) cannot hold one: its
+    reads build their own each time."""
+    if isinstance(state, LayerState):
+        state.index = index
 
 
 def _fingerprint(tensor: torch.Tensor) -> tuple:
@@ -369,3 +384,83 @@ class _SearchIndex:
         counts = torch.tensor(self.counts, dtype=torch.int64).view(batch, 1, 1, 1)
         selected_valid = (found >= 0) & (found < counts)
         return found.clamp(min=0).to(queries.device), selected_valid.to(queries.device)
+
+
+# A write appending at most this many entries per row since the index was last moved leaves that index as it is and
+# gives the new state an `_AppendedIndex` over it: a question and its reply written after a remembered document
+# (a generation's window, when it fills) then leave the document's own state with its index, to be asked again
+# without a rebuild (k-means over every entry: minutes at a million). Searching the appended entries costs them.
+_APPENDED_EXACTLY = 4096
+
+
+class _AppendedIndex:
+    """The index of a state made by appending entries to an indexed state, with no eviction: the older state's
+    index (`base`, left unchanged, still that state's) for the entries it holds, and the appended entries scored
+    exactly. Built anew for each write (`over`), so every older state keeps an index that fits it. Once more than
+    `_APPENDED_EXACTLY` entries per row are appended, the write moves `base` itself instead (`KVMemory` asks
+    `holds`); older states holding an `_AppendedIndex` over it then no longer fit (`fits`) and read through an index
+    of their own."""
+
+    def __init__(self, base: _SearchIndex, base_counts: list[int], keys: torch.Tensor, valid: torch.Tensor, counts):
+        self.base, self.base_counts, self.counts = base, base_counts, list(counts)
+        self.keys, self.fingerprint, self.valid_fingerprint = keys, _fingerprint(keys), _mask_fingerprint(valid)
+
+    @staticmethod
+    def over(index, keys: torch.Tensor, valid: torch.Tensor, new_counts: list[int], evicted: list[int]):
+        """The index of the state (`keys`, `valid`, `new_counts`) a write made from the state `index` fits, or None
+        where the appended entries are too many or the write evicted entries (the write then moves the index)."""
+        base = index.base if isinstance(index, _AppendedIndex) else index
+        base_counts = index.base_counts if isinstance(index, _AppendedIndex) else list(index.counts)
+        appended = [new - old for new, old in zip(new_counts, base_counts, strict=True)]
+        if any(evicted) or max(appended) > _APPENDED_EXACTLY or min(appended) < 0:
+            return None
+        return _AppendedIndex(base, base_counts, keys, valid, new_counts)
+
+    @property
+    def probes(self) -> int:
+        return self.base.probes
+
+    @probes.setter
+    def probes(self, value: int) -> None:
+        self.base.probes = value
+
+    def fits(self, keys: torch.Tensor, valid: torch.Tensor) -> bool:
+        if self.base.counts != self.base_counts:
+            return False  # `base` was moved on by a later write of the state it came from
+        return _fingerprint(keys) == self.fingerprint and _mask_fingerprint(valid) == self.valid_fingerprint
+
+    def search(self, queries: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`base`'s picks and every appended entry, the best `topk` of them by exact score."""
+        picks, picked = self.base.search(queries, topk)
+        batch, heads, tokens, _ = queries.shape
+        first, width = min(self.base_counts), max(self.counts) - min(self.base_counts)
+        appended = torch.arange(first, first + width, device=queries.device).expand(batch, heads, tokens, width)
+        start = torch.tensor(self.base_counts, device=queries.device).view(batch, 1, 1, 1)
+        end = torch.tensor(self.counts, device=queries.device).view(batch, 1, 1, 1)
+        candidates = torch.cat([picks, appended], -1)
+        real = torch.cat([picked, (appended >= start) & (appended < end)], -1)
+        gather = candidates.clamp(max=self.keys.shape[2] - 1)[..., None].expand(-1, -1, -1, -1, self.keys.shape[3])
+        chosen = self.keys[:, :, None].expand(-1, -1, tokens, -1, -1).gather(3, gather)
+        scores = (chosen.to(queries.dtype) @ queries[..., None]).squeeze(-1).masked_fill(~real, -math.inf)
+        best = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
+        return candidates.gather(-1, best), real.gather(-1, best)
+
+    def settle(self, keys: torch.Tensor, valid: torch.Tensor) -> _SearchIndex | None:
+        """Move `base` over the appended entries (the state of `keys` and `valid`, which this index fits, may then
+        hold `base` itself); None where it cannot follow."""
+        added = [count - base for count, base in zip(self.counts, self.base_counts, strict=True)]
+        if not self.base.advance(keys, added, self.counts):
+            return None
+        self.base.remember_valid(valid)
+        self.base.refresh(keys)
+        return self.base
+
+    def rows_of(self, rows: list[int], keys: torch.Tensor, valid: torch.Tensor) -> _AppendedIndex:
+        base = self.base.rows_of(rows, keys, valid)
+        return _AppendedIndex(base, list(base.counts), keys, valid, [self.counts[row] for row in rows])
+
+    def remember_valid(self, valid: torch.Tensor) -> None:
+        self.valid_fingerprint = _mask_fingerprint(valid)
+
+    def retire(self) -> None:
+        self.fingerprint = self.valid_fingerprint = None

@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from hf_memlm.memory_base import LayerState
-from hf_memlm.memory_kv_index import _fingerprint, _import_faiss, _mask_fingerprint
+from hf_memlm.memory_kv_index import _AppendedIndex, _fingerprint, _import_faiss, _keep_index, _mask_fingerprint
 from hf_memlm.memory_state import MemoryState
 
 # haystack tokens memorized per call (bounds the token ids and activations held at once)
@@ -120,6 +120,11 @@ class SharedHaystack:
         index = getattr(layer_state, "index", None)
         if index is None or block.search == "exact" or not index.fits(layer_state["keys"], layer_state["valid"]):
             return  # reads of this length are exact (or build their own index: a short memory)
+        if isinstance(index, _AppendedIndex):  # a short chunk's entries are beside the index: put them in it
+            index = index.settle(layer_state["keys"], layer_state["valid"])
+            _keep_index(layer_state, index)
+            if index is None:
+                return
         first, live = index.first_id[0], index.indexes[0]
         copy = live if tokens == self.haystack_length else live.clone()  # the whole haystack's: the read's own
         copy.remove_range(first, first + offset + 1)
