@@ -17,13 +17,25 @@ from torch import nn
 class LayerState(dict):
     """One memory layer's state: its tensors by name, batch first, plus `index`, what the kind built from them
     to read them faster (the `kv` search index), or None. The index lives and dies with the state holding it:
-    it is not saved, and a copy (`copy.deepcopy`, pickling) of the tensors goes without it."""
+    it is not saved, and a copy (`copy.deepcopy`, pickling) of the tensors goes without it.
 
-    __slots__ = ("index",)
+    `same_tensors_as`: a state holding the very same tensors (`detach`, a `to` that changes nothing), which then
+    shares this one's index both ways: an index built while a call reads its detached copy of a state stays
+    with the caller's state (a state loaded from a file and asked twice builds its index once)."""
 
-    def __init__(self, tensors=(), index=None):
+    __slots__ = ("_holder",)
+
+    def __init__(self, tensors=(), index=None, same_tensors_as: LayerState | None = None):
         super().__init__(tensors)
-        self.index = index
+        self._holder = same_tensors_as._holder if same_tensors_as is not None else [index]
+
+    @property
+    def index(self):
+        return self._holder[0]
+
+    @index.setter
+    def index(self, value) -> None:
+        self._holder[0] = value
 
     def __reduce__(self):
         return (type(self), (dict(self),))

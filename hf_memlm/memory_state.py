@@ -47,7 +47,10 @@ class MemoryState:
         self.memory_type = memory_type
         # the same tensors, so the same index (a write moves it to the state it makes; a state whose tensors
         # it no longer indexes does not use it: `KVMemory` checks that it fits first)
-        self.layers = {int(k): LayerState(v, getattr(v, "index", None)) for k, v in layers.items()}
+        self.layers = {
+            int(k): LayerState(v, same_tensors_as=v) if isinstance(v, LayerState) else LayerState(v)
+            for k, v in layers.items()
+        }
         self.window = dict(window) if window else {}
 
     # -- shape -------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def _mapped(tensors: LayerState, fn) -> LayerState:
     view of it in place: `detach`, a `to` that changes nothing), and is dropped where any was copied."""
     mapped = {name: fn(name, t) for name, t in tensors.items()}
     same = all(_same_memory(mapped[name], t) for name, t in tensors.items())
-    return LayerState(mapped, tensors.index if same else None)
+    return LayerState(mapped, same_tensors_as=tensors) if same else LayerState(mapped)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

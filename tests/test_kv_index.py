@@ -566,3 +566,24 @@ def test_appended_entries_are_read_exactly_until_the_index_moves_and_older_state
         for number, state in enumerate(states):
             assert _same_picks(block, exact, queries, state), f"state {number}"
     assert 0 < len(builds) <= 2 * 4, builds  # states 0-3 hold indexes moved on by the 4th write: theirs are built
+
+
+def test_a_state_loaded_from_a_file_builds_its_index_once_for_several_questions(monkeypatch, tmp_path):
+    # A saved memory comes back without its index. The first read builds one on the call's detached copy of the
+    # state; it must stay with the caller's state (same tensors), or every question would build it again.
+    pytest.importorskip("faiss")
+    model = _indexed_model("auto")
+    model.generation_config.eos_token_id = None
+    tokens = torch.randint(0, 97, (1, 420), generator=torch.Generator().manual_seed(23))
+    model.memorize(tokens[:, :384]).save(tmp_path / "memory.safetensors")
+    state = hf_memlm.MemoryState.load(tmp_path / "memory.safetensors")
+    assert state.layers[0].index is None
+    builds = _record_builds(monkeypatch)
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        first = model.generate(tokens[:, 384:400], memory_state=state, **options)
+        assert len(builds) == 1 and state.layers[0].index is not None  # one row: one build
+        model.generate(tokens[:, 400:416], memory_state=state, **options)
+        again = model.generate(tokens[:, 384:400], memory_state=state, **options)
+    assert len(builds) == 1, builds
+    assert torch.equal(again, first)
