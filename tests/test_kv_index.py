@@ -295,7 +295,8 @@ def test_index_at_a_quarter_million_entries_is_built_a_few_times_with_capped_lis
 
 def _indexed_model(search: str) -> MemLMForCausalLM:
     """A kv model whose reads past 64 entries go through the index (probing every list it has: with a few
-    hundred entries that is all 8 of them, so its picks are the exact ones), or exact ones."""
+    hundred entries that is all 8 of them, so its picks are the exact ones), or exact ones. It generates to
+    `max_new_tokens` (no end-of-sequence token)."""
     torch.manual_seed(0)
     settings = dict(memory_type="kv", memory_layers=[0], segment_length=16, memory_heads=2, memory_size=1024)
     config = MemLMConfig(text_config=base_config("llama"), memory_search=search, memory_search_threshold=64, **settings)
@@ -304,6 +305,7 @@ def _indexed_model(search: str) -> MemLMForCausalLM:
     with torch.no_grad():
         for param in model.memory_blocks.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.generation_config.eos_token_id = None
     return model
 
 
@@ -318,7 +320,6 @@ def test_beam_search_follows_the_index_through_reorders_and_window_writes(monkey
     results = {}
     for search in ("exact", "auto"):
         model = _indexed_model(search)
-        model.generation_config.eos_token_id = None
         state = model.memorize(document)
         builds = _record_builds(monkeypatch)
         with torch.no_grad():  # 16 prompt tokens + 24 new ones: the beams' windows are written on the way
@@ -337,7 +338,6 @@ def test_a_memorized_document_keeps_its_index_for_the_next_beam_search(monkeypat
     # (sharing the document's lists) and the document's index stays for the next question.
     pytest.importorskip("faiss")
     model = _indexed_model("auto")
-    model.generation_config.eos_token_id = None
     tokens = torch.randint(0, 97, (1, 420), generator=torch.Generator().manual_seed(16))
     state = model.memorize(tokens[:, :384])
     builds = _record_builds(monkeypatch)
@@ -357,7 +357,6 @@ def test_beam_searches_in_threads_over_one_indexed_document_equal_serial_ones():
     # their windows into lists they share with it: each thread must get what it gets alone.
     pytest.importorskip("faiss")
     model = _indexed_model("auto")
-    model.generation_config.eos_token_id = None
     tokens = torch.randint(0, 97, (1, 384 + 4 * 16), generator=torch.Generator().manual_seed(17))
     state = model.memorize(tokens[:, :384])
     prompts = [tokens[:, 384 + 16 * t : 400 + 16 * t] for t in range(4)]
@@ -532,7 +531,6 @@ def test_a_memorized_document_keeps_its_index_when_a_question_fills_a_window(mon
     answers = {}
     for search in ("exact", "auto"):
         model = _indexed_model(search)
-        model.generation_config.eos_token_id = None
         state = model.memorize(document)
         builds = _record_builds(monkeypatch)
         with torch.no_grad():  # 40 prompt tokens, segments of 16: two windows written
@@ -573,7 +571,6 @@ def test_a_state_loaded_from_a_file_builds_its_index_once_for_several_questions(
     # state; it must stay with the caller's state (same tensors), or every question would build it again.
     pytest.importorskip("faiss")
     model = _indexed_model("auto")
-    model.generation_config.eos_token_id = None
     tokens = torch.randint(0, 97, (1, 420), generator=torch.Generator().manual_seed(23))
     model.memorize(tokens[:, :384]).save(tmp_path / "memory.safetensors")
     state = hf_memlm.MemoryState.load(tmp_path / "memory.safetensors")
