@@ -1,5 +1,7 @@
 """The approximate search behind large `kv` memories: faiss IVF indexes over a memory state's keys, with the
-entries least like their list's centroid scored exactly by every search.
+entries least like their list's centroid scored exactly by every search (`_SearchIndex`, one `_RowIndex` per row);
+a state a short write made from an indexed one reads through that index plus its new entries, scored exactly
+(`_AppendedIndex`), so the state written from keeps its index.
 
 faiss is optional (`pip install hf-memlm[faiss]`): it is imported lazily, and without it `KVMemory` reads
 exactly and warns once. The index only selects entries; scores and values are computed by `memory_kv.py`,
