@@ -391,7 +391,7 @@ class _SearchIndex:
 # A write appending at most this many entries per row since the index was last moved leaves that index as it is and
 # gives the new state an `_AppendedIndex` over it: a question and its reply written after a remembered document
 # (a generation's window, when it fills) then leave the document's own state with its index, to be asked again
-# without a rebuild (k-means over every entry: minutes at a million). Searching the appended entries costs them.
+# without a rebuild (k-means over every entry: tens of seconds at a million). Searching the appended entries costs them.
 _APPENDED_EXACTLY = 4096
 
 

@@ -522,7 +522,7 @@ def test_a_row_index_with_every_list_searched_is_the_exact_top_k_through_adds_re
 def test_a_memorized_document_keeps_its_index_when_a_question_fills_a_window(monkeypatch):
     # A question longer than a segment writes its window to memory on the way. That write must leave the
     # document's index as it was (the appended entries are scored exactly beside it), or the next question would
-    # build the index again: k-means over every entry, minutes at a million. With every list probed (a few hundred
+    # build the index again: k-means over every entry, tens of seconds at a million. With every list probed (a few hundred
     # entries: all 8 lists) the answers are those of exact search.
     pytest.importorskip("faiss")
     tokens = torch.randint(0, 97, (1, 480), generator=torch.Generator().manual_seed(21))
