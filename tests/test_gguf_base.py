@@ -186,3 +186,21 @@ def test_saved_shipped_model_reloads_without_gguf_or_hf_memlm(smollm2, tmp_path)
     result = run_python_json(script, [str(tmp_path)], tmp_path)
     assert result["module"].startswith("transformers_modules") and result["chat"], result
     assert result["diff"] < 1e-5, result
+
+
+@needs_shipped
+def test_the_suite_config_builds_examples_of_at_most_2048_tokens_with_the_shipped_tokenizer(smollm2):
+    # configs/smollm2_suite_cpu.yaml's data section, as `hf-memlm train` builds it (a few examples)
+    from pathlib import Path
+
+    from hf_memlm.recipes.config import load_train_config
+    from hf_memlm.recipes.train import _build_examples
+
+    _, tokenizer = smollm2
+    root = Path(__file__).resolve().parents[1]
+    config = load_train_config(root / "configs" / "smollm2_suite_cpu.yaml", ["--data.num_examples", "18"])
+    data = {**config["data"], "source": str(root / config["data"]["source"])}
+    examples, _ = _build_examples(data, tokenizer, config["model"]["memory"]["segment_length"], None, seed=0)
+    assert len(examples) == 18
+    assert all(len(ids) <= 2048 for ids in examples["input_ids"])
+    assert all(sum(label != -100 for label in labels) > 1 for labels in examples["labels"])

@@ -49,11 +49,14 @@ def chat_prompt_ids(tokenizer, name: str = "") -> list[int]:
 def chat_exchange_ids(tokenizer, key: str, name: str = "") -> tuple[list[int], int]:
     """The question and the assistant's reply ending its turn, as the chat template writes them; and where the
     reply starts (the prompt's length)."""
-    prompt = chat_prompt_ids(tokenizer, name)
-    messages = [
-        {"role": "user", "content": question_text(name)},
-        {"role": "assistant", "content": reply_text(key, name)},
-    ]
+    return chat_turn_ids(tokenizer, question_text(name), reply_text(key, name))
+
+
+def chat_turn_ids(tokenizer, question: str, reply: str) -> tuple[list[int], int]:
+    """A user turn `question` and the assistant's `reply` ending its turn, as the chat template writes them; and
+    where the reply starts (the prompt's length)."""
+    prompt = _template_ids(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
     whole = _template_ids(tokenizer, messages, add_generation_prompt=False)
     if whole[: len(prompt)] != prompt:
         raise ValueError(
@@ -67,8 +70,8 @@ def chat_exchange_ids(tokenizer, key: str, name: str = "") -> tuple[list[int], i
 def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "chat passkey examples need a tokenizer with a chat template (an instruct model's tokenizer); this one "
-            "has none. Use the passkey task for plain-text questions."
+            "chat examples (chat_passkey, chat_suite) need a tokenizer with a chat template (an instruct model's "
+            "tokenizer); this one has none. Use the passkey task for plain-text questions."
         )
     ids = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
@@ -168,26 +171,34 @@ def make_chat_passkey_dataset(
         for _ in range(numbers if number_counts is None else int(rng.choice(number_counts))):
             _write_where_free(rng, document, taken, encode(tokenizer, book_number(rng, keys[asked], key_digits)))
         exchange, prompt_length = chat_exchange_ids(tokenizer, keys[asked], names[asked])
-        if len(exchange) > segment_length:
-            raise ValueError(
-                f"the chat question and reply take {len(exchange)} tokens but segment_length={segment_length}: they "
-                "must fit in the last segment. Use a longer segment_length."
-            )
-        labels = np.full(document_length + len(exchange), IGNORE_INDEX, dtype=np.int64)
-        labels[document_length + prompt_length :] = exchange[prompt_length:]
         rows.append(
             {
-                "input_ids": np.concatenate([document, np.asarray(exchange, dtype=np.int64)]),
-                "labels": labels,
+                **document_then_question(document, exchange, prompt_length, segment_length),
                 "answer": keys[asked],
                 "key_name": names[asked],
                 "needle_segment": needle_segments[asked],
-                "question_start": document_length,
-                "prompt_length": prompt_length,
                 "num_needles": count,
             }
         )
     return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
+
+
+def document_then_question(document: np.ndarray, exchange: list[int], prompt_length: int, segment_length: int) -> dict:
+    """A training example's columns: the document's tokens, then the chat exchange from a segment start (it must fit
+    in that one segment), only the reply labelled: input_ids, labels, question_start, prompt_length."""
+    if len(exchange) > segment_length:
+        raise ValueError(
+            f"the chat question and reply take {len(exchange)} tokens but segment_length={segment_length}: they "
+            "must fit in the last segment. Use a longer segment_length."
+        )
+    labels = np.full(len(document) + len(exchange), IGNORE_INDEX, dtype=np.int64)
+    labels[len(document) + prompt_length :] = exchange[prompt_length:]
+    return {
+        "input_ids": np.concatenate([document, np.asarray(exchange, dtype=np.int64)]),
+        "labels": labels,
+        "question_start": len(document),
+        "prompt_length": prompt_length,
+    }
 
 
 def _write_where_free(rng, document: np.ndarray, taken: np.ndarray, ids: np.ndarray) -> None:

@@ -120,9 +120,7 @@ def make_long_context_dataset(
         raise ValueError(f"unknown long-context task {task!r}; choose from {list(MAX_NEW_TOKENS)}.")
     check_positive_int("num_examples", num_examples)
     lengths = [parse_length(length) for length in ([lengths] if isinstance(lengths, (int, str)) else lengths)]
-    if filler is None:
-        filler = "synthetic" if task in ("niah_single_noise", "variable_tracking") else "natural"
-    haystack = Haystack(tokenizer, filler, text)
+    haystack = task_haystack(Haystack(tokenizer, default_filler(task) if filler is None else filler, text), task)
     build = _BUILDERS[task]
     rows = []
     for length in lengths:
@@ -148,6 +146,25 @@ def make_long_context_dataset(
                 }
             )
     return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
+
+
+def default_filler(task: str) -> str:
+    """RULER's noise for the single needle in noise and for variable tracking, the book for the other tasks."""
+    return "synthetic" if task in ("niah_single_noise", "variable_tracking") else "natural"
+
+
+def task_haystack(haystack: Haystack, task: str) -> Haystack:
+    """The filler `task` draws from: for bAbI, the sentences that name none of the story's people, places and
+    objects."""
+    return haystack.without([*ACTORS, *PLACES, *OBJECTS]) if task in BABILONG_TASKS else haystack
+
+
+def draw_task(task: str, rng, haystack: Haystack) -> tuple[str, str, list[str], list[str], list[str]]:
+    """One draw of `task`: (question, answer prefix, the sentences to insert in the document, expected answers,
+    candidate words (bAbI's places; RULER: []))."""
+    if task not in _BUILDERS:
+        raise ValueError(f"unknown long-context task {task!r}; choose from {list(_BUILDERS)}.")
+    return _BUILDERS[task](rng, haystack)
 
 
 def question_prompt(tokenizer, question: str, answer_prefix: str = "") -> str:
@@ -181,6 +198,20 @@ class Haystack:
 
     def count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def without(self, words) -> Haystack:
+        """The same filler less its sentences that name any of `words` (whole words, any case): books name
+        gardens and Marys, and a bAbI answer must come from the story alone."""
+        named = re.compile(r"\b(?:" + "|".join(re.escape(word) for word in words) + r")\b", re.IGNORECASE)
+        kept = [i for i, unit in enumerate(self.units) if not named.search(unit)]
+        if not kept:
+            raise ValueError(f"every sentence of the filler names one of {list(words)}: use another text.")
+        copy = object.__new__(Haystack)
+        copy.tokenizer, copy.filler = self.tokenizer, self.filler
+        copy.units, copy.counts = [self.units[i] for i in kept], [self.counts[i] for i in kept]
+        text = " ".join(copy.units)
+        copy.words = set(re.findall(r"[A-Za-z]+", text.lower())) | set(re.findall(r"\d+", text))
+        return copy
 
     def absent(self, word: str) -> bool:
         """Whether `word` (a name, a place, a number) never occurs in the filler as a word."""
@@ -413,9 +444,12 @@ __all__ = [
     "RULER_TASKS",
     "SUITES",
     "Haystack",
+    "default_filler",
+    "draw_task",
     "make_long_context_dataset",
     "parse_length",
     "question_prompt",
     "score_reply",
     "suite_tasks",
+    "task_haystack",
 ]

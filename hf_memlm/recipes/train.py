@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
 # Tasks whose examples vary in length and are labelled only at their end: padded per batch, and the document
 # before the labels runs only up to the memory (`LabelledTailCollator`).
-TAIL_LABELLED_TASKS = frozenset({"chat_passkey"})
+TAIL_LABELLED_TASKS = frozenset({"chat_passkey", "chat_suite"})
 SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "train_config.yaml"
 
