@@ -315,6 +315,15 @@ def test_the_suite_command(chat_tokenizer, tmp_path, capsys):
     assert [row["task"] for row in results["rows"]] == ["niah_multiquery", "qa2"] and results["base_window"] == 128
     assert (out / "suite.png").is_file() and "| niah_multiquery | 600 | 1 |" in (out / "suite.md").read_text()
     assert "| niah_multiquery | 600 | 1 |" in capsys.readouterr().out
+    # the memory model alone: the baselines' cells and averages are left empty, the report still written
+    alone = tmp_path / "alone"
+    assert main([*argv, "--output-dir", str(alone), "--no-progress", "--no-baselines"]) == 0
+    averages = json.loads((alone / "suite.json").read_text())["averages"]
+    assert [(row["suite"], row[MEMORY_DISABLED], row[BASE_MODEL]) for row in averages] == [
+        ("ruler", None, None), ("babilong", None, None),
+    ]  # fmt: skip
+    assert all(row[MEMORY] is not None for row in averages) and (alone / "suite.png").is_file()
+    capsys.readouterr()
     assert main(["eval", str(folder), "--suite", "ruler", "--lengths", "4x", "--output-dir", str(tmp_path / "o")]) == 2
     assert "length '4x' is not a positive number of tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -144,8 +144,8 @@ def evaluate_suite(model, tokenizer, settings: SuiteSettings, text: str | None =
         "task": "suite",
         "settings": {**settings.__dict__},
         "base_window": window,
-        "rows": _rows(answers, settings),
-        "averages": _averages(answers, settings),
+        "rows": (rows := _rows(answers, settings)),
+        "averages": _averages(rows, settings),
         "model": describe_model(model),
         "seconds": seconds,
         "answers": answers,
@@ -173,21 +173,20 @@ def _rows(answers: list[dict], settings: SuiteSettings) -> list[dict]:
     return rows
 
 
-def _averages(answers: list[dict], settings: SuiteSettings) -> list[dict]:
-    """Per suite and length: the mean of its tasks' scores (RULER's average)."""
-    rows = []
+def _averages(rows: list[dict], settings: SuiteSettings) -> list[dict]:
+    """Per suite and length: the mean of its tasks' scores (RULER's average), from the rows by task and length; None
+    for a condition not run (`baselines=False`) or missing from a task."""
+    averages = []
     for suite, tasks in SUITES.items():
         tasks = [task for task in tasks if task in settings.tasks]
         for length in settings.lengths if tasks else []:
-            row = {"suite": suite, "length": length, "tasks": len(tasks)}
+            cells = [row for row in rows if row["task"] in tasks and row["length"] == length]
+            average = {"suite": suite, "length": length, "tasks": len(tasks)}
             for condition in (MEMORY, MEMORY_DISABLED, BASE_MODEL):
-                scores = [
-                    _mean([a[f"{condition}_score"] for a in answers if a["task"] == task and a["length"] == length])
-                    for task in tasks
-                ]
-                row[condition] = None if None in scores else sum(scores) / len(scores)
-            rows.append(row)
-    return rows
+                scores = [row[condition] for row in cells]
+                average[condition] = None if None in scores else sum(scores) / len(scores)
+            averages.append(average)
+    return averages
 
 
 def _cell(value) -> str:
