@@ -129,8 +129,7 @@ def make_chat_passkey_dataset(
     check_positive_int("num_examples", num_examples)
     check_positive_int("segment_length", segment_length)
     check_positive_int("max_needles", max_needles)
-    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 2:
-        raise ValueError(f"num_segments must be at least 2 (a document and the question), got {num_segments!r}.")
+    check_chat_segments(num_segments)
     if not 0.0 <= named_share <= 1.0:
         raise ValueError(f"named_share must lie in [0, 1], got {named_share!r}.")
     if isinstance(distractors, bool) or not isinstance(distractors, int) or distractors < 0:
@@ -181,6 +180,12 @@ def make_chat_passkey_dataset(
             }
         )
     return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
+
+
+def check_chat_segments(num_segments) -> None:
+    """A chat example needs at least one segment of document and the question's own."""
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 2:
+        raise ValueError(f"num_segments must be at least 2 (a document and the question), got {num_segments!r}.")
 
 
 def document_then_question(document: np.ndarray, exchange: list[int], prompt_length: int, segment_length: int) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chat_passkey import chat_turn_ids, document_then_question
+from .chat_passkey import chat_turn_ids, check_chat_segments, document_then_question
 from .layout import check_positive_int, encode, to_dataset
 from .long_context import BABILONG_TASKS, Haystack, default_filler, draw_task, suite_tasks, task_haystack
 
@@ -50,22 +50,21 @@ def make_chat_suite_dataset(
     """
     check_positive_int("num_examples", num_examples)
     check_positive_int("segment_length", segment_length)
-    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 2:
-        raise ValueError(f"num_segments must be at least 2 (a document and the question), got {num_segments!r}.")
+    check_chat_segments(num_segments)
     tasks = suite_tasks(tasks)
-    haystacks = {}
+    fillers, haystacks = {}, {}  # the text of each filler kind, and what each task draws from it
     rng = np.random.default_rng(seed)
     document_length = (num_segments - 1) * segment_length
     newline = encode(tokenizer, "\n")
     rows = []
     for number in range(num_examples):
         task = tasks[number % len(tasks)]
-        filler = default_filler(task)
-        if filler not in haystacks:
-            haystacks[filler] = Haystack(tokenizer, filler, text if filler == "natural" else None)
-        if (filler, task) not in haystacks:
-            haystacks[filler, task] = task_haystack(haystacks[filler], task)
-        haystack = haystacks[filler, task]
+        if task not in haystacks:
+            filler = default_filler(task)
+            if filler not in fillers:
+                fillers[filler] = Haystack(tokenizer, filler, text if filler == "natural" else None)
+            haystacks[task] = task_haystack(fillers[filler], task)
+        haystack = haystacks[task]
         question, answer_prefix, pieces, answers, _ = draw_task(task, rng, haystack)
         document, _ = haystack.document(rng, pieces, document_length, task, document_length)
         ids = encode(tokenizer, document)  # at most document_length: `document` counts the whole text's tokens

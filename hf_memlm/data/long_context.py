@@ -176,6 +176,11 @@ def question_prompt(tokenizer, question: str, answer_prefix: str = "") -> str:
     return f"Question: {question}\nAnswer:" + (f" {answer_prefix}" if answer_prefix else "")
 
 
+def _words(text: str) -> set[str]:
+    """The words (lower case) and numbers of `text`."""
+    return set(re.findall(r"[A-Za-z]+", text.lower())) | set(re.findall(r"\d+", text))
+
+
 class Haystack:
     """Filler sentences of a text and their token counts, to build documents of a given length."""
 
@@ -194,7 +199,7 @@ class Haystack:
         self.units = [" " + sentence for sentence in sentences]
         known = {}
         self.counts = [known.setdefault(unit, self.count(unit)) for unit in self.units]
-        self.words = set(re.findall(r"[A-Za-z]+", text.lower())) | set(re.findall(r"\d+", text))
+        self.words = _words(text)
 
     def count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -209,8 +214,7 @@ class Haystack:
         copy = object.__new__(Haystack)
         copy.tokenizer, copy.filler = self.tokenizer, self.filler
         copy.units, copy.counts = [self.units[i] for i in kept], [self.counts[i] for i in kept]
-        text = " ".join(copy.units)
-        copy.words = set(re.findall(r"[A-Za-z]+", text.lower())) | set(re.findall(r"\d+", text))
+        copy.words = _words(" ".join(copy.units))
         return copy
 
     def absent(self, word: str) -> bool:
