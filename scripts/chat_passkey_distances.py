@@ -52,12 +52,22 @@ def main(argv=None) -> None:
         "--search", default="exact", choices=["exact", "auto"], help="exact reads, or the approximate index"
     )
     parser.add_argument("--probes", type=int, default=None, help="memory_search_probes (default: the model's)")
+    parser.add_argument(
+        "--needle-distances",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also these distances with the key among 3 other named needles, one asked (the config's multi-needle row)",
+    )
+    parser.add_argument("--needle-examples", type=int, default=30, help="examples per --needle-distances distance")
     parser.add_argument("--output", help="also write the results (answers, timings, environment) to this JSON file")
     args = parser.parse_args(argv)
     if len(args.examples) not in (1, len(args.distances)):
         parser.error(f"--examples takes one count or one per distance ({len(args.distances)}), got {args.examples}.")
     examples = args.examples * len(args.distances) if len(args.examples) == 1 else args.examples
-    memory_size = max(args.distances) + 8192  # the haystack, the example's own segments and the question
+    memory_size = (
+        max(args.distances + args.needle_distances) + 8192
+    )  # the haystack, the example's own segments and the question
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
         memory_topk=args.topk,
@@ -69,7 +79,13 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     measured_in = environment()
     print(environment_line(measured_in), flush=True)
-    settings = ChatPasskeySettings.memory_only(args.distances, examples, seed=args.seed)
+    settings = ChatPasskeySettings.memory_only(
+        args.distances,
+        examples,
+        seed=args.seed,
+        multi_needle_distances=args.needle_distances,
+        multi_needle_examples=args.needle_examples,
+    )
     results = evaluate_chat_passkey(model, tokenizer, Path(args.text).read_text(encoding="utf-8"), settings, False)
     results.update(
         environment=measured_in,
@@ -84,10 +100,14 @@ def main(argv=None) -> None:
         f"haystack read in {results['seconds']['read_haystack']} s; examples {results['seconds']['memory_examples']} s"
     )
     for row in results["rows"]:
-        print(f"key {row['distance']:,} tokens back: exact match {row['memory']:.3f} ({row['examples']} examples)")
+        among = "" if row["needles"] == 1 else f" among {row['needles']} named needles"
+        print(
+            f"key {row['distance']:,} tokens back{among}: exact match {row['memory']:.3f} ({row['examples']} examples)"
+        )
     for answer in results["answers"]:
         if not answer["memory_correct"]:
-            print(f"  missed at {answer['distance']:,}: {answer['key']!r} answered {answer['memory']!r}")
+            name = f" ({answer['name']})" if answer["name"] else ""
+            print(f"  missed at {answer['distance']:,}: {answer['key']!r}{name} answered {answer['memory']!r}")
 
 
 if __name__ == "__main__":

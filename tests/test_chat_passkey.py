@@ -60,6 +60,18 @@ def test_examples_hold_the_document_then_the_chat_question_from_a_segment_start(
     assert again["input_ids"] == examples["input_ids"]
 
 
+def test_min_needles_sets_the_fewest_named_needles_per_document(tokenizer):
+    examples = make_chat_passkey_dataset(
+        tokenizer, 24, SEGMENT, 3, seed=0, named_share=1.0, min_needles=2, max_needles=3
+    )
+    assert set(examples["num_needles"]) == {2, 3}
+    for example in examples:
+        document = tokenizer.decode(example["input_ids"][: example["question_start"]])
+        assert document.count("The pass key of the") == example["num_needles"]
+    with pytest.raises(ValueError, match=r"min_needles \(4\) must not exceed max_needles \(3\)"):
+        make_chat_passkey_dataset(tokenizer, 2, SEGMENT, 3, min_needles=4, max_needles=3)
+
+
 def test_book_numbers_are_written_over_the_document_and_leave_the_key_once(tokenizer):
     # `numbers`: numbers of 1-5 digits after book phrases (" CHAPTER 83."), over every document, half starting
     # with a digit of the key; a list draws the count per example. The key stays written once, and 0 changes nothing.

@@ -109,6 +109,7 @@ def make_chat_passkey_dataset(
     filler: str = "natural",
     named_share: float = 0.5,
     max_needles: int = 4,
+    min_needles: int = 1,
     distractors: int = 2,
     key_digits: int = 5,
     numbers: int | list[int] = 0,
@@ -119,8 +120,9 @@ def make_chat_passkey_dataset(
         text / filler: the document's text (`FillerStream`: default the bundled excerpt; "synthetic" filler).
         named_share: share of examples whose needles are named ("the pass key of the blue door"); the others
             hold one plain needle.
-        max_needles: a named example holds 1 to `max_needles` needles (distinct names, distinct keys), each in
-            its own segment where the document has enough; one of them is asked for.
+        max_needles / min_needles: a named example holds `min_needles` to `max_needles` needles (distinct names,
+            distinct keys), each in its own segment where the document has enough; one of them is asked for. Only
+            examples with several needles teach the read to tell the asked name's key from the others'.
         distractors: other numbers of `key_digits` digits written over the filler of plain examples.
         numbers: numbers of 1 to `key_digits` digits written over the filler of every example, each after a phrase
             such as " CHAPTER" or " in the year" and half of them starting with one of the key's digits; a count,
@@ -129,6 +131,9 @@ def make_chat_passkey_dataset(
     check_positive_int("num_examples", num_examples)
     check_positive_int("segment_length", segment_length)
     check_positive_int("max_needles", max_needles)
+    check_positive_int("min_needles", min_needles)
+    if min_needles > max_needles:
+        raise ValueError(f"min_needles ({min_needles}) must not exceed max_needles ({max_needles}).")
     check_chat_segments(num_segments)
     if not 0.0 <= named_share <= 1.0:
         raise ValueError(f"named_share must lie in [0, 1], got {named_share!r}.")
@@ -141,7 +146,7 @@ def make_chat_passkey_dataset(
     rows = []
     for _ in range(num_examples):
         named = bool(rng.random() < named_share)
-        count = int(rng.integers(1, max_needles + 1)) if named else 1
+        count = int(rng.integers(min_needles, max_needles + 1)) if named else 1
         names = draw_names(rng, count) if named else [""]
         keys = []
         while len(keys) < count:

@@ -51,14 +51,12 @@ class ChatPasskeySettings:
     @classmethod
     def memory_only(cls, distances: list[int], examples: int | list[int], **settings) -> ChatPasskeySettings:
         """`examples` single-needle examples per distance (one count, or one per distance), read with memory only:
-        no named needles, no base model."""
+        no base model, and no named needles unless `settings` asks for them (`multi_needle_distances`)."""
+        only_memory = {"multi_needle_distances": [], "base_beyond_examples": 0, "base_inside_examples": 0}
         return cls(
             distances=list(distances),
             num_examples=[examples] * len(distances) if isinstance(examples, int) else list(examples),
-            multi_needle_distances=[],
-            base_beyond_examples=0,
-            base_inside_examples=0,
-            **settings,
+            **{**only_memory, **settings},
         )
 
     def __post_init__(self):
