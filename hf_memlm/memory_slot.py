@@ -84,6 +84,10 @@ class SlotMemory(MemoryBlock):
     def output_projection(self) -> nn.Linear:
         return self.readout_proj
 
+    @property
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        return (self.address_proj, self.erase_proj, self.add_proj)
+
     @staticmethod
     def count_entries(state):
         memory = state["memory"]

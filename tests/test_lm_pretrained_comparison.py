@@ -162,3 +162,30 @@ def test_a_lora_memory_models_baseline_gets_the_same_lora(tiny_base, tmp_path):
     adapted = {name.rsplit(".", 1)[-1] for name, module in baseline.named_modules() if hasattr(module, "lora_A")}
     assert adapted == {"q_proj", "v_proj"} and baseline.peft_config["default"].r == 4
     assert not any("memory" in name for name, _ in baseline.named_parameters())
+
+
+def test_model_calibrate_tokens_rescales_the_new_memory_before_training(tiny_base, tmp_path):
+    plain = prepare_run(load_train_config(CONFIG, miniature(tmp_path / "plain", tiny_base))).model
+    prepared = prepare_run(
+        load_train_config(CONFIG, miniature(tmp_path / "calibrated", tiny_base, **{"model.calibrate_tokens": "64"}))
+    )
+    calibrated = prepared.model
+    block, reference = calibrated.memory_blocks["1"], plain.memory_blocks["1"]
+    for projection, untouched in zip(block.input_projections, reference.input_projections):
+        assert not torch.equal(projection.weight, untouched.weight)
+        # columns scaled, one factor per hidden feature, shared by every projection
+        ratio = projection.weight / untouched.weight
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
+    ids = torch.tensor([prepared.train_dataset[0]["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"model\.base is null"):
+        scratch = load_train_config(
+            CONFIG, miniature(tmp_path / "scratch", tiny_base, **{"model.calibrate_tokens": "64"})
+        )
+        scratch["model"]["base"] = None
+        prepare_run(scratch)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        prepare_run(
+            load_train_config(CONFIG, miniature(tmp_path / "bad", tiny_base, **{"model.calibrate_tokens": "-1"}))
+        )

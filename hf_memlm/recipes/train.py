@@ -88,6 +88,8 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     train_dataset, eval_dataset = _build_examples(
         data_cfg, tokenizer, model.config.segment_length, documents, config["seed"]
     )
+    if model_cfg["calibrate_tokens"]:
+        _calibrate(model, train_dataset, model_cfg["calibrate_tokens"])
     lora = config["lora"] if model_cfg["trainable"] == "lora" else None
     if config["lora"] and model_cfg["trainable"] != "lora":
         raise ValueError(f"lora settings are given but model.trainable={model_cfg['trainable']!r}; set it to lora.")
@@ -119,6 +121,24 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     )
 
 
+def _calibrate(model, train_dataset, tokens: int) -> None:
+    """`calibrate_memory` on the first training examples holding `tokens` tokens, cut to the shortest of them."""
+    import torch
+
+    from hf_memlm import calibrate_memory
+
+    rows, total = [], 0
+    for example in train_dataset:
+        rows.append(example["input_ids"])
+        total += len(example["input_ids"])
+        if total >= tokens:
+            break
+    width = min(len(row) for row in rows)
+    spread = calibrate_memory(model, torch.tensor([row[:width] for row in rows]))
+    described = ", ".join(f"layer {index}: {ratio:.0f}x" for index, ratio in spread.items())
+    print(f"memory calibrated on {len(rows)} x {width} tokens (largest feature RMS over the median: {described})")
+
+
 def _text_config_for(settings: dict, tokenizer):
     """The from-scratch base config: sized to the tokenizer unless vocab_size is given, and speaking the
     tokenizer's special tokens (so generation stops at its eos)."""
@@ -147,6 +167,14 @@ def check_training_config(config: dict) -> None:
     _check_output_dir(Path(config["output_dir"]), config)
     _check_data_source(config["data"])
     model_cfg = config["model"]
+    calibrate = model_cfg["calibrate_tokens"]
+    if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
+        raise ValueError(f"model.calibrate_tokens must be a non-negative integer (0: off), got {calibrate!r}.")
+    if calibrate and model_cfg["base"] is None:
+        raise ValueError(
+            "model.calibrate_tokens fits a new memory to a pretrained base's hidden states, but model.base is "
+            "null (a model trained from scratch): set model.base, or model.calibrate_tokens: 0."
+        )
     if model_cfg["base"] is not None:
         try:
             folder, base_kwargs = resolve_base(model_cfg["base"], model_cfg["base_kwargs"])
