@@ -83,6 +83,10 @@ class MemLMConfig(PreTrainedConfig):
             model's `initializer_range`). The output projection always starts at zero.
         memory_value_shift (`int`, `kv` and `slot`): memory pairs the key of token `j` with the value of token
             `j + memory_value_shift` (1 = "what followed this context", which trains much faster than 0).
+        memory_key_window (`int`, `kv`): keys and queries are made from the mean of the hidden states of the
+            last `memory_key_window` real tokens of the same attention window (the token itself included), values
+            from the token alone. 1 (default): the token alone. More lets an entry's key say what came just before
+            it: the entry of the space in "the pass key of the blue door is 48213" also says "blue door".
         num_slots (`int`, `slot`): slots per sequence.
         memory_size (`int`, `kv`): stored entries per sequence before FIFO eviction.
         memory_topk (`int` or `None`, `kv`): read only the top-k entries per head when more are stored;
@@ -109,6 +113,7 @@ class MemLMConfig(PreTrainedConfig):
     memory_init_std: float | None = None
     # the built-in kinds' settings, flat as config.json holds them; defaults and checks are the kind's
     memory_value_shift: int = KVSettings.memory_value_shift
+    memory_key_window: int = KVSettings.memory_key_window
     num_slots: int = SlotSettings.num_slots
     memory_size: int = KVSettings.memory_size
     memory_topk: int | None = KVSettings.memory_topk

@@ -50,6 +50,9 @@ class MemoryBlock(nn.Module):
     #: segment after another leaves, so `memorize` may write many segments per call (`kv`: entries are
     #: appended token by token; not `slot`, whose write is one recurrent update per segment)
     writes_tokenwise: bool = False
+    #: True when `read` also takes `mask` (real tokens of the attention window, (batch, earlier + tokens)) and
+    #: `recent` (the hidden states of the window's earlier tokens, or None): for queries made from several tokens
+    reads_in_context: bool = False
     #: True when `write` takes `written=`: the number of tokens every row of the state has been written since it
     #: was empty, all real, as is every token of this write (no padding anywhere), when the caller knows it on
     #: the host (a fresh state in a forward without padding), else None. The kind may then skip reading tensor
@@ -63,8 +66,18 @@ class MemoryBlock(nn.Module):
         self.num_heads = config.memory_heads
         self.head_dim = config.memory_head_dim
 
-    def forward(self, hidden_states: torch.Tensor, state: dict[str, torch.Tensor], mode: str, mask=None, written=None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        mode: str,
+        mask=None,
+        written=None,
+        recent=None,
+    ):
         if mode == "read":
+            if self.reads_in_context:
+                return self.read(hidden_states, state, mask=mask, recent=recent)
             return self.read(hidden_states, state)
         if mode == "write":
             if written is not None and self.takes_written:
@@ -92,6 +105,12 @@ class MemoryBlock(nn.Module):
     @property
     def output_projection(self) -> nn.Linear:
         """`W_o`, which maps a read into the residual stream; zero at init, so a new block changes nothing."""
+        raise NotImplementedError
+
+    @property
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        """The projections that read the hidden states (queries, keys, values, write strengths): what
+        `calibrate_memory` rescales feature by feature."""
         raise NotImplementedError
 
     def init_state(self, batch_size: int, device, dtype) -> dict[str, torch.Tensor]:
@@ -136,3 +155,34 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(batch, heads, tokens, dim) -> (batch, tokens, heads * dim)."""
     batch, heads, tokens, dim = x.shape
     return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
+
+
+def key_window_mean(
+    hidden: torch.Tensor, window: int, mask: torch.Tensor | None = None, recent: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each token's mean hidden state over the last `window` real tokens of its attention window, itself included
+    (fewer at the window's start): what a `kv` key or query is made from (`memory_key_window`).
+
+    hidden: (batch, tokens, hidden). recent: the hidden states of the window's earlier tokens (batch, earlier,
+    hidden), or None. mask: real tokens of the window, (batch, earlier + tokens) (extra leading columns are
+    ignored), or None (all real). Padding never enters a real token's mean, wherever it sits.
+    """
+    if window == 1:
+        return hidden
+    states = hidden if recent is None else torch.cat([recent.to(hidden.dtype), hidden], dim=1)
+    batch, total, width = states.shape
+    if mask is None:
+        real = torch.ones(batch, total, dtype=torch.bool, device=states.device)
+    else:
+        real = mask[:, mask.shape[1] - total :].to(device=states.device, dtype=torch.bool)
+    positions = torch.arange(total, device=states.device).expand(batch, total)
+    last_real = torch.where(real, positions, torch.full_like(positions, -1)).cummax(-1).values
+    previous = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)  # strictly before
+    sums, counts, current = states.float(), torch.ones(batch, total, 1, device=states.device), previous
+    for _ in range(window - 1):
+        found = (current >= 0)[..., None]
+        index = current.clamp(min=0)
+        sums = sums + states.gather(1, index[..., None].expand(-1, -1, width)).float() * found
+        counts = counts + found
+        current = torch.where(found[..., 0], previous.gather(1, index), current)
+    return (sums / counts).to(hidden.dtype)[:, total - hidden.shape[1] :]

@@ -37,13 +37,25 @@ class LayerContext:
     to leave the layer's output for the write that follows the segment.
 
     `read=False` skips the memory read (a write-only pass needs no read at the last memory layer, whose output
-    no write uses); `stop=True` ends the base-model call once the output is captured (`StopAfterCapture`)."""
+    no write uses); `stop=True` ends the base-model call once the output is captured (`StopAfterCapture`).
+    `mask` (real tokens of the attention window, earlier tokens first) and `recent` (this layer's outputs for the
+    window's earlier tokens, during generation) are for kinds that read in context (`reads_in_context`)."""
 
-    def __init__(self, block: nn.Module, state: dict[str, torch.Tensor] | None, read: bool = True, stop: bool = False):
+    def __init__(
+        self,
+        block: nn.Module,
+        state: dict[str, torch.Tensor] | None,
+        read: bool = True,
+        stop: bool = False,
+        mask: torch.Tensor | None = None,
+        recent: torch.Tensor | None = None,
+    ):
         self.block = block
         self.state = state
         self.read = read
         self.stop = stop
+        self.mask = mask
+        self.recent = recent
         self.captured: torch.Tensor | None = None
 
 
@@ -62,7 +74,8 @@ def memory_read_hook(layer_index: int, module: nn.Module, args, kwargs, output):
         raise StopAfterCapture
     if not context.read:
         return None
-    updated = hidden + context.block(hidden, context.state, mode="read").to(hidden.dtype)
+    read = context.block(hidden, context.state, mode="read", mask=context.mask, recent=context.recent)
+    updated = hidden + read.to(hidden.dtype)
     return (updated, *output[1:]) if isinstance(output, tuple) else updated
 
 

@@ -49,6 +49,7 @@ class KVSettings(MemorySettings):
     memory_size: int = 65536
     memory_topk: int | None = 32
     memory_value_shift: int = 1
+    memory_key_window: int = 1
     memory_dtype: str | None = None
     memory_search: str = "auto"
     memory_search_threshold: int = 4096
@@ -74,6 +75,7 @@ class KVSettings(MemorySettings):
                     "top-k cannot read more entries than the memory holds. Lower memory_topk or raise memory_size."
                 )
         check_value_shift(self.memory_value_shift)
+        check_positive_int("memory_key_window", self.memory_key_window)
         if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(
                 f"MemLMConfig: memory_dtype={self.memory_dtype!r} is not supported; choose one of {MEMORY_DTYPES} "

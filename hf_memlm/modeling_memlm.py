@@ -216,11 +216,21 @@ class MemLMForCausalLM(MemorySwitch, MemLMPreTrainedModel, GenerationMixin):
 
     # -- one piece through the base model ----------------------------------------------------------------
     def _run_segment(
-        self, inputs: dict, attention_mask, position_ids, state, cache, logits_to_keep, output_hidden, write_only=False
+        self,
+        inputs: dict,
+        attention_mask,
+        position_ids,
+        state,
+        cache,
+        logits_to_keep,
+        output_hidden,
+        write_only=False,
+        recent: dict | None = None,
     ):
         """One piece through the base model with the memory hooks active; returns (output, captured hidden
         states by memory layer). `write_only`: only what memory writes is wanted, so the last memory layer does
-        not read and the base model stops right after it (the output is then None)."""
+        not read and the base model stops right after it (the output is then None). `recent`: the memory layers'
+        hidden states of the generation window's earlier tokens (`attention_mask` covers them, then the piece)."""
         # A row with no live token (padding only) would give NaNs in attention; let it attend to its padding
         # instead. Its outputs are never used and the memory write still uses the real mask.
         empty_rows = ~attention_mask.any(-1, keepdim=True)
@@ -231,7 +241,12 @@ class MemLMForCausalLM(MemorySwitch, MemLMPreTrainedModel, GenerationMixin):
             last = self.config.memory_layers[-1] if write_only else None
             contexts = {
                 layers[i]: LayerContext(
-                    self.memory_blocks[str(i)], state.layers[i] if state is not None else None, i != last, i == last
+                    self.memory_blocks[str(i)],
+                    state.layers[i] if state is not None else None,
+                    i != last,
+                    i == last,
+                    attention_mask,
+                    recent.get(i) if recent else None,
                 )
                 for i in self.config.memory_layers
             }
@@ -444,8 +459,9 @@ class MemLMForCausalLM(MemorySwitch, MemLMPreTrainedModel, GenerationMixin):
             # A piece none of whose outputs are wanted (e.g. a document's segments before the labelled question,
             # with `logits_to_keep`) only has to write memory: it runs up to the last memory layer, as `memorize`.
             write_only = kept == 0 and not output_hidden and not keep_window and self.memory_enabled
+            recent = {i: window[f"hidden.{i}"] for i in self.config.memory_layers if f"hidden.{i}" in window}
             out, captured = self._run_segment(
-                inputs, attention, positions, state, cache, logits_to_compute(kept), output_hidden, write_only
+                inputs, attention, positions, state, cache, logits_to_compute(kept), output_hidden, write_only, recent
             )
             if not write_only:
                 logits.append(keep_last_logits(out.logits, kept))

@@ -26,7 +26,14 @@ import hf_memlm
 from hf_memlm.integrations.hub import HubCodeCallback, push_trained_model, write_model_card
 from hf_memlm.integrations.model_card import CARD_MARKER, render_model_card
 
-CODE_FILES = {"modeling_memlm.py", "configuration_memlm.py", "memory_base.py", "memory_kv.py", "memory_state.py"}
+CODE_FILES = {
+    "modeling_memlm.py",
+    "configuration_memlm.py",
+    "memory_base.py",
+    "memory_kv.py",
+    "memory_kv_read.py",
+    "memory_state.py",
+}
 
 
 def _front_matter(text: str) -> dict:

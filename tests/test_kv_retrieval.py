@@ -17,8 +17,8 @@ from conftest import (
     write_segments,
 )
 
-import hf_memlm.memory_kv as kv
 import hf_memlm.memory_kv_index as kv_index
+import hf_memlm.memory_kv_read as kv
 from hf_memlm import MemLMConfig, MemLMForCausalLM
 from hf_memlm.memory_kv import retrieve
 

@@ -69,7 +69,7 @@ def test_topk_equals_full_softmax_when_k_covers_the_entries():
 
 
 def test_topk_chunking_matches_unchunked(monkeypatch):
-    import hf_memlm.memory_kv as kv
+    import hf_memlm.memory_kv_read as kv
 
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
