@@ -145,11 +145,24 @@ def test_far_evaluation_scores_every_condition_and_writes_its_report(tokenizer, 
     for answer in results["answers"]:
         assert answer["memory_correct"] == (first_number(answer["memory"]) == answer["key"])
         assert len(answer["key"]) == 5
+        assert len(answer["other_keys"]) == answer["needles"] - 1 and answer["key"] not in answer["other_keys"]
     paths = write_report(results, tmp_path)
     assert sorted(p.name for p in paths.values()) == ["chat_passkey.json", "chat_passkey.md", "chat_passkey.png"]
     assert json.loads(paths["json"].read_text())["kind"] == "chat_passkey"
     markdown = paths["markdown"].read_text()
     assert "| 4 |" in markdown and "Environment: torch" in markdown and paths["plot"].stat().st_size > 1000
+
+
+def test_rows_count_the_answers_that_gave_another_needles_key():
+    from hf_memlm.evaluation.chat_passkey import _rows
+
+    answers = [
+        {"distance": 512, "needles": 4, "distance_tokens": 600, "key": "11111", "other_keys": ["22222", "33333"]}
+        | {"memory": f"The pass key of the red box is {given}.", "memory_correct": given == "11111"}
+        for given in ("11111", "22222", "33333", "44444")
+    ]
+    (row,) = _rows(answers)
+    assert row["memory"] == 0.25 and row["memory_other_needle"] == 0.5
 
 
 def test_first_number_scoring():
@@ -227,3 +240,30 @@ def test_the_index_recall_script_compares_the_index_with_exact_reads_on_the_repl
     one, every = results["figures"][1], results["figures"][4096]
     assert 0 < one["recall_at_k"] <= every["recall_at_k"] <= 1  # every list probed: the exact top-k, ties aside
     assert every["own_best_reads"] == one["own_best_reads"] > 0 and one["own_best_found"] <= every["own_best_found"]
+
+
+def test_named_needles_in_the_distances_script_and_their_replay_from_a_report(tokenizer, tmp_path, capsys):
+    # --needle-distances: the config's multi-needle row; chat_passkey_replay.py finds again, from the report's seed
+    # alone, which needle each answer came from (for reports written before answers kept the other keys)
+    _, chat_passkey_distances = _saved_model_and_script(tokenizer, tmp_path, "chat_passkey_distances")
+    output, book = tmp_path / "curve.json", str(tmp_path / "book.txt")
+    argv = [str(tmp_path / "model"), "--distances", str(SEGMENT), "--examples", "2", "--text", book]
+    chat_passkey_distances.main(
+        [*argv, "--needle-distances", str(SEGMENT), "--needle-examples", "3", "--output", str(output)]
+    )
+    assert "among 4 named needles (another needle's key: " in capsys.readouterr().out
+    report = json.loads(output.read_text())
+    named = [a for a in report["answers"] if a["needles"] == 4]
+    assert len(named) == 3 and all(len(a["other_keys"]) == 3 for a in named)
+    for answer in report["answers"]:
+        answer.pop("other_keys")
+    output.write_text(json.dumps(report))
+    _, replay = _saved_model_and_script(tokenizer, tmp_path / "replay", "chat_passkey_replay")
+    replay.main([str(output), "--text", book, "--tokenizer", str(tmp_path / "model")])
+    lines = capsys.readouterr().out.splitlines()
+    (row,) = [r for r in report["rows"] if r["needles"] == 4]
+    right, other = round(3 * row["memory"]), round(3 * row["memory_other_needle"])
+    assert (
+        lines[-1]
+        == f"4 needle(s), {SEGMENT:,} back: 3 examples, {right} right, {other} another needle's key, {3 - right - other} other misses"
+    )

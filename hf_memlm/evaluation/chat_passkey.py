@@ -104,6 +104,7 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
                 "distance_tokens": int(HEAD_SEGMENTS * segment - example["key_position"] + tokens + len(prompt)),
                 "key": example["key"],
                 "name": example["name"],
+                "other_keys": example["other_keys"],  # the other needles' (named needles)
                 MEMORY: reply,
             }
             # memory disabled sees the question alone: the same answer at every distance
@@ -194,7 +195,7 @@ def draw_example(rng, tokenizer, filler: np.ndarray, segment: int, needles: int)
         head[start : start + len(ids)] = ids
         if number == asked:
             result = {"key": key, "name": name, "key_position": start, "needle": ids}
-    return {**result, "head": head}
+    return {**result, "head": head, "other_keys": [key for key in keys if key != result["key"]]}
 
 
 def _generate(model, tokenizer, prompt: list[int], max_new_tokens: int, **kwargs) -> str:
@@ -251,6 +252,8 @@ def _rows(answers: list[dict]) -> list[dict]:
             scored = [a[f"{condition}_correct"] for a in group if f"{condition}_correct" in a]
             row[condition] = sum(scored) / len(scored) if scored else None
             row[f"{condition}_examples"] = len(scored)
+        # a miss among named needles that answers another needle's key: the read found a needle, not the one asked
+        row["memory_other_needle"] = sum(first_number(a[MEMORY]) in a.get("other_keys", ()) for a in group) / len(group)
         rows.append(row)
     return rows
 
@@ -287,6 +290,13 @@ def format_chat_passkey(results: dict) -> str:
             f"| {row['needles']} | {low:,}–{high:,} | {row['examples']} | **{row[MEMORY]:.3f}** | "
             f"{row[MEMORY_DISABLED]:.3f} | {base_cell} |"
         )
+    for row in results["rows"]:
+        if row["needles"] > 1 and "memory_other_needle" in row:
+            lines += [
+                "",
+                f"Among {row['needles']} named needles, {row['distance']:,} tokens back: the answer was another "
+                f"needle's key in {row['memory_other_needle']:.3f} of the examples.",
+            ]
     inside = results["base_inside_window"]
     if inside["examples"]:
         lines += [
