@@ -8,8 +8,9 @@ memory block writes from, and scales the columns of the block's input projection
 strengths) so that every feature starts on the same footing. The output projection is still zero, so the
 calibrated model computes exactly what the base computes; only where training starts from changes.
 
-On SmolLM2-135M with `kv` beside layer 8 (docs/results/smollm2_passkey.md, "Calibrated projections"), the read
-of the pass-key question put 0.99 of its weight on the needles' entries calibrated, against 0.3-0.8 without.
+On SmolLM2-135M with `kv` beside layer 8 the largest feature's RMS is about 40 times the median one; what
+calibration changes in the pass-key read and in training is measured in docs/results/smollm2_passkey.md
+("Telling named needles apart").
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ class KVMemory(MemoryBlock):
     def read(self, hidden_states, state, mask=None, recent=None):
         if state["keys"].shape[2] == 0:
             return torch.zeros_like(hidden_states)
-        queries = self._queries(hidden_states, mask, recent)
+        queries = self.queries(hidden_states, mask, recent)
         scale = self.log_scale.exp()
         picks = self._index_picks(queries, state)
         if picks is None:
@@ -219,7 +219,8 @@ class KVMemory(MemoryBlock):
             index = self._search_index(state)
             return None if index is None else index.search(queries, self.topk)
 
-    def _queries(self, hidden_states, mask=None, recent=None):
+    def queries(self, hidden_states, mask=None, recent=None) -> torch.Tensor:
+        """The L2-normalised queries (B, H, T, d) a read of `hidden_states` makes (arguments as `read`'s)."""
         in_context = key_window_mean(hidden_states, self.key_window, mask, recent)
         return F.normalize(split_heads(self.mem_query(in_context), self.num_heads), dim=-1)
 
@@ -231,7 +232,7 @@ class KVMemory(MemoryBlock):
         """
         if self.topk is None:
             raise ValueError("select_entries needs memory_topk: with memory_topk=None a read attends to every entry.")
-        queries = self._queries(hidden_states, mask, recent)
+        queries = self.queries(hidden_states, mask, recent)
         with torch.no_grad():
             picks = self._index_picks(queries, state)
             if picks is not None:

@@ -27,12 +27,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_memlm  # noqa: F401  (registers the memlm auto classes)
 from hf_memlm.evaluation import environment, environment_line
 from hf_memlm.evaluation.chat_passkey import ChatPasskeySettings, evaluate_chat_passkey
+from hf_memlm.evaluation.report import reading_dtype
 
 HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "books" / "held_out" / "moby_dick.txt"
 
@@ -47,7 +47,12 @@ def main(argv=None) -> None:
     parser.add_argument("--topk", type=int, default=4, help="memory_topk at load time")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--text", default=str(HELD_OUT), help="held-out text (default: Moby-Dick)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's and memory's")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16"],
+        help="the model's and memory's (auto: bfloat16 on a GPU or an AVX-512 CPU, else float32)",
+    )
     parser.add_argument(
         "--search", default="exact", choices=["exact", "auto"], help="exact reads, or the approximate index"
     )
@@ -73,7 +78,7 @@ def main(argv=None) -> None:
         memory_topk=args.topk,
         memory_size=memory_size,
         memory_search=args.search,
-        dtype=getattr(torch, args.dtype),
+        dtype=reading_dtype(args.dtype),
         **({} if args.probes is None else {"memory_search_probes": args.probes}),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -89,7 +94,7 @@ def main(argv=None) -> None:
     results = evaluate_chat_passkey(model, tokenizer, Path(args.text).read_text(encoding="utf-8"), settings, False)
     results.update(
         environment=measured_in,
-        dtype=args.dtype,
+        dtype=str(model.dtype).removeprefix("torch."),
         text=args.text,
         search=args.search,
         probes=model.config.memory_search_probes,

@@ -9,7 +9,13 @@ task, `--task text`) with AdamW, batches of 4, the loss on the reply, and prints
 then the per-token loss of the reply on 4 held-out examples, with memory and with memory disabled (which says
 whether the digits, not only the reply's wording, come from memory). `--ranks N`: for N examples, the rank of
 the entry holding the key's first digit among all entries, per head, for the query of the reply's token before
-it, with the memory as initialised (0: the read's best pick is the right entry).
+it, with the memory as initialised (0: the read's best pick is the right entry); then, over the examples with
+several named needles and every head, how often the asked needle's entry scores highest of the needles' entries,
+and the softmax weight the read puts on it and on all the needles' entries:
+
+    PYTHONPATH=$PWD python scripts/smollm2_passkey_probe.py --ranks 16 --named-share 1 --min-needles 4 --heads 4
+    PYTHONPATH=$PWD python scripts/smollm2_passkey_probe.py --ranks 16 --named-share 1 --min-needles 4 --heads 4 \
+        --key-window 4                     # keys and queries from the mean of 4 tokens (memory_key_window)
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 
 import torch
 
-from hf_memlm import MemLMForCausalLM
+from hf_memlm import MemLMForCausalLM, calibrate_memory
 from hf_memlm.data import make_chat_passkey_dataset, make_passkey_dataset
 from hf_memlm.integrations.gguf import load_base_tokenizer, resolve_base
 from hf_memlm.training.collate import LabelledTailCollator
@@ -41,6 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--task", choices=["chat", "text"], default="chat")
     parser.add_argument("--named-share", type=float, default=0.5)
+    parser.add_argument("--min-needles", type=int, default=1, help="named examples: fewest needles (of 4)")
+    parser.add_argument("--key-window", type=int, default=1, help="memory_key_window")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="calibrate_memory on 4 training documents before anything else"
+    )
     parser.add_argument("--ranks", type=int, default=0, help="only report the read's ranks at init for N examples")
     parser.add_argument("--data", default="data/books/train/pride_and_prejudice.txt")
     parser.add_argument("--chars", type=int, default=400_000, help="characters of --data used as the documents")
@@ -64,10 +75,18 @@ def build(args):
         memory_search="exact",
         memory_dtype=args.dtype,
         memory_value_shift=1,
+        memory_key_window=args.key_window,
     )
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("memory_blocks.")
     return model
+
+
+def calibrate(args, model, tokenizer) -> None:
+    documents = examples(args, tokenizer, 4, seed=args.seed + 1)
+    start = min(example.get("question_start", (args.segments - 1) * args.segment) for example in documents)
+    spread = calibrate_memory(model, torch.tensor([example["input_ids"][:start] for example in documents]))
+    print(f"calibrated: the largest feature RMS is {spread[args.layer]:.0f} times the median", flush=True)
 
 
 def examples(args, tokenizer, count: int, seed: int):
@@ -77,13 +96,21 @@ def examples(args, tokenizer, count: int, seed: int):
             tokenizer, count, args.segment, args.segments, needle_segment=0, seed=seed, text=text
         )
     return make_chat_passkey_dataset(
-        tokenizer, count, args.segment, args.segments, seed=seed, text=text, named_share=args.named_share
+        tokenizer,
+        count,
+        args.segment,
+        args.segments,
+        seed=seed,
+        text=text,
+        named_share=args.named_share,
+        min_needles=args.min_needles,
     )
 
 
 def read_ranks(args, model, tokenizer) -> None:
     block = model.memory_blocks[str(args.layer)]
     model.eval()
+    best, asked_weight, needles_weight, reads = 0, 0.0, 0.0, 0
     for example in examples(args, tokenizer, args.ranks, seed=5):
         ids = torch.tensor(example["input_ids"])
         start = example["question_start"] if args.task == "chat" else (args.segments - 1) * args.segment
@@ -95,13 +122,37 @@ def read_ranks(args, model, tokenizer) -> None:
         asked = next(i for i in range(len(question)) if question[i : i + len(key)] == key) - 1
         with torch.no_grad():
             hidden = model.language_model(torch.tensor([question]), output_hidden_states=True).hidden_states
-            query = block.mem_query(hidden[args.layer + 1][:, asked : asked + 1])
-            query = torch.nn.functional.normalize(query.view(1, 1, block.num_heads, -1).transpose(1, 2), dim=-1)
+            query = block.queries(hidden[args.layer + 1])[:, :, asked : asked + 1]  # the read's own queries
             scores = (query @ state["keys"].float().transpose(-1, -2))[0, :, 0]
         target = first_digit - 1  # with value shift 1 the entry holding that digit's value (the stream's first
         # token has no entry)
         ranks = (scores > scores[:, target : target + 1]).sum(-1).tolist()
         print(f"needles {example.get('num_needles', 1)}: rank of the right entry per head {ranks}", flush=True)
+        needles = [i - 1 for i in _key_starts(tokenizer, written)]  # every needle's entry of its first digit
+        if len(needles) > 1:
+            weights = torch.softmax(scores * block.log_scale.exp()[:, None], dim=-1)
+            best += int((scores[:, needles].argmax(-1) == needles.index(target)).sum())
+            asked_weight += float(weights[:, target].sum())
+            needles_weight += float(weights[:, needles].sum())
+            reads += block.num_heads
+    if reads:
+        print(
+            f"{reads} reads among several needles: the asked needle's entry scores highest of the needles' "
+            f"{best / reads:.2f}; the read's weight on it {asked_weight / reads:.3f}, on all the needles' "
+            f"{needles_weight / reads:.3f}",
+            flush=True,
+        )
+
+
+def _key_starts(tokenizer, document: list[int]) -> list[int]:
+    """Positions of the first digit of every needle's key ("The pass key ... is 48213.") in `document`."""
+    starts = []
+    for position in range(1, len(document)):
+        before = tokenizer.decode(document[max(0, position - 12) : position])
+        if tokenizer.decode(document[position : position + 1]).isdigit() and before.endswith(" is "):
+            if "pass key" in before and not tokenizer.decode(document[position - 1 : position]).isdigit():
+                starts.append(position)
+    return starts
 
 
 def reply_losses(model, batch) -> list[float]:
@@ -118,6 +169,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = load_base_tokenizer(BASE)
     model = build(args)
+    if args.calibrate:
+        calibrate(args, model, tokenizer)
     if args.ranks:
         read_ranks(args, model, tokenizer)
         return

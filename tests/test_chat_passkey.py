@@ -267,3 +267,20 @@ def test_named_needles_in_the_distances_script_and_their_replay_from_a_report(to
         lines[-1]
         == f"4 needle(s), {SEGMENT:,} back: 3 examples, {right} right, {other} another needle's key, {3 - right - other} other misses"
     )
+
+
+def test_the_reading_dtype_auto_is_bfloat16_only_where_it_is_native(monkeypatch):
+    from hf_memlm.evaluation.report import reading_dtype
+    from hf_memlm.recipes.final_eval import chat_passkey_settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for capability, expected in (("AVX512", torch.bfloat16), ("AVX2", torch.float32), ("DEFAULT", torch.float32)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
+        assert reading_dtype("auto") == expected
+        section = {"seed": 1, "options": {"dtype": "auto", "distances": [512], "num_examples": [2]}}
+        assert chat_passkey_settings(section)[1]["dtype"] == expected  # the config's evaluation.options.dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert reading_dtype("auto") == torch.bfloat16
+    assert reading_dtype("float16") == torch.float16
+    with pytest.raises(ValueError, match="'int8' is not one of auto, float32"):
+        chat_passkey_settings({"seed": 1, "options": {"dtype": "int8"}})

@@ -123,7 +123,12 @@ def add_parser(subparsers) -> None:
         help="width of token-distance buckets (default: segment length)",
     )
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="what the model computes in; auto: bfloat16 on a GPU or an AVX-512 CPU, else float32",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_memory_arguments(parser)
 
@@ -156,7 +161,6 @@ def _run(args) -> int:
         raise EvalInputError(str(error)) from error
     task_options = parse_task_options(args.task_option)
 
-    import torch
     from transformers import AutoModelForCausalLM
 
     import hf_memlm  # noqa: F401  (registers the memlm auto classes)
@@ -168,6 +172,7 @@ def _run(args) -> int:
         retrieval_dataset,
         write_report,
     )
+    from hf_memlm.evaluation.report import reading_dtype
 
     if args.no_progress:
         import datasets
@@ -175,7 +180,7 @@ def _run(args) -> int:
 
         transformers_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), **overrides)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=reading_dtype(args.dtype), **overrides)
     model = model.to(device).eval()
     tokenizer = load_tokenizer(args.tokenizer, model_dir, model)
     segment_length = model.config.segment_length

@@ -32,6 +32,18 @@ def environment() -> dict:
     }
 
 
+def reading_dtype(name: str):
+    """The torch dtype called `name`; "auto": bfloat16 where it is computed natively (a GPU, or a CPU whose kernels
+    torch runs with AVX-512), else float32. On a CPU with AVX2 only, bfloat16 matmuls are emulated: SmolLM2-135M's
+    forward runs several times slower than in float32 (`python scripts/dtype_speed.py`)."""
+    import torch
+
+    if name == "auto":
+        native = torch.cuda.is_available() or "AVX512" in torch.backends.cpu.get_cpu_capability()
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, name)
+
+
 def environment_line(env: dict) -> str:
     """One Markdown line naming the environment of a report (`environment()`)."""
     threads = env["torch_threads"]

@@ -19,7 +19,7 @@ FILLER_TASKS = frozenset({"passkey", "recall", "copy", "update", "chat_passkey"}
 # evaluation.options of chat_passkey that are settings of the reloaded model (a million entries, exact search, the
 # dtype it computes in), not settings of the curve
 LOAD_SETTINGS = ("memory_size", "memory_dtype", "memory_search", "memory_topk", "dtype")
-LOAD_DTYPES = ("float32", "bfloat16", "float16")
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 where native (`reading_dtype`)
 
 
 def check_evaluation(config: dict) -> None:
@@ -116,9 +116,9 @@ def chat_passkey_settings(section: dict):
                 f"evaluation.options.dtype for chat_passkey: {load['dtype']!r} is not one of {', '.join(LOAD_DTYPES)} "
                 "(the dtype the saved model is reloaded in for the evaluation)."
             )
-        import torch
+        from hf_memlm.evaluation.report import reading_dtype
 
-        load["dtype"] = getattr(torch, load["dtype"])
+        load["dtype"] = reading_dtype(load["dtype"])
     try:
         return ChatPasskeySettings(seed=section["seed"], **options), load
     except TypeError as error:
