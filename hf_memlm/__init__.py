@@ -10,7 +10,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_memlm import MemLMConfig
 from .integrations.lora import lora_target_modules
-from .memory_calibration import calibrate_memory
 from .memory_state import MemoryState
 from .modeling_memlm import MemLMCache, MemLMCausalLMOutput, MemLMForCausalLM
 
@@ -38,6 +37,5 @@ __all__ = [
     "MemLMForCausalLM",
     "MemoryState",
     "__version__",
-    "calibrate_memory",
     "lora_target_modules",
 ]

@@ -25,9 +25,10 @@ import time
 
 import torch
 
-from hf_memlm import MemLMForCausalLM, calibrate_memory
+from hf_memlm import MemLMForCausalLM
 from hf_memlm.data import make_chat_passkey_dataset, make_passkey_dataset
 from hf_memlm.integrations.gguf import load_base_tokenizer, resolve_base
+from hf_memlm.training import calibrate_memory
 from hf_memlm.training.collate import LabelledTailCollator
 
 BASE = "smollm2-135m-instruct"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import SEGMENT, VOCAB, build, randomize_memory
 
-from hf_memlm import calibrate_memory
+from hf_memlm.training import calibrate_memory
 
 
 def test_calibration_scales_every_input_projection_by_the_feature_rms_and_changes_no_output(arch_kind):

@@ -125,7 +125,7 @@ def _calibrate(model, train_dataset, tokens: int) -> None:
     """`calibrate_memory` on the first training examples holding `tokens` tokens, cut to the shortest of them."""
     import torch
 
-    from hf_memlm import calibrate_memory
+    from hf_memlm.training import calibrate_memory
 
     rows, total = [], 0
     for example in train_dataset:

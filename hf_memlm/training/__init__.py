@@ -4,6 +4,7 @@ LoRA, optimizer parameter groups with a memory learning rate.
 Library-only code (not part of the Hub payload): it may import hf_memlm, peft and accelerate.
 """
 
+from .calibration import calibrate_memory
 from .model_setup import (
     ADAPTER_FOLDER,
     TRAINABLE_MODES,
@@ -25,6 +26,7 @@ __all__ = [
     "MemLMTrainer",
     "MemLMTrainingArguments",
     "build_model",
+    "calibrate_memory",
     "configure_trainable",
     "is_peft_model",
     "lora_target_modules",
