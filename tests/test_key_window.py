@@ -1,7 +1,7 @@
 """`memory_key_window`: `kv` keys and queries made from the last few tokens of their attention window.
 
 The behaviour tests that must hold for any memory (memorize equals forward, streaming, generation equals forward,
-padding and batch isolation) run again here, over every architecture, with a window of 3 tokens: a key then
+padding, batch isolation, threads) run again here, over every architecture, with a window of 3 tokens: a key then
 depends on tokens before it, so every path that cuts a text into pieces (segments, generation steps, flushes of
 the generation window, memorize's segments side by side, padding on either side) must cut it the same way.
 """
@@ -29,6 +29,11 @@ from test_padding import (  # noqa: F401
     test_padded_forward_equals_each_row_alone,
     test_padded_generate_equals_each_row_alone,
     test_padded_generate_state_equals_each_row_alone,
+)
+from test_threads import (  # noqa: F401
+    test_concurrent_calls_equal_serial_calls,
+    test_concurrent_generation_equals_serial,
+    test_memorize_in_some_threads_leaves_forwards_in_others_whole,
 )
 
 from hf_memlm import MemLMConfig
