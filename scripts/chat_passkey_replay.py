@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_memlm.evaluation.chat_passkey import _whole_segments, draw_example, first_number, held_out_haystack
+from hf_memlm.evaluation.chat_passkey import (
+    ChatPasskeySettings,
+    _whole_segments,
+    draw_example,
+    first_number,
+    held_out_haystack,
+)
 from hf_memlm.integrations.gguf import load_base_tokenizer
 
 
@@ -27,15 +33,13 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="the model's tokenizer (base or folder)")
     args = parser.parse_args(argv)
     report = json.loads(Path(args.report).read_text(encoding="utf-8"))
-    settings, segment = report["settings"], report["segment_length"]
+    settings, segment = ChatPasskeySettings(**report["settings"]), report["segment_length"]
     tokenizer = load_base_tokenizer(args.tokenizer)
-    rng = np.random.default_rng(settings["seed"])
-    longest = max(_whole_segments(d, segment) for d in settings["distances"] + settings["multi_needle_distances"])
+    rng = np.random.default_rng(settings.seed)
+    longest = max(_whole_segments(d, segment) for d, _, _ in settings.plan())
     filler, _ = held_out_haystack(tokenizer, Path(args.text).read_text(encoding="utf-8"), rng, segment, longest)
-    plan = [(d, n, 1) for d, n in zip(settings["distances"], settings["num_examples"])]
-    plan += [(d, settings["multi_needle_examples"], 4) for d in settings["multi_needle_distances"]]
     answers = iter(report["answers"])
-    for distance, count, needles in plan:
+    for distance, count, needles in settings.plan():
         right = other = 0
         for _ in range(count):
             example = draw_example(rng, tokenizer, filler, segment, needles)

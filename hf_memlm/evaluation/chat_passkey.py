@@ -59,6 +59,11 @@ class ChatPasskeySettings:
             **{**only_memory, **settings},
         )
 
+    def plan(self) -> list[tuple[int, int, int]]:
+        """(distance, examples, needles) in the order the evaluation draws its examples."""
+        plan = [(d, n, 1) for d, n in zip(self.distances, self.num_examples)]
+        return plan + [(d, self.multi_needle_examples, 4) for d in self.multi_needle_distances]
+
     def __post_init__(self):
         if len(self.num_examples) != len(self.distances):
             raise ValueError(f"num_examples ({self.num_examples}) must give one count per distance ({self.distances}).")
@@ -88,10 +93,8 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
     seconds = {"read_haystack": round(time.perf_counter() - started, 1)}
 
     answers, disabled_cache = [], {}
-    plan = [(d, n, 1) for d, n in zip(settings.distances, settings.num_examples)]
-    plan += [(d, settings.multi_needle_examples, 4) for d in settings.multi_needle_distances]
     started = time.perf_counter()
-    for distance, count, needles in plan:
+    for distance, count, needles in settings.plan():
         tokens = _whole_segments(distance, segment)
         for number in range(count):
             example = draw_example(rng, tokenizer, filler, segment, needles)
