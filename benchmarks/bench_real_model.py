@@ -50,19 +50,24 @@ def load_model(args, memory_size: int):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(base_config(64, 4, 32))
         settings = dict(PASSKEY_MEMORY, memory_layers=[1], segment_length=32, memory_heads=2, memory_search=args.search)
+        settings.update(memory_dtype=args.memory_dtype)
         return MemLMForCausalLM.from_base(base, memory_size=memory_size, **settings).eval(), None
     if args.model:
         from transformers import AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(
-            args.model, memory_size=memory_size, memory_topk=4, memory_search=args.search
+            args.model,
+            memory_size=memory_size,
+            memory_topk=4,
+            memory_search=args.search,
+            **({"memory_dtype": args.memory_dtype} if args.memory_dtype else {}),  # else the folder's
         )
         return model.eval(), AutoTokenizer.from_pretrained(args.model)
     from hf_memlm.integrations.gguf import load_base_tokenizer, resolve_base
 
     base, base_kwargs = resolve_base("smollm2-135m-instruct", {"dtype": "float32"})
     base_kwargs = {k: getattr(torch, v) if k == "dtype" else v for k, v in base_kwargs.items()}
-    settings = dict(PASSKEY_MEMORY, memory_search=args.search)
+    settings = dict(PASSKEY_MEMORY, memory_search=args.search, memory_dtype=args.memory_dtype)
     model = MemLMForCausalLM.from_base(base, base_kwargs=base_kwargs, memory_size=memory_size, **settings)
     return model.eval(), load_base_tokenizer(base, base_kwargs)
 
@@ -121,6 +126,13 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--long-dtype", default="bfloat16", choices=["float32", "bfloat16"], help="dtype of figures 2-4"
+    )
+    parser.add_argument(
+        "--memory-dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="storage dtype of the entries (default: the model's): bfloat16 entries with a float32 model is the way "
+        "to read in float32 where bfloat16 arithmetic is slow (CPUs without AVX-512) at bfloat16's memory",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5; quick 2)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")

@@ -1,5 +1,6 @@
-"""The approximate search behind large `kv` memories: faiss IVF indexes over a memory state's keys, with the
-entries least like their list's centroid scored exactly by every search (`_SearchIndex`, one `_RowIndex` per row);
+"""The approximate search behind large `kv` memories: faiss IVF indexes over a memory state's keys, held as 8-bit
+codes, with the entries least like their list's centroid scored exactly by every search (`_SearchIndex`, one
+`_RowIndex` per row), and the candidates re-scored exactly from the state's own keys;
 a state a short write made from an indexed one reads through that index plus its new entries, scored exactly
 (`_AppendedIndex`), so the state written from keeps its index.
 
@@ -47,6 +48,16 @@ _MAX_TRAINING_POINTS = 32768
 # needle's, 32 lists found it in 0.861 (128 lists: 0.987), and 1.000 with the lowest 1% scored exactly
 # (`scripts/index_recall_on_reads.py`, 64k tokens back; docs/results/smollm2_passkey.md).
 _OUTLIER_SHARE = 0.01
+# The lists hold each key as 8-bit codes (faiss scalar quantizer, one range per feature), a quarter of float32's
+# bytes to keep and to scan. Their scores only nominate candidates: each search takes `_CANDIDATES_PER_PICK` times
+# the picks it returns (at least `_MIN_CANDIDATES`) and re-scores them exactly from the state's keys, so the picks and
+# their order are an exact read's wherever the codes nominate the right entries. On a tiny model's keys of text
+# (16 features per head, top-32) twice the picks recalled 0.90 of the exact top-32, four times 0.98 (float32 lists:
+# 0.999; tests/test_kv_index.py). On the trained real-model pass key at 64k (top-4, 16 candidates) recall@4 is 0.986
+# against 0.998 with float32 lists, and the needle's entry is found in every read where it is the best
+# (`scripts/index_recall_on_reads.py`, docs/results/smollm2_passkey.md).
+_CANDIDATES_PER_PICK = 4
+_MIN_CANDIDATES = 16
 
 
 def _import_faiss():
@@ -108,6 +119,17 @@ def valid_counts(valid: torch.Tensor) -> list[int] | None:
 
 def _as_float32_numpy(tensor: torch.Tensor):
     return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+def rescore(keys, queries, candidates, real, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `topk` of each query's `candidates` (B, H, T, c positions into `keys` (B, H, S, d)) by exact score
+    against `queries` (B, H, T, d), and whether each is real (`real`: False for padding candidates, which rank last)."""
+    tokens, dim = queries.shape[2], keys.shape[3]
+    gather = candidates.clamp(max=keys.shape[2] - 1)[..., None].expand(-1, -1, -1, -1, dim)
+    chosen = keys[:, :, None].expand(-1, -1, tokens, -1, -1).gather(3, gather)
+    scores = (chosen.to(queries.dtype) @ queries[..., None]).squeeze(-1).masked_fill(~real, -math.inf)
+    best = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
+    return candidates.gather(-1, best), real.gather(-1, best)
 
 
 class _Outliers:
@@ -178,7 +200,9 @@ class _RowIndex:
             if self.outliers is None:
                 self.outliers = _Outliers(heads, dim)
             quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
             index.own_fields = True  # the IVF index frees its quantizer (and `clone_index` copies it)
             quantizer.this.disown()
             index.cp.niter = _KMEANS_ITERATIONS
@@ -377,15 +401,17 @@ class _SearchIndex:
         """Entry positions (B, H, T, k) of the approximate top-k of each query, and which are real picks."""
         self.faiss.omp_set_num_threads(torch.get_num_threads())
         batch, heads, tokens, _ = queries.shape
-        found = torch.empty(batch, heads, tokens, topk, dtype=torch.int64)
+        wanted = max(_CANDIDATES_PER_PICK * topk, _MIN_CANDIDATES)
+        found = torch.empty(batch, heads, tokens, wanted, dtype=torch.int64)
         data = _as_float32_numpy(queries)
         for row, index in enumerate(self.indexes):
             index.probes = self.probes  # the reading block's setting as it is now
-            found[row] = index.search(data[row], topk) - self.first_id[row]
+            found[row] = index.search(data[row], wanted) - self.first_id[row]
         # faiss pads with -1 (below first_id) when the probed lists hold fewer than k entries
         counts = torch.tensor(self.counts, dtype=torch.int64).view(batch, 1, 1, 1)
         selected_valid = (found >= 0) & (found < counts)
-        return found.clamp(min=0).to(queries.device), selected_valid.to(queries.device)
+        found, selected_valid = found.clamp(min=0).to(queries.device), selected_valid.to(queries.device)
+        return rescore(self.keys, queries, found, selected_valid, topk)
 
 
 # A write appending at most this many entries per row since the index was last moved leaves that index as it is and
@@ -441,11 +467,7 @@ class _AppendedIndex:
         end = torch.tensor(self.counts, device=queries.device).view(batch, 1, 1, 1)
         candidates = torch.cat([picks, appended], -1)
         real = torch.cat([picked, (appended >= start) & (appended < end)], -1)
-        gather = candidates.clamp(max=self.keys.shape[2] - 1)[..., None].expand(-1, -1, -1, -1, self.keys.shape[3])
-        chosen = self.keys[:, :, None].expand(-1, -1, tokens, -1, -1).gather(3, gather)
-        scores = (chosen.to(queries.dtype) @ queries[..., None]).squeeze(-1).masked_fill(~real, -math.inf)
-        best = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
-        return candidates.gather(-1, best), real.gather(-1, best)
+        return rescore(self.keys, queries, candidates, real, topk)
 
     def settle(self, keys: torch.Tensor, valid: torch.Tensor) -> _SearchIndex | None:
         """Move `base` over the appended entries (the state of `keys` and `valid`, which this index fits, may then
