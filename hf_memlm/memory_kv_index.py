@@ -121,6 +121,11 @@ def _as_float32_numpy(tensor: torch.Tensor):
     return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
 
 
+def candidates_for(topk: int) -> int:
+    """How many candidates a search takes from the lists to return `topk` picks after `rescore`."""
+    return max(_CANDIDATES_PER_PICK * topk, _MIN_CANDIDATES)
+
+
 def rescore(keys, queries, candidates, real, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The best `topk` of each query's `candidates` (B, H, T, c positions into `keys` (B, H, S, d)) by exact score
     against `queries` (B, H, T, d), and whether each is real (`real`: False for padding candidates, which rank last)."""
@@ -401,7 +406,7 @@ class _SearchIndex:
         """Entry positions (B, H, T, k) of the approximate top-k of each query, and which are real picks."""
         self.faiss.omp_set_num_threads(torch.get_num_threads())
         batch, heads, tokens, _ = queries.shape
-        wanted = max(_CANDIDATES_PER_PICK * topk, _MIN_CANDIDATES)
+        wanted = candidates_for(topk)
         found = torch.empty(batch, heads, tokens, wanted, dtype=torch.int64)
         data = _as_float32_numpy(queries)
         for row, index in enumerate(self.indexes):

@@ -23,7 +23,15 @@ import warnings
 import torch
 
 from hf_memlm.memory_base import LayerState
-from hf_memlm.memory_kv_index import _AppendedIndex, _fingerprint, _import_faiss, _keep_index, _mask_fingerprint
+from hf_memlm.memory_kv_index import (
+    _AppendedIndex,
+    _fingerprint,
+    _import_faiss,
+    _keep_index,
+    _mask_fingerprint,
+    candidates_for,
+    rescore,
+)
 from hf_memlm.memory_state import MemoryState
 
 # haystack tokens memorized per call (bounds the token ids and activations held at once)
@@ -198,7 +206,7 @@ class _SplicedIndex:
     write builds the new state its own index)."""
 
     def __init__(self, index, shift: int, keys: torch.Tensor, valid: torch.Tensor):
-        self.index, self.shift = index, shift
+        self.index, self.shift, self.keys = index, shift, keys
         self.counts = [keys.shape[2]]
         self.probes = index.probes  # lists searched per query (the reading block sets it)
         self.fingerprint, self.valid_fingerprint = _fingerprint(keys), _mask_fingerprint(valid)
@@ -211,10 +219,11 @@ class _SplicedIndex:
         _import_faiss().omp_set_num_threads(torch.get_num_threads())
         data = queries.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         self.index.probes = self.probes
-        found = self.index.search(data[0], topk)[None]
+        found = self.index.search(data[0], candidates_for(topk))[None]
         picked = found >= 0  # faiss pads with -1 where the probed lists hold fewer than k entries
         positions = torch.where(found >= _HEAD_IDS, found - _HEAD_IDS, found + self.shift)
-        return positions.masked_fill(~picked, 0).to(queries.device), picked.to(queries.device)
+        positions, picked = positions.masked_fill(~picked, 0).to(queries.device), picked.to(queries.device)
+        return rescore(self.keys, queries, positions, picked, topk)
 
     def advance(self, *_) -> bool:
         return False  # a write makes a new state, which builds its own index
