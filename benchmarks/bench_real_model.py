@@ -134,6 +134,13 @@ def main(argv=None) -> dict:
         help="storage dtype of the entries (default: the model's): bfloat16 entries with a float32 model is the way "
         "to read in float32 where bfloat16 arithmetic is slow (CPUs without AVX-512) at bfloat16's memory",
     )
+    parser.add_argument(
+        "--reading-dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="figure 1's dtypes, beside --long-dtype (float32 alone where bfloat16 arithmetic is slow: AVX2 CPUs)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5; quick 2)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
     parser.add_argument(
@@ -221,8 +228,9 @@ def main(argv=None) -> dict:
 
     # 1. reading by dtype, side by side on one chunk
     by_dtype = {args.long_dtype: fast}
-    other = "float32" if args.long_dtype == "bfloat16" else "bfloat16"
-    by_dtype[other] = model_copy(fast, getattr(torch, other))
+    for other in args.reading_dtypes:
+        if other != args.long_dtype:
+            by_dtype[other] = model_copy(fast, getattr(torch, other))
     chunk_ids = document[:, :chunk]
     runs = {name: functools.partial(each.memorize, chunk_ids) for name, each in by_dtype.items()}
     wall, _ = interleaved(runs, repeats)
