@@ -93,6 +93,24 @@ def test_dry_run_refuses_what_the_real_run_refuses(tmp_path, capsys, problem):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("task", ["text", "chat_passkey"])
+def test_a_relative_source_missing_from_the_working_folder_fails_before_weights_load(
+    tmp_path, monkeypatch, capsys, task
+):
+    # "data/books/train" run from outside the repository: not a Hub id (name or owner/name), so a missing path,
+    # for every task, said with the folder it was looked for in, before a model is built.
+    monkeypatch.chdir(tmp_path)
+    built = []
+    monkeypatch.setattr("hf_memlm.recipes.pipeline.prepare_run", lambda *a, **k: built.append(1) or 1 / 0)
+    flags = ["--data.task", task, "--data.source", "data/books/train", "--output_dir", str(tmp_path / "out")]
+    for dry_run in (["--dry-run"], []):
+        assert main(["train", str(Path(TINY).resolve()), *QUICK, *flags, *dry_run]) == 2
+        err = capsys.readouterr().err
+        assert "data.source: the corpus file data/books/train does not exist" in err
+        assert f"from the working folder {tmp_path}" in err
+    assert not built and not (tmp_path / "out").exists()
+
+
 def test_train_corpus_that_is_not_utf8_names_the_file_and_byte(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -195,14 +195,19 @@ _ANY_VOCAB_SIZE = 256
 
 
 def _check_data_source(data_cfg: dict) -> None:
-    """A local corpus that is not there (a Hub id is checked when it is loaded)."""
+    """A local corpus that is not there, for any task (a Hub id is checked when it is loaded). A string that cannot
+    be a Hub id ("data/books/train": ids are name or owner/name) is a path: a relative one missing because the run
+    started in another folder fails here, before any weights load."""
     from hf_memlm.data.corpus import _is_local_path
+    from hf_memlm.integrations.model_card import is_hub_id
 
     source = data_cfg["source"]
-    if data_cfg["task"] == "text" and source is not None and _is_local_path(source):
+    if isinstance(source, str) and (_is_local_path(source) or not is_hub_id(source)):
         if not Path(source).expanduser().exists():
+            relative = "" if Path(source).expanduser().is_absolute() else f", from the working folder {Path.cwd()}"
             raise FileNotFoundError(
-                f"data.source: the corpus file {source} does not exist (nor a folder of that name)."
+                f"data.source: the corpus file {source} does not exist (nor a folder of that name{relative}). Run "
+                "from the folder it is relative to (the repository root for data/...), or give an absolute path."
             )
 
 
