@@ -84,12 +84,13 @@ def book_tokens(tokenizer, count: int, text_path: str) -> torch.Tensor:
 
 def read_long(model, tokens: torch.Tensor, chunk: int) -> dict:
     """Stream `tokens` into memory `chunk` tokens per `memorize` call; time each call."""
-    state, seconds = None, []
+    state, seconds, rss = None, [], []
     with torch.no_grad():
         for start in range(0, tokens.shape[1], chunk):
             began = time.perf_counter()
             state = model.memorize(tokens[:, start : start + chunk], memory_state=state)
             seconds.append(time.perf_counter() - began)
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     total = sum(seconds)
     return {
         "state": state,
@@ -97,6 +98,7 @@ def read_long(model, tokens: torch.Tensor, chunk: int) -> dict:
         "seconds": total,
         "tokens_per_s": tokens.shape[1] / total,
         "chunk_seconds": seconds,
+        "chunk_peak_rss_bytes": rss,  # the process's peak RSS after each chunk: how it grows with the memory
         # flat cost: time per chunk of the last quarter of the read over that of its first quarter, the first chunk
         # left out (it pays one-off costs); 1.0 is flat
         "cost_ratio_last_vs_first_quarter": flat_cost(seconds),
