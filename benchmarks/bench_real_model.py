@@ -49,8 +49,8 @@ def load_model(args, memory_size: int):
     if args.quick:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(base_config(64, 4, 32))
-        settings = dict(PASSKEY_MEMORY, memory_layers=[1], segment_length=32, memory_heads=2, memory_search=args.search)
-        settings.update(memory_dtype=args.memory_dtype)
+        settings = dict(PASSKEY_MEMORY, memory_layers=[1], segment_length=32, memory_heads=2)
+        settings.update(memory_search=args.search, memory_dtype=args.memory_dtype)
         return MemLMForCausalLM.from_base(base, memory_size=memory_size, **settings).eval(), None
     if args.model:
         from transformers import AutoTokenizer
