@@ -19,8 +19,7 @@ from common import base_config, environment, markdown_table, passkey_scores, rep
 from transformers import AutoModelForCausalLM
 
 from hf_memlm import MemLMForCausalLM
-
-DTYPES = ("float32", "float16", "bfloat16")
+from hf_memlm.memory_settings import MEMORY_DTYPES as DTYPES
 
 
 def state_bytes(state) -> int:

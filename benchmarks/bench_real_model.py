@@ -28,6 +28,7 @@ import torch
 from common import base_config, environment, interleaved, markdown_table, median, report
 
 from hf_memlm import MemLMForCausalLM
+from hf_memlm.memory_settings import MEMORY_DTYPES
 
 # The memory settings of configs/smollm2_passkey_cpu.yaml (what its evaluation reloads with)
 PASSKEY_MEMORY = dict(
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--memory-dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(MEMORY_DTYPES),
         help="storage dtype of the entries (default: the model's): bfloat16 entries with a float32 model is the way "
         "to read in float32 where bfloat16 arithmetic is slow (CPUs without AVX-512) at bfloat16's memory",
     )

@@ -91,7 +91,11 @@ class MemLMConfig(PreTrainedConfig):
         memory_size (`int`, `kv`): stored entries per sequence before FIFO eviction.
         memory_topk (`int` or `None`, `kv`): read only the top-k entries per head when more are stored;
             `None` reads all with an exact softmax.
-        memory_dtype (`str` or `None`, `kv`): storage dtype of the entries (default: the model's dtype).
+        memory_dtype (`str` or `None`, `kv`): storage dtype of the entries (default: the model's dtype):
+            `"float32"`, `"float16"`, `"bfloat16"`, or `"float8_e4m3fn"`: 1 byte per number, a quarter of
+            float32's memory, for reading. Reads compute in the model's dtype; keys are unit vectors, well within
+            float8's range, and values beyond +-448 are clipped to it. Writes under autograd (training) store
+            the model's dtype instead, as autograd cannot sum gradients in float8.
         memory_search (`str`, `kv`): how a top-k read finds its entries. `"exact"`: score every stored entry.
             `"auto"` (default): exact while a row holds at most `memory_search_threshold` entries, then an
             approximate nearest-neighbour index (faiss IVF, `pip install hf-memlm[faiss]`; without faiss,

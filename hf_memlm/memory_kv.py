@@ -32,7 +32,12 @@ from .memory_kv_index import (
 )
 from .memory_kv_read import retrieve, retrieve_selected
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
 # Initial softmax temperature on cosine scores (learned per head afterwards); see `reset_parameters`.
 INITIAL_TEMPERATURE = 16.0
 
@@ -53,6 +58,19 @@ def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
     order = torch.where(keep, positions, positions + total).argsort(dim=-1)[:, :size]
     kept = torch.arange(size, device=valid.device)[None, :] < counts[:, None]
     return order, kept
+
+
+# Storage dtypes without CPU gather kernels, moved as integers of the same width (the same bytes). Autograd cannot
+# sum their gradients either: writes under autograd store entries in the model's dtype (`_store_dtype`).
+_BIT_VIEWS = {torch.float8_e4m3fn: torch.uint8}
+
+
+def _kept_entries(store: torch.Tensor, gather_index: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`store`'s entries at `gather_index` (along dim 2), zero where not `keep`."""
+    bits = _BIT_VIEWS.get(store.dtype)
+    moved = store if bits is None else store.view(bits)
+    kept = torch.where(keep, moved.gather(2, gather_index), torch.zeros((), dtype=moved.dtype))
+    return kept if bits is None else kept.view(store.dtype)
 
 
 # Several threads may read one state (a document remembered once, asked about in parallel): an index must not
@@ -171,7 +189,11 @@ class KVMemory(MemoryBlock):
         init.constant_(self.log_scale, math.log(INITIAL_TEMPERATURE))
 
     def _store_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return self.storage_dtype or dtype
+        """The dtype new entries are stored in, for a model computing in `dtype`."""
+        store = self.storage_dtype or dtype
+        if store in _BIT_VIEWS and torch.is_grad_enabled():
+            return dtype  # training: see `_BIT_VIEWS`
+        return store
 
     def init_state(self, batch_size: int, device, dtype) -> LayerState:
         store = self._store_dtype(dtype)
@@ -342,13 +364,21 @@ class KVMemory(MemoryBlock):
             # built over the whole memory by the first read after a long write-only pass.
             self._search_index(new_state)
 
+    @staticmethod
+    def _cast_entry(tensor: torch.Tensor, store: torch.dtype) -> torch.Tensor:
+        return tensor.to(store) if tensor.is_floating_point() else tensor
+
     def write(self, hidden_states, mask, state, written=None):
         batch, tokens, _ = hidden_states.shape
         store = self._store_dtype(hidden_states.dtype)
+        if state["keys"].dtype != store and {state["keys"].dtype, store} & set(_BIT_VIEWS):
+            # a float8 state written to under autograd, or the other way round: torch promotes no float8 type
+            state = LayerState({name: self._cast_entry(t, store) for name, t in state.items()})
         in_context = key_window_mean(hidden_states, self.key_window, mask)
-        keys = F.normalize(split_heads(self.mem_key(in_context), self.num_heads), dim=-1).to(store)
+        # (in the compute dtype until stored: torch has no gather for float8 on CPU)
+        keys = F.normalize(split_heads(self.mem_key(in_context), self.num_heads), dim=-1)
         values = split_heads(self.mem_value(hidden_states), self.num_heads).to(store)  # (B, H, T, d)
-        pending_key, pending_valid = state["pending_key"], state["pending_valid"]
+        pending_key, pending_valid = state["pending_key"].to(keys.dtype), state["pending_valid"]
         if self.value_shift == 1:
             # Entry at token e pairs the key of the previous *valid* token (or the pending key carried over
             # from the last segment) with the value of token e.
@@ -369,6 +399,7 @@ class KVMemory(MemoryBlock):
             pending_valid = pending_valid | has_valid
         else:
             entry_keys, entry_valid = keys, mask
+        entry_keys, pending_key = entry_keys.to(store), pending_key.to(store)
 
         if written == 0 and self.value_shift == 1:
             # A fresh state has no pending key, so the first token's entry is not real (`entry_valid` says so):
@@ -401,8 +432,8 @@ class KVMemory(MemoryBlock):
             # would leak into reads.
             keep = kept[:, None, :, None]
             new_state = {
-                "keys": torch.where(keep, all_keys.gather(2, gather_index), 0.0),
-                "values": torch.where(keep, all_values.gather(2, gather_index), 0.0),
+                "keys": _kept_entries(all_keys, gather_index, keep),
+                "values": _kept_entries(all_values, gather_index, keep),
                 "valid": kept,
                 "pending_key": pending_key,
                 "pending_valid": pending_valid,

@@ -15,8 +15,10 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .memory_base import LayerState
+from .memory_kv_read import _entry_table
 
 # An IVF index is built with lists for `_LOOKAHEAD` times the entries it holds (at most the capacity),
 # `_ENTRIES_PER_LIST` each when full, so a search scans about `probes * _ENTRIES_PER_LIST` entries per query
@@ -129,9 +131,8 @@ def candidates_for(topk: int) -> int:
 def rescore(keys, queries, candidates, real, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The best `topk` of each query's `candidates` (B, H, T, c positions into `keys` (B, H, S, d)) by exact score
     against `queries` (B, H, T, d), and whether each is real (`real`: False for padding candidates, which rank last)."""
-    tokens, dim = queries.shape[2], keys.shape[3]
-    gather = candidates.clamp(max=keys.shape[2] - 1)[..., None].expand(-1, -1, -1, -1, dim)
-    chosen = keys[:, :, None].expand(-1, -1, tokens, -1, -1).gather(3, gather)
+    table, first = _entry_table(keys)
+    chosen = F.embedding(candidates.clamp(max=keys.shape[2] - 1) + first, table)  # (B, H, T, c, d)
     scores = (chosen.to(queries.dtype) @ queries[..., None]).squeeze(-1).masked_fill(~real, -math.inf)
     best = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
     return candidates.gather(-1, best), real.gather(-1, best)

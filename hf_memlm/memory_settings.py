@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-MEMORY_DTYPES = ("float32", "float16", "bfloat16")
+MEMORY_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn")
 MEMORY_SEARCHES = ("auto", "exact")
 
 

@@ -58,6 +58,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--probes", type=int, default=None, help="memory_search_probes (default: the model's)")
     parser.add_argument(
+        "--memory-dtype", default=None, help="memory_dtype: the entries' storage dtype (default: the model's dtype)"
+    )
+    parser.add_argument(
         "--needle-distances",
         type=int,
         nargs="*",
@@ -80,6 +83,7 @@ def main(argv=None) -> None:
         memory_search=args.search,
         dtype=reading_dtype(args.dtype),
         **({} if args.probes is None else {"memory_search_probes": args.probes}),
+        **({} if args.memory_dtype is None else {"memory_dtype": args.memory_dtype}),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     measured_in = environment()

@@ -88,15 +88,16 @@ def test_benchmarks_take_another_base_size_and_refuse_a_bad_one(tmp_path, script
     assert not (tmp_path / "refused.json").exists()
 
 
-def test_memory_bytes_benchmark_quick_halves_kv_bytes_in_16_bit_storage(tmp_path):
+def test_memory_bytes_benchmark_quick_halves_kv_bytes_in_16_bit_storage_and_quarters_them_in_8(tmp_path):
     pytest.importorskip("psutil")
     output = tmp_path / "memory_bytes.json"
     _benchmark("bench_memory_bytes").main(["--quick", "--output", str(output)])
     rows = {(row["memory"], row["memory_dtype"]): row for row in json.loads(output.read_text())["bytes"]}
     full = rows[("kv", "float32")]["bytes_per_token"]
+    # a key and a value per head in 2 (1) bytes instead of 4, plus one byte of validity per entry
     for half in ("float16", "bfloat16"):
-        # a key and a value per head in 2 bytes instead of 4, plus one byte of validity per entry
         assert rows[("kv", half)]["bytes_per_token"] == pytest.approx(full / 2 + 0.5)
+    assert rows[("kv", "float8_e4m3fn")]["bytes_per_token"] == pytest.approx(full / 4 + 0.75)
 
 
 def test_retrieval_benchmark_quick_reads_through_the_index_past_the_threshold(tmp_path):
