@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    BASES,
     SEGMENT,
     VOCAB,
     base_config,
@@ -13,6 +14,7 @@ from conftest import (
     kv_block,
     memory_settings,
     randomize_memory,
+    run_in_threads,
     write_segments,
 )
 
@@ -26,10 +28,10 @@ BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 DRIFT = {"float32": 0.0, "float16": 0.03, "bfloat16": 0.06, "float8_e4m3fn": 0.25}
 
 
-def _model(memory_dtype: str | None):
+def _model(memory_dtype: str | None, base: str = "llama"):
     torch.manual_seed(0)
     settings = memory_settings("kv", memory_size=64, memory_topk=4, memory_dtype=memory_dtype)
-    model = hf_memlm.MemLMForCausalLM(hf_memlm.MemLMConfig(text_config=base_config("llama"), **settings)).eval()
+    model = hf_memlm.MemLMForCausalLM(hf_memlm.MemLMConfig(text_config=base_config(base), **settings)).eval()
     randomize_memory(model, 0)
     return model
 
@@ -67,6 +69,37 @@ def test_entries_take_their_dtype_bytes_and_read_close_to_float32(memory_dtype):
     assert drift <= DRIFT[memory_dtype], drift
     if memory_dtype != "float32":
         assert drift > 0  # the entries really are stored narrower
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_float8_entries_on_every_base_read_close_to_float32(base):
+    ids, mask = _left_padded()
+    model, reference = _model("float8_e4m3fn", base), _model(None, base)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        expected = reference(ids, attention_mask=mask).logits
+        with model.memory_disabled():
+            alone = model(ids, attention_mask=mask).logits
+    assert out.memory_state.layers[0]["values"].dtype == torch.float8_e4m3fn
+    real = mask.bool()
+    drift = (out.logits - expected)[real].norm() / (expected - alone)[real].norm()
+    assert 0 < drift.item() <= DRIFT["float8_e4m3fn"]
+
+
+def test_a_float8_memory_read_from_several_threads_gives_each_what_it_gives_alone():
+    ids, mask = _left_padded()
+    model = _model("float8_e4m3fn")
+    questions = torch.randint(1, VOCAB, (4, 3, SEGMENT), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        state = model(ids, attention_mask=mask).memory_state
+        alone = [model(q, memory_state=state).logits for q in questions]
+
+        def ask(thread: int) -> torch.Tensor:
+            return model(questions[thread], memory_state=state).logits
+
+        threaded = run_in_threads(ask, len(questions))
+    for thread, logits in enumerate(alone):
+        torch.testing.assert_close(threaded[thread], logits)
 
 
 @pytest.mark.parametrize("memory_dtype", ["bfloat16", "float8_e4m3fn"])
