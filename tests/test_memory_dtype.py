@@ -50,22 +50,27 @@ def test_the_storage_dtypes_are_the_ones_tested():
     assert set(MEMORY_DTYPES) == set(BYTES) == set(DRIFT)
 
 
-@pytest.mark.parametrize("memory_dtype", MEMORY_DTYPES)
-def test_entries_take_their_dtype_bytes_and_read_close_to_float32(memory_dtype):
+def _drift(memory_dtype: str, base: str = "llama"):
+    """A left-padded batch read with `memory_dtype` entries: its memory's entries, how far its logits are from
+    float32 entries' as a share of the memory's effect on them, and that effect."""
     ids, mask = _left_padded()
-    model = _model(memory_dtype)
+    model = _model(memory_dtype, base)
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
-        reference = _model(None)(ids, attention_mask=mask).logits  # float32 entries
+        reference = _model(None, base)(ids, attention_mask=mask).logits  # float32 entries
         with model.memory_disabled():
-            base = model(ids, attention_mask=mask).logits
-    entries = out.memory_state.layers[0]
+            alone = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    effect = (reference - alone)[real].norm()
+    return out.memory_state.layers[0], ((out.logits - reference)[real].norm() / effect).item(), effect
+
+
+@pytest.mark.parametrize("memory_dtype", MEMORY_DTYPES)
+def test_entries_take_their_dtype_bytes_and_read_close_to_float32(memory_dtype):
+    entries, drift, effect = _drift(memory_dtype)
     for name in ("keys", "values", "pending_key"):
         assert entries[name].element_size() == BYTES[memory_dtype], name
-    real = mask.bool()
-    effect = (reference - base)[real].norm()
     assert effect > 1.0  # the memory changes the logits: the comparison below means something
-    drift = ((out.logits - reference)[real].norm() / effect).item()
     assert drift <= DRIFT[memory_dtype], drift
     if memory_dtype != "float32":
         assert drift > 0  # the entries really are stored narrower
@@ -73,17 +78,9 @@ def test_entries_take_their_dtype_bytes_and_read_close_to_float32(memory_dtype):
 
 @pytest.mark.parametrize("base", BASES)
 def test_float8_entries_on_every_base_read_close_to_float32(base):
-    ids, mask = _left_padded()
-    model, reference = _model("float8_e4m3fn", base), _model(None, base)
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask)
-        expected = reference(ids, attention_mask=mask).logits
-        with model.memory_disabled():
-            alone = model(ids, attention_mask=mask).logits
-    assert out.memory_state.layers[0]["values"].dtype == torch.float8_e4m3fn
-    real = mask.bool()
-    drift = (out.logits - expected)[real].norm() / (expected - alone)[real].norm()
-    assert 0 < drift.item() <= DRIFT["float8_e4m3fn"]
+    entries, drift, effect = _drift("float8_e4m3fn", base)
+    assert entries["values"].dtype == torch.float8_e4m3fn and effect > 0
+    assert 0 < drift <= DRIFT["float8_e4m3fn"]
 
 
 def test_a_float8_memory_read_from_several_threads_gives_each_what_it_gives_alone():
