@@ -51,7 +51,9 @@ def load_model(args, memory_size: int):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(base_config(64, 4, 32))
         settings = dict(PASSKEY_MEMORY, memory_layers=[1], segment_length=32, memory_heads=2)
-        settings.update(memory_search=args.search, memory_dtype=args.memory_dtype)
+        settings.update(
+            memory_search=args.search, memory_dtype=args.memory_dtype, memory_value_dtype=args.memory_value_dtype
+        )
         return MemLMForCausalLM.from_base(base, memory_size=memory_size, **settings).eval(), None
     if args.model:
         from transformers import AutoTokenizer
@@ -62,13 +64,19 @@ def load_model(args, memory_size: int):
             memory_topk=4,
             memory_search=args.search,
             **({"memory_dtype": args.memory_dtype} if args.memory_dtype else {}),  # else the folder's
+            **({"memory_value_dtype": args.memory_value_dtype} if args.memory_value_dtype else {}),
         )
         return model.eval(), AutoTokenizer.from_pretrained(args.model)
     from hf_memlm.integrations.gguf import load_base_tokenizer, resolve_base
 
     base, base_kwargs = resolve_base("smollm2-135m-instruct", {"dtype": "float32"})
     base_kwargs = {k: getattr(torch, v) if k == "dtype" else v for k, v in base_kwargs.items()}
-    settings = dict(PASSKEY_MEMORY, memory_search=args.search, memory_dtype=args.memory_dtype)
+    settings = dict(
+        PASSKEY_MEMORY,
+        memory_search=args.search,
+        memory_dtype=args.memory_dtype,
+        memory_value_dtype=args.memory_value_dtype,
+    )
     model = MemLMForCausalLM.from_base(base, base_kwargs=base_kwargs, memory_size=memory_size, **settings)
     return model.eval(), load_base_tokenizer(base, base_kwargs)
 
@@ -136,6 +144,12 @@ def main(argv=None) -> dict:
         choices=list(MEMORY_DTYPES),
         help="storage dtype of the entries (default: the model's): bfloat16 entries with a float32 model is the way "
         "to read in float32 where bfloat16 arithmetic is slow (CPUs without AVX-512) at bfloat16's memory",
+    )
+    parser.add_argument(
+        "--memory-value-dtype",
+        default=None,
+        choices=list(MEMORY_DTYPES),
+        help="storage dtype of the values alone (default: --memory-dtype's): float8 keys with bfloat16 values",
     )
     parser.add_argument(
         "--reading-dtypes",
@@ -250,7 +264,11 @@ def main(argv=None) -> dict:
     setting = {
         "model": args.model
         or ("tiny llama" if args.quick else "smollm2-135m-instruct (shipped GGUF, float32 weights)"),
-        "memory": {k: v for k, v in fast.config.to_dict().items() if k in {*PASSKEY_MEMORY, "memory_dtype"}},
+        "memory": {
+            k: v
+            for k, v in fast.config.to_dict().items()
+            if k in {*PASSKEY_MEMORY, "memory_dtype", "memory_value_dtype"}
+        },
         "reads_use_index": reads_use_index,
         "long_dtype": args.long_dtype,
         "long_tokens": long_tokens,

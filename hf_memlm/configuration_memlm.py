@@ -96,6 +96,10 @@ class MemLMConfig(PreTrainedConfig):
             float32's memory, for reading. Reads compute in the model's dtype; keys are unit vectors, well within
             float8's range, and values beyond +-448 are clipped to it. Writes under autograd (training) store
             the model's dtype instead, as autograd cannot sum gradients in float8.
+        memory_value_dtype (`str` or `None`, `kv`): storage dtype of the values alone (default: `memory_dtype`).
+            Values are what a read returns, keys only choose the entries: on the real-model pass key, float8 keys
+            with 16-bit values answer as 16-bit entries do, where float8 values lose some answers
+            (`memory_dtype="float8_e4m3fn", memory_value_dtype="bfloat16"`: 3 bytes per number pair instead of 4).
         memory_search (`str`, `kv`): how a top-k read finds its entries. `"exact"`: score every stored entry.
             `"auto"` (default): exact while a row holds at most `memory_search_threshold` entries, then an
             approximate nearest-neighbour index (faiss IVF, `pip install hf-memlm[faiss]`; without faiss,
@@ -122,6 +126,7 @@ class MemLMConfig(PreTrainedConfig):
     memory_size: int = KVSettings.memory_size
     memory_topk: int | None = KVSettings.memory_topk
     memory_dtype: str | None = KVSettings.memory_dtype
+    memory_value_dtype: str | None = KVSettings.memory_value_dtype
     memory_search: str = KVSettings.memory_search
     memory_search_threshold: int = KVSettings.memory_search_threshold
     memory_search_probes: int = KVSettings.memory_search_probes

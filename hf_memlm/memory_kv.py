@@ -61,7 +61,7 @@ def keep_newest(valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
 
 
 # Storage dtypes without CPU gather kernels, moved as integers of the same width (the same bytes). Autograd cannot
-# sum their gradients either: writes under autograd store entries in the model's dtype (`_store_dtype`).
+# sum their gradients either: writes under autograd store entries in the model's dtype (`_store_dtypes`).
 _BIT_VIEWS = {torch.float8_e4m3fn: torch.uint8}
 
 
@@ -132,6 +132,8 @@ class KVMemory(MemoryBlock):
         # keys made from several tokens stop at an attention window's start: a write must hold one window
         self.writes_tokenwise = self.key_window == 1
         self.storage_dtype = _DTYPES.get(settings.memory_dtype) if settings.memory_dtype else None
+        value_dtype = settings.memory_value_dtype
+        self.value_storage_dtype = _DTYPES[value_dtype] if value_dtype else self.storage_dtype
         self.search = settings.memory_search
         self.search_threshold = settings.memory_search_threshold
         self.search_probes = settings.memory_search_probes
@@ -188,22 +190,25 @@ class KVMemory(MemoryBlock):
         # over hundreds of entries almost flat; 16 lets the best match dominate from the start.
         init.constant_(self.log_scale, math.log(INITIAL_TEMPERATURE))
 
-    def _store_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype new entries are stored in, for a model computing in `dtype`."""
-        store = self.storage_dtype or dtype
-        if store in _BIT_VIEWS and torch.is_grad_enabled():
-            return dtype  # training: see `_BIT_VIEWS`
-        return store
+    def _store_dtypes(self, dtype: torch.dtype) -> dict[str, torch.dtype]:
+        """The dtype each entry tensor of a state is stored in, for a model computing in `dtype`."""
+        stores = {}
+        for names, chosen in ((("keys", "pending_key"), self.storage_dtype), (("values",), self.value_storage_dtype)):
+            store = chosen or dtype
+            if store in _BIT_VIEWS and torch.is_grad_enabled():
+                store = dtype  # training: see `_BIT_VIEWS`
+            stores.update(dict.fromkeys(names, store))
+        return stores
 
     def init_state(self, batch_size: int, device, dtype) -> LayerState:
-        store = self._store_dtype(dtype)
+        store = self._store_dtypes(dtype)
         heads, dim = self.num_heads, self.head_dim
         return LayerState(
             {
-                "keys": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store),
-                "values": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store),
+                "keys": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store["keys"]),
+                "values": torch.zeros(batch_size, heads, 0, dim, device=device, dtype=store["values"]),
                 "valid": torch.zeros(batch_size, 0, device=device, dtype=torch.bool),
-                "pending_key": torch.zeros(batch_size, heads, dim, device=device, dtype=store),
+                "pending_key": torch.zeros(batch_size, heads, dim, device=device, dtype=store["pending_key"]),
                 "pending_valid": torch.zeros(batch_size, device=device, dtype=torch.bool),
             }
         )
@@ -364,20 +369,20 @@ class KVMemory(MemoryBlock):
             # built over the whole memory by the first read after a long write-only pass.
             self._search_index(new_state)
 
-    @staticmethod
-    def _cast_entry(tensor: torch.Tensor, store: torch.dtype) -> torch.Tensor:
-        return tensor.to(store) if tensor.is_floating_point() else tensor
-
     def write(self, hidden_states, mask, state, written=None):
         batch, tokens, _ = hidden_states.shape
-        store = self._store_dtype(hidden_states.dtype)
-        if state["keys"].dtype != store and {state["keys"].dtype, store} & set(_BIT_VIEWS):
+        stores = self._store_dtypes(hidden_states.dtype)
+        if any(
+            state[name].dtype != store and {state[name].dtype, store} & set(_BIT_VIEWS)
+            for name, store in stores.items()
+        ):
             # a float8 state written to under autograd, or the other way round: torch promotes no float8 type
-            state = LayerState({name: self._cast_entry(t, store) for name, t in state.items()})
+            state = LayerState({name: t.to(stores[name]) if name in stores else t for name, t in state.items()})
+        store, value_store = stores["keys"], stores["values"]
         in_context = key_window_mean(hidden_states, self.key_window, mask)
         # (in the compute dtype until stored: torch has no gather for float8 on CPU)
         keys = F.normalize(split_heads(self.mem_key(in_context), self.num_heads), dim=-1)
-        values = split_heads(self.mem_value(hidden_states), self.num_heads).to(store)  # (B, H, T, d)
+        values = split_heads(self.mem_value(hidden_states), self.num_heads).to(value_store)  # (B, H, T, d)
         pending_key, pending_valid = state["pending_key"].to(keys.dtype), state["pending_valid"]
         if self.value_shift == 1:
             # Entry at token e pairs the key of the previous *valid* token (or the pending key carried over

@@ -51,6 +51,7 @@ class KVSettings(MemorySettings):
     memory_value_shift: int = 1
     memory_key_window: int = 1
     memory_dtype: str | None = None
+    memory_value_dtype: str | None = None
     memory_search: str = "auto"
     memory_search_threshold: int = 4096
     memory_search_probes: int = 32
@@ -59,6 +60,7 @@ class KVSettings(MemorySettings):
         "memory_size",
         "memory_topk",
         "memory_dtype",
+        "memory_value_dtype",
         "memory_search",
         "memory_search_threshold",
         "memory_search_probes",
@@ -76,11 +78,12 @@ class KVSettings(MemorySettings):
                 )
         check_value_shift(self.memory_value_shift)
         check_positive_int("memory_key_window", self.memory_key_window)
-        if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
-            raise ValueError(
-                f"MemLMConfig: memory_dtype={self.memory_dtype!r} is not supported; choose one of {MEMORY_DTYPES} "
-                "or None (the model's dtype)."
-            )
+        for name, default in (("memory_dtype", "the model's dtype"), ("memory_value_dtype", "memory_dtype")):
+            if (value := getattr(self, name)) is not None and value not in MEMORY_DTYPES:
+                raise ValueError(
+                    f"MemLMConfig: {name}={value!r} is not supported; choose one of {MEMORY_DTYPES} or None "
+                    f"({default})."
+                )
         if self.memory_search not in MEMORY_SEARCHES:
             raise ValueError(
                 f"MemLMConfig: memory_search={self.memory_search!r} is unknown; choose one of {MEMORY_SEARCHES}."

@@ -61,6 +61,9 @@ def main(argv=None) -> None:
         "--memory-dtype", default=None, help="memory_dtype: the entries' storage dtype (default: the model's dtype)"
     )
     parser.add_argument(
+        "--memory-value-dtype", default=None, help="memory_value_dtype: the values' storage dtype (default: the keys')"
+    )
+    parser.add_argument(
         "--needle-distances",
         type=int,
         nargs="*",
@@ -84,6 +87,7 @@ def main(argv=None) -> None:
         dtype=reading_dtype(args.dtype),
         **({} if args.probes is None else {"memory_search_probes": args.probes}),
         **({} if args.memory_dtype is None else {"memory_dtype": args.memory_dtype}),
+        **({} if args.memory_value_dtype is None else {"memory_value_dtype": args.memory_value_dtype}),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     measured_in = environment()

@@ -41,13 +41,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=262144, help="tokens read into memory")
     parser.add_argument("--memory-dtype", default=None, choices=list(MEMORY_DTYPES))
+    parser.add_argument("--memory-value-dtype", default=None, choices=list(MEMORY_DTYPES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--text", default="data/books/held_out/moby_dick.txt")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = argparse.Namespace(quick=False, model=None, search="auto", memory_dtype=args.memory_dtype)
+    settings = argparse.Namespace(
+        quick=False,
+        model=None,
+        search="auto",
+        memory_dtype=args.memory_dtype,
+        memory_value_dtype=args.memory_value_dtype,
+    )
     model, tokenizer = bench_real_model.load_model(settings, memory_size=args.tokens + 4096)
     ids = bench_real_model.book_tokens(tokenizer, args.tokens + 1024, args.text)
     document, prompt = ids[:, : args.tokens], ids[:, args.tokens : args.tokens + 64]

@@ -28,9 +28,11 @@ BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 DRIFT = {"float32": 0.0, "float16": 0.03, "bfloat16": 0.06, "float8_e4m3fn": 0.25}
 
 
-def _model(memory_dtype: str | None, base: str = "llama"):
+def _model(memory_dtype: str | None, base: str = "llama", value_dtype: str | None = None):
     torch.manual_seed(0)
-    settings = memory_settings("kv", memory_size=64, memory_topk=4, memory_dtype=memory_dtype)
+    settings = memory_settings(
+        "kv", memory_size=64, memory_topk=4, memory_dtype=memory_dtype, memory_value_dtype=value_dtype
+    )
     model = hf_memlm.MemLMForCausalLM(hf_memlm.MemLMConfig(text_config=base_config(base), **settings)).eval()
     randomize_memory(model, 0)
     return model
@@ -50,11 +52,12 @@ def test_the_storage_dtypes_are_the_ones_tested():
     assert set(MEMORY_DTYPES) == set(BYTES) == set(DRIFT)
 
 
-def _drift(memory_dtype: str, base: str = "llama"):
-    """A left-padded batch read with `memory_dtype` entries: its memory's entries, how far its logits are from
-    float32 entries' as a share of the memory's effect on them, and that effect."""
+def _drift(memory_dtype: str, base: str = "llama", value_dtype: str | None = None):
+    """A left-padded batch read with `memory_dtype` entries (values in `value_dtype` where given): its memory's
+    entries, how far its logits are from float32 entries' as a share of the memory's effect on them, and that
+    effect."""
     ids, mask = _left_padded()
-    model = _model(memory_dtype, base)
+    model = _model(memory_dtype, base, value_dtype)
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
         reference = _model(None, base)(ids, attention_mask=mask).logits  # float32 entries
@@ -74,6 +77,29 @@ def test_entries_take_their_dtype_bytes_and_read_close_to_float32(memory_dtype):
     assert drift <= DRIFT[memory_dtype], drift
     if memory_dtype != "float32":
         assert drift > 0  # the entries really are stored narrower
+
+
+@pytest.mark.parametrize(("key_dtype", "value_dtype"), [("float8_e4m3fn", "bfloat16"), ("float32", "float8_e4m3fn")])
+def test_values_stored_in_their_own_dtype(key_dtype, value_dtype):
+    entries, drift, effect = _drift(key_dtype, value_dtype=value_dtype)
+    assert entries["keys"].dtype == entries["pending_key"].dtype == getattr(torch, key_dtype)
+    assert entries["values"].dtype == getattr(torch, value_dtype)
+    assert effect > 1.0
+    assert 0 < drift <= max(DRIFT[key_dtype], DRIFT[value_dtype]), drift
+
+
+def test_an_unknown_value_dtype_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="memory_value_dtype='int4' is not supported; choose one of"):
+        _model("float8_e4m3fn", value_dtype="int4")
+
+
+def test_the_value_dtype_may_change_when_a_saved_model_is_loaded(tmp_path):
+    ids, mask = _left_padded()
+    _model("float8_e4m3fn").save_pretrained(tmp_path / "model")
+    loaded = hf_memlm.MemLMForCausalLM.from_pretrained(tmp_path / "model", memory_value_dtype="float16").eval()
+    with torch.no_grad():
+        entries = loaded(ids, attention_mask=mask).memory_state.layers[0]
+    assert (entries["keys"].dtype, entries["values"].dtype) == (torch.float8_e4m3fn, torch.float16)
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -99,11 +125,13 @@ def test_a_float8_memory_read_from_several_threads_gives_each_what_it_gives_alon
         torch.testing.assert_close(threaded[thread], logits)
 
 
-@pytest.mark.parametrize("memory_dtype", ["bfloat16", "float8_e4m3fn"])
-def test_narrow_entries_keep_each_padded_row_its_own(memory_dtype):
+@pytest.mark.parametrize(
+    ("memory_dtype", "value_dtype"), [("bfloat16", None), ("float8_e4m3fn", None), ("float8_e4m3fn", "bfloat16")]
+)
+def test_narrow_entries_keep_each_padded_row_its_own(memory_dtype, value_dtype):
     # padding makes writes keep the newest real entries by gathering them (not by slicing)
     ids, mask = _left_padded()
-    model = _model(memory_dtype)
+    model = _model(memory_dtype, value_dtype=value_dtype)
     with torch.no_grad():
         batched = model(ids, attention_mask=mask)
         for row in range(ids.shape[0]):
@@ -133,9 +161,10 @@ def test_the_index_over_float8_entries_picks_the_exact_top_k():
         assert found.float().mean().item() >= 0.95
 
 
-def test_float8_memory_files_round_trip_byte_for_byte_and_damage_is_refused(tmp_path):
+@pytest.mark.parametrize("value_dtype", [None, "bfloat16"])
+def test_float8_memory_files_round_trip_byte_for_byte_and_damage_is_refused(tmp_path, value_dtype):
     ids, mask = _left_padded()
-    model = _model("float8_e4m3fn")
+    model = _model("float8_e4m3fn", value_dtype=value_dtype)
     with torch.no_grad():
         state = model(ids, attention_mask=mask).memory_state
     state.save(tmp_path / "memory.safetensors")
@@ -148,20 +177,21 @@ def test_float8_memory_files_round_trip_byte_for_byte_and_damage_is_refused(tmp_
     with torch.no_grad():
         nxt = torch.randint(1, VOCAB, (3, SEGMENT))
         torch.testing.assert_close(model(nxt, memory_state=loaded).logits, model(nxt, memory_state=state).logits)
-    damaged = state.layers[0]["values"].clone()
+    damaged = state.layers[0]["keys"].clone()
     damaged.view(torch.uint8)[0, 0, 0, 0] = 0x7F  # float8's NaN
-    state.layers[0]["values"] = damaged
+    state.layers[0]["keys"] = damaged
     state.save(tmp_path / "damaged.safetensors")
     with pytest.raises(ValueError, match="NaN or inf"):
         MemoryState.load(tmp_path / "damaged.safetensors")
 
 
-def test_training_with_float8_entries_set_stores_them_in_the_model_dtype_and_trains():
+@pytest.mark.parametrize("value_dtype", [None, "float8_e4m3fn"])
+def test_training_with_float8_entries_set_stores_them_in_the_model_dtype_and_trains(value_dtype):
     ids, mask = _left_padded()
-    model = _model("float8_e4m3fn").train()
+    model = _model("float8_e4m3fn", value_dtype=value_dtype).train()
     out = model(ids, attention_mask=mask, labels=ids)
     out.loss.backward()  # autograd cannot sum gradients in float8: the write kept float32 entries
-    assert out.memory_state.layers[0]["keys"].dtype == torch.float32
+    assert out.memory_state.layers[0]["keys"].dtype == out.memory_state.layers[0]["values"].dtype == torch.float32
     grads = [p.grad for p in model.memory_blocks.parameters()]
     assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
     with torch.no_grad():  # a float8 state written to under autograd, and a float32 one read without

@@ -334,6 +334,8 @@ def _memory_rows(config, num_parameters, previous_parameters) -> list[tuple[str,
         rows += MEMORY_KINDS[config.memory_type].describe_settings(config)
     if config.memory_dtype:
         rows.append(("memory dtype", config.memory_dtype))
+    if config.memory_value_dtype:
+        rows.append(("memory value dtype", config.memory_value_dtype))
     if num_parameters and num_parameters.get("total") is not None:
         total, memory = num_parameters["total"], num_parameters.get("memory")
         rows.append(("parameters", f"{total:,}" + (f" ({memory:,} in memory blocks)" if memory is not None else "")))

@@ -18,7 +18,7 @@ from hf_memlm.recipes.held_out import filler_text
 FILLER_TASKS = frozenset({"passkey", "recall", "copy", "update", "chat_passkey"})
 # evaluation.options of chat_passkey that are settings of the reloaded model (a million entries, exact search, the
 # dtype it computes in), not settings of the curve
-LOAD_SETTINGS = ("memory_size", "memory_dtype", "memory_search", "memory_topk", "dtype")
+LOAD_SETTINGS = ("memory_size", "memory_dtype", "memory_value_dtype", "memory_search", "memory_topk", "dtype")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 where native (`reading_dtype`)
 
 
