@@ -97,9 +97,10 @@ class MemLMConfig(PreTrainedConfig):
             float8's range, and values beyond +-448 are clipped to it. Writes under autograd (training) store
             the model's dtype instead, as autograd cannot sum gradients in float8.
         memory_value_dtype (`str` or `None`, `kv`): storage dtype of the values alone (default: `memory_dtype`).
-            Values are what a read returns, keys only choose the entries: on the real-model pass key, float8 keys
-            with 16-bit values answer as 16-bit entries do, where float8 values lose some answers
-            (`memory_dtype="float8_e4m3fn", memory_value_dtype="bfloat16"`: 3 bytes per number pair instead of 4).
+            Keys choose the entries a read attends to, and a read averages the chosen values: on the real-model
+            pass key, bfloat16 keys with float8 values answer word for word as bfloat16 entries do, where float8
+            keys lose answers (`memory_dtype="bfloat16", memory_value_dtype="float8_e4m3fn"`: 3 bytes per key and
+            value number pair instead of 4).
         memory_search (`str`, `kv`): how a top-k read finds its entries. `"exact"`: score every stored entry.
             `"auto"` (default): exact while a row holds at most `memory_search_threshold` entries, then an
             approximate nearest-neighbour index (faiss IVF, `pip install hf-memlm[faiss]`; without faiss,

@@ -60,6 +60,8 @@ _OUTLIER_SHARE = 0.01
 # (`scripts/index_recall_on_reads.py`, docs/results/smollm2_passkey.md).
 _CANDIDATES_PER_PICK = 4
 _MIN_CANDIDATES = 16
+# faiss's name of the lists' scalar quantizer (`faiss.ScalarQuantizer.QT_8bit`: 8 bits per feature).
+_LIST_CODES = "QT_8bit"
 
 
 def _import_faiss():
@@ -207,7 +209,7 @@ class _RowIndex:
                 self.outliers = _Outliers(heads, dim)
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFScalarQuantizer(
-                quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+                quantizer, dim, lists, getattr(faiss.ScalarQuantizer, _LIST_CODES), faiss.METRIC_INNER_PRODUCT
             )
             index.own_fields = True  # the IVF index frees its quantizer (and `clone_index` copies it)
             quantizer.this.disown()

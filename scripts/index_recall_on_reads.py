@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_memlm  # noqa: F401  (registers the memlm auto classes)
+from hf_memlm import memory_kv_index
 from hf_memlm.evaluation import environment, environment_line
 from hf_memlm.evaluation.chat_passkey import HEAD_SEGMENTS, chat_prompt_ids, draw_example, held_out_haystack
 from hf_memlm.evaluation.shared_haystack import SharedHaystack
@@ -37,8 +38,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--text", required=True, help="held-out text for the haystack and the examples")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--list-codes",
+        default=None,
+        choices=["QT_8bit", "QT_6bit", "QT_4bit"],
+        help="the lists' scalar quantizer instead of the library's (memory_kv_index._LIST_CODES)",
+    )
+    parser.add_argument("--candidates", type=int, default=None, help="candidates re-scored per query (default 16)")
     parser.add_argument("--output", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.list_codes:
+        memory_kv_index._LIST_CODES = args.list_codes
+    if args.candidates:
+        memory_kv_index._MIN_CANDIDATES = args.candidates
+        memory_kv_index._CANDIDATES_PER_PICK = max(1, args.candidates // args.topk)
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
         memory_topk=args.topk,
