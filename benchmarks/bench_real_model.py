@@ -27,7 +27,7 @@ import time
 import torch
 from common import base_config, environment, interleaved, markdown_table, median, report
 
-from hf_memlm import MemLMForCausalLM
+from hf_memlm import MemLMForCausalLM, memory_kv_index
 from hf_memlm.memory_settings import MEMORY_DTYPES
 
 # The memory settings of configs/smollm2_passkey_cpu.yaml (what its evaluation reloads with)
@@ -171,8 +171,16 @@ def main(argv=None) -> dict:
         help="with --search auto: index lists searched per query, one generation figure each (default 32)",
     )
     parser.add_argument("--text", default="data/books/held_out/moby_dick.txt", help="the book read into memory")
+    parser.add_argument(
+        "--list-codes",
+        default=None,
+        choices=["QT_8bit", "QT_6bit", "QT_4bit"],
+        help="with --search auto: the index lists' scalar quantizer instead of the library's (8-bit)",
+    )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/real_model[_quick].json)")
     args = parser.parse_args(argv)
+    if args.list_codes:
+        memory_kv_index._LIST_CODES = args.list_codes
     torch.set_num_threads(args.threads)
     long_tokens = args.tokens if args.tokens is not None else (4096 if args.quick else 1 << 20)
     chunk = args.chunk if args.chunk is not None else (1024 if args.quick else 1 << 16)
@@ -270,6 +278,7 @@ def main(argv=None) -> dict:
             if k in {*PASSKEY_MEMORY, "memory_dtype", "memory_value_dtype"}
         },
         "reads_use_index": reads_use_index,
+        "list_codes": memory_kv_index._LIST_CODES if reads_use_index else None,
         "long_dtype": args.long_dtype,
         "long_tokens": long_tokens,
         "chunk_tokens": chunk,

@@ -102,16 +102,22 @@ def test_the_value_dtype_may_change_when_a_saved_model_is_loaded(tmp_path):
     assert (entries["keys"].dtype, entries["values"].dtype) == (torch.float8_e4m3fn, torch.float16)
 
 
+# float8 entries, and bfloat16 keys with float8 values
+NARROW = [("float8_e4m3fn", None), ("bfloat16", "float8_e4m3fn")]
+
+
 @pytest.mark.parametrize("base", BASES)
-def test_float8_entries_on_every_base_read_close_to_float32(base):
-    entries, drift, effect = _drift("float8_e4m3fn", base)
+@pytest.mark.parametrize(("key_dtype", "value_dtype"), NARROW)
+def test_float8_entries_on_every_base_read_close_to_float32(base, key_dtype, value_dtype):
+    entries, drift, effect = _drift(key_dtype, base, value_dtype)
     assert entries["values"].dtype == torch.float8_e4m3fn and effect > 0
     assert 0 < drift <= DRIFT["float8_e4m3fn"]
 
 
-def test_a_float8_memory_read_from_several_threads_gives_each_what_it_gives_alone():
+@pytest.mark.parametrize(("key_dtype", "value_dtype"), NARROW)
+def test_a_float8_memory_read_from_several_threads_gives_each_what_it_gives_alone(key_dtype, value_dtype):
     ids, mask = _left_padded()
-    model = _model("float8_e4m3fn")
+    model = _model(key_dtype, value_dtype=value_dtype)
     questions = torch.randint(1, VOCAB, (4, 3, SEGMENT), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         state = model(ids, attention_mask=mask).memory_state
