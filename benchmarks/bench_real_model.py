@@ -81,6 +81,19 @@ def load_model(args, memory_size: int):
     return model.eval(), load_base_tokenizer(base, base_kwargs)
 
 
+def shipped_model_with_index(memory_size: int, memory_dtype=None, memory_value_dtype=None):
+    """The shipped SmolLM2 wrapped with PASSKEY_MEMORY, the index on (`memory_search="auto"`), and its tokenizer: what
+    the scripts that look inside a long read (`scripts/generation_read_parts.py`, `scripts/memory_read_rss.py`) time."""
+    settings = argparse.Namespace(
+        quick=False,
+        model=None,
+        search="auto",
+        memory_dtype=memory_dtype,
+        memory_value_dtype=memory_value_dtype,
+    )
+    return load_model(settings, memory_size)
+
+
 def book_tokens(tokenizer, count: int, text_path: str) -> torch.Tensor:
     """`count` tokens of the held-out book (repeated where shorter), as one row."""
     text = open(text_path, encoding="utf-8").read()

@@ -48,14 +48,9 @@ def main(argv=None) -> None:
     parser.add_argument("--text", default="data/books/held_out/moby_dick.txt")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = argparse.Namespace(
-        quick=False,
-        model=None,
-        search="auto",
-        memory_dtype=args.memory_dtype,
-        memory_value_dtype=args.memory_value_dtype,
+    model, tokenizer = bench_real_model.shipped_model_with_index(
+        args.tokens + 4096, args.memory_dtype, args.memory_value_dtype
     )
-    model, tokenizer = bench_real_model.load_model(settings, memory_size=args.tokens + 4096)
     ids = bench_real_model.book_tokens(tokenizer, args.tokens + 1024, args.text)
     document, prompt = ids[:, : args.tokens], ids[:, args.tokens : args.tokens + 64]
     started = time.perf_counter()

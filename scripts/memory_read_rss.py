@@ -46,14 +46,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     trim = ctypes.CDLL(None).malloc_trim
-    settings = argparse.Namespace(
-        quick=False,
-        model=None,
-        search="auto",
-        memory_dtype=args.memory_dtype,
-        memory_value_dtype=args.memory_value_dtype,
+    model, tokenizer = bench_real_model.shipped_model_with_index(
+        args.tokens + 4096, args.memory_dtype, args.memory_value_dtype
     )
-    model, tokenizer = bench_real_model.load_model(settings, memory_size=args.tokens + 4096)
     ids = bench_real_model.book_tokens(tokenizer, args.tokens, args.text)
     trim(0)
     print(f"model loaded, text tokenized: RSS {rss_gib():.2f} GiB, peak {peak_gib():.2f} GiB", flush=True)
