@@ -87,6 +87,12 @@ class MemLMConfig(PreTrainedConfig):
             last `memory_key_window` real tokens of the same attention window (the token itself included), values
             from the token alone. 1 (default): the token alone. More lets an entry's key say what came just before
             it: the entry of the space in "the pass key of the blue door is 48213" also says "blue door".
+        memory_key_projections (`str`, `kv`): how the `memory_key_window` tokens make a key or query. `"shared"`
+            (default): one projection of their mean. `"per_token"`: each of them through its own projection, summed
+            (a learned causal convolution over the window); the earlier tokens' projections start at zero, so the
+            model starts as with keys from one token, and training decides what of the context a key keeps. Among
+            4 named needles the entry of the space before a key's digits is told apart from the other needles'
+            only this way (`scripts/named_needle_keys.py`).
         num_slots (`int`, `slot`): slots per sequence.
         memory_size (`int`, `kv`): stored entries per sequence before FIFO eviction.
         memory_topk (`int` or `None`, `kv`): read only the top-k entries per head when more are stored;
@@ -123,6 +129,7 @@ class MemLMConfig(PreTrainedConfig):
     # the built-in kinds' settings, flat as config.json holds them; defaults and checks are the kind's
     memory_value_shift: int = KVSettings.memory_value_shift
     memory_key_window: int = KVSettings.memory_key_window
+    memory_key_projections: str = KVSettings.memory_key_projections
     num_slots: int = SlotSettings.num_slots
     memory_size: int = KVSettings.memory_size
     memory_topk: int | None = KVSettings.memory_topk

@@ -157,18 +157,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
 
 
-def key_window_mean(
+def key_window_states(
     hidden: torch.Tensor, window: int, mask: torch.Tensor | None = None, recent: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Each token's mean hidden state over the last `window` real tokens of its attention window, itself included
-    (fewer at the window's start): what a `kv` key or query is made from (`memory_key_window`).
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each token's last `window` real tokens of its attention window, the token itself first: a list of `window`
+    pairs (states (batch, tokens, hidden), found (batch, tokens, 1) bool), pair `j` holding the `j`-th real token
+    before each token (zeros and found False where the window's start comes first).
 
     hidden: (batch, tokens, hidden). recent: the hidden states of the window's earlier tokens (batch, earlier,
     hidden), or None. mask: real tokens of the window, (batch, earlier + tokens) (extra leading columns are
-    ignored), or None (all real). Padding never enters a real token's mean, wherever it sits.
+    ignored), or None (all real). Padding is never one of a real token's earlier tokens, wherever it sits.
     """
-    if window == 1:
-        return hidden
     states = hidden if recent is None else torch.cat([recent.to(hidden.dtype), hidden], dim=1)
     batch, total, width = states.shape
     if mask is None:
@@ -178,11 +177,27 @@ def key_window_mean(
     positions = torch.arange(total, device=states.device).expand(batch, total)
     last_real = torch.where(real, positions, torch.full_like(positions, -1)).cummax(-1).values
     previous = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)  # strictly before
-    sums, counts, current = states.float(), torch.ones(batch, total, 1, device=states.device), previous
+    tail = slice(total - hidden.shape[1], None)
+    found_all = torch.ones(batch, hidden.shape[1], 1, dtype=torch.bool, device=states.device)
+    pairs, current = [(hidden, found_all)], previous
     for _ in range(window - 1):
         found = (current >= 0)[..., None]
         index = current.clamp(min=0)
-        sums = sums + states.gather(1, index[..., None].expand(-1, -1, width)).float() * found
-        counts = counts + found
+        earlier = states.gather(1, index[..., None].expand(-1, -1, width)) * found
+        pairs.append((earlier[:, tail], found[:, tail]))
         current = torch.where(found[..., 0], previous.gather(1, index), current)
-    return (sums / counts).to(hidden.dtype)[:, total - hidden.shape[1] :]
+    return pairs
+
+
+def key_window_mean(
+    hidden: torch.Tensor, window: int, mask: torch.Tensor | None = None, recent: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each token's mean hidden state over the last `window` real tokens of its attention window, itself included
+    (fewer at the window's start): what a `kv` key or query is made from (`memory_key_window`). Arguments as
+    `key_window_states`'."""
+    if window == 1:
+        return hidden
+    pairs = key_window_states(hidden, window, mask, recent)
+    sums = sum(states.float() for states, _ in pairs)
+    counts = sum(found.float() for _, found in pairs)
+    return (sums / counts).to(hidden.dtype)

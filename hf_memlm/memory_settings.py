@@ -13,6 +13,7 @@ from typing import ClassVar
 
 MEMORY_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn")
 MEMORY_SEARCHES = ("auto", "exact")
+KEY_PROJECTIONS = ("shared", "per_token")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class KVSettings(MemorySettings):
     memory_topk: int | None = 32
     memory_value_shift: int = 1
     memory_key_window: int = 1
+    memory_key_projections: str = "shared"
     memory_dtype: str | None = None
     memory_value_dtype: str | None = None
     memory_search: str = "auto"
@@ -78,6 +80,11 @@ class KVSettings(MemorySettings):
                 )
         check_value_shift(self.memory_value_shift)
         check_positive_int("memory_key_window", self.memory_key_window)
+        if self.memory_key_projections not in KEY_PROJECTIONS:
+            raise ValueError(
+                f"MemLMConfig: memory_key_projections={self.memory_key_projections!r} is unknown; choose one of "
+                f"{KEY_PROJECTIONS}."
+            )
         for name, default in (("memory_dtype", "the model's dtype"), ("memory_value_dtype", "memory_dtype")):
             if (value := getattr(self, name)) is not None and value not in MEMORY_DTYPES:
                 raise ValueError(

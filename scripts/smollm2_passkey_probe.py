@@ -49,7 +49,20 @@ def parse_args(argv=None):
     parser.add_argument("--task", choices=["chat", "text"], default="chat")
     parser.add_argument("--named-share", type=float, default=0.5)
     parser.add_argument("--min-needles", type=int, default=1, help="named examples: fewest needles (of 4)")
+    parser.add_argument(
+        "--numbers", type=int, nargs="+", default=[0], help="book-like numbers per document (counts to draw from)"
+    )
     parser.add_argument("--key-window", type=int, default=1, help="memory_key_window")
+    parser.add_argument(
+        "--key-projections", default="shared", choices=["shared", "per_token"], help="memory_key_projections"
+    )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="a trained folder of the same memory layer and heads: start from its memory weights (weights it lacks, "
+        "such as per-token key projections, keep their initialisation: zero)",
+    )
+    parser.add_argument("--save", default=None, help="save the trained model and tokenizer here")
     parser.add_argument(
         "--calibrate", action="store_true", help="calibrate_memory on 4 training documents before anything else"
     )
@@ -77,7 +90,18 @@ def build(args):
         memory_dtype=args.dtype,
         memory_value_shift=1,
         memory_key_window=args.key_window,
+        memory_key_projections=args.key_projections,
     )
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        trained = load_file(f"{args.init_from}/model.safetensors")
+        memory = {name: tensor for name, tensor in trained.items() if name.startswith("memory_blocks.")}
+        missing, unexpected = model.load_state_dict(memory, strict=False)
+        new = [name for name in missing if name.startswith("memory_blocks.")]
+        if unexpected:
+            raise ValueError(f"{args.init_from} holds memory weights this model has not: {unexpected}")
+        print(f"memory weights from {args.init_from}; new here: {new}", flush=True)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("memory_blocks.")
     return model
@@ -105,6 +129,7 @@ def examples(args, tokenizer, count: int, seed: int):
         text=text,
         named_share=args.named_share,
         min_needles=args.min_needles,
+        numbers=args.numbers,
     )
 
 
@@ -192,6 +217,9 @@ def main(argv=None) -> None:
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
     model.eval()
+    if args.save:
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
     for example in examples(args, tokenizer, 4, seed=1000):
         batch = collate([example])
         with_memory = reply_losses(model, batch)
