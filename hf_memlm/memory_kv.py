@@ -129,7 +129,6 @@ class KVMemory(MemoryBlock):
         self.topk = settings.memory_topk
         self.value_shift = settings.memory_value_shift
         self.key_window = settings.memory_key_window
-        self.per_token_keys = settings.memory_key_projections == "per_token" and self.key_window > 1
         # keys made from several tokens stop at an attention window's start: a write must hold one window
         self.writes_tokenwise = self.key_window == 1
         self.storage_dtype = _DTYPES.get(settings.memory_dtype) if settings.memory_dtype else None
@@ -144,14 +143,11 @@ class KVMemory(MemoryBlock):
         self.mem_key = nn.Linear(self.hidden_size, width, bias=False)
         self.mem_value = nn.Linear(self.hidden_size, width, bias=False)
         self.mem_out = nn.Linear(width, self.hidden_size, bias=False)
-        if self.per_token_keys:
-            # `memory_key_projections="per_token"`: projection j of these is that of the j+1-th token before
-            # (mem_query / mem_key being the token's own): a learned causal convolution over the key window
-            earlier = self.key_window - 1
-            self.mem_query_earlier = nn.ModuleList(
-                nn.Linear(self.hidden_size, width, bias=False) for _ in range(earlier)
-            )
-            self.mem_key_earlier = nn.ModuleList(nn.Linear(self.hidden_size, width, bias=False) for _ in range(earlier))
+        # `memory_key_projections="per_token"`: projection j of these is that of the j+1-th token before (mem_query /
+        # mem_key being the token's own), a learned causal convolution over the key window; empty otherwise
+        earlier = self.key_window - 1 if settings.memory_key_projections == "per_token" else 0
+        self.mem_query_earlier = nn.ModuleList(nn.Linear(self.hidden_size, width, bias=False) for _ in range(earlier))
+        self.mem_key_earlier = nn.ModuleList(nn.Linear(self.hidden_size, width, bias=False) for _ in range(earlier))
         # log of the per-head softmax temperature applied to cosine similarities
         self.log_scale = nn.Parameter(torch.empty(self.num_heads))
 
@@ -161,8 +157,7 @@ class KVMemory(MemoryBlock):
 
     @property
     def input_projections(self) -> tuple[nn.Linear, ...]:
-        earlier = (*self.mem_query_earlier, *self.mem_key_earlier) if self.per_token_keys else ()
-        return (self.mem_query, self.mem_key, self.mem_value, *earlier)
+        return (self.mem_query, self.mem_key, self.mem_value, *self.mem_query_earlier, *self.mem_key_earlier)
 
     @staticmethod
     def count_entries(state):
@@ -196,11 +191,10 @@ class KVMemory(MemoryBlock):
         # shift 1 reads "what followed it last time" from step 0 (random q/k: noise, a from-scratch passkey at chance).
         init.copy_(self.mem_key.weight, self.mem_query.weight)
         init.zeros_(self.mem_out.weight)
-        if self.per_token_keys:
-            # the earlier tokens start unheard: keys from one token, which learn single keys fastest, and training
-            # adds what of the context tells entries apart
-            for proj in (*self.mem_query_earlier, *self.mem_key_earlier):
-                init.zeros_(proj.weight)
+        # the earlier tokens start unheard: keys from one token, which learn single keys fastest, and training adds
+        # what of the context tells entries apart
+        for proj in (*self.mem_query_earlier, *self.mem_key_earlier):
+            init.zeros_(proj.weight)
         # Scores are cosines in [-1, 1]: a temperature of sqrt(head_dim) (4 at head_dim 16) leaves the softmax
         # over hundreds of entries almost flat; 16 lets the best match dominate from the start.
         init.constant_(self.log_scale, math.log(INITIAL_TEMPERATURE))
@@ -263,16 +257,17 @@ class KVMemory(MemoryBlock):
 
     def queries(self, hidden_states, mask=None, recent=None) -> torch.Tensor:
         """The L2-normalised queries (B, H, T, d) a read of `hidden_states` makes (arguments as `read`'s)."""
-        projected = self._in_context(self.mem_query, "mem_query_earlier", hidden_states, mask, recent)
+        projected = self._in_context(self.mem_query, self.mem_query_earlier, hidden_states, mask, recent)
         return F.normalize(split_heads(projected, self.num_heads), dim=-1)
 
-    def _in_context(self, projection, earlier: str, hidden_states, mask=None, recent=None) -> torch.Tensor:
-        """`projection` of each token in its key window (`memory_key_window`, `memory_key_projections`)."""
-        if not self.per_token_keys:
+    def _in_context(self, projection, earlier: nn.ModuleList, hidden_states, mask=None, recent=None) -> torch.Tensor:
+        """`projection` of each token in its key window (`memory_key_window`), or with the `earlier` tokens'
+        projections (`memory_key_projections="per_token"`) their sum."""
+        if not earlier:
             return projection(key_window_mean(hidden_states, self.key_window, mask, recent))
         pairs = key_window_states(hidden_states, self.key_window, mask, recent)
         out = projection(hidden_states)
-        for before, (states, _) in zip(getattr(self, earlier), pairs[1:], strict=True):
+        for before, (states, _) in zip(earlier, pairs[1:], strict=True):
             out = out + before(states)  # absent tokens are zeros, and the projections have no bias
         return out
 
@@ -405,7 +400,7 @@ class KVMemory(MemoryBlock):
             state = LayerState({name: t.to(stores[name]) if name in stores else t for name, t in state.items()})
         store, value_store = stores["keys"], stores["values"]
         # (in the compute dtype until stored: torch has no gather for float8 on CPU)
-        projected = self._in_context(self.mem_key, "mem_key_earlier", hidden_states, mask)
+        projected = self._in_context(self.mem_key, self.mem_key_earlier, hidden_states, mask)
         keys = F.normalize(split_heads(projected, self.num_heads), dim=-1)
         values = split_heads(self.mem_value(hidden_states), self.num_heads).to(value_store)  # (B, H, T, d)
         pending_key, pending_valid = state["pending_key"].to(keys.dtype), state["pending_valid"]

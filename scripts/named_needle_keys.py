@@ -23,9 +23,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from smollm2_passkey_probe import key_starts  # (this folder is on sys.path when a script of it runs)
 
 from hf_memlm.data import make_chat_passkey_dataset
 from hf_memlm.integrations.gguf import load_base_tokenizer, resolve_base
+from hf_memlm.memory_hooks import StopAfterCapture
 
 BASE = "smollm2-135m-instruct"
 
@@ -59,29 +61,15 @@ class LayerOutput:
 
     def _keep(self, module, inputs, output):
         self.captured = output[0] if isinstance(output, tuple) else output
-        raise _Stop
+        raise StopAfterCapture  # nothing above the memory layer is needed
 
     @torch.no_grad()
     def __call__(self, ids: list[int]) -> torch.Tensor:
         try:
             self.model(torch.tensor([ids]))
-        except _Stop:
+        except StopAfterCapture:
             pass
         return self.captured[0].float()
-
-
-class _Stop(Exception):
-    """Raised by the hook: nothing above the memory layer is needed."""
-
-
-def needle_starts(tokenizer, document: list[int], key_length: int) -> list[tuple[int, str]]:
-    """(position of the first digit, key) of every needle in `document`."""
-    found = []
-    for position in range(1, len(document) - key_length):
-        before = tokenizer.decode(document[max(0, position - 12) : position])
-        if "pass key" in before and before.endswith(" is ") and tokenizer.decode(document[position]).isdigit():
-            found.append((position, tokenizer.decode(document[position : position + key_length]).strip()))
-    return found
 
 
 def collect(args, tokenizer, states, text_path: str, count: int, seed: int, window: int):
@@ -97,11 +85,11 @@ def collect(args, tokenizer, states, text_path: str, count: int, seed: int, wind
         document, question = ids[:start], ids[start:]
         key = tokenizer(example["answer"], add_special_tokens=False)["input_ids"]
         hidden = torch.cat([states(document[s : s + args.segment]) for s in range(0, start, args.segment)])
-        needles = needle_starts(tokenizer, document, len(key))
-        keys = [k for _, k in needles]
-        if len(needles) != 4 or keys.count(example["answer"]) != 1:
+        starts = key_starts(tokenizer, document)
+        keys = [tokenizer.decode(document[position : position + len(key)]).strip() for position in starts]
+        if len(starts) != 4 or keys.count(example["answer"]) != 1:
             continue
-        entry = [position - 1 for position, _ in needles]  # the token before the first digit
+        entry = [position - 1 for position in starts]  # the token before the first digit
         asked = keys.index(example["answer"])
         in_reply = next(i for i in range(len(question)) if question[i : i + len(key)] == key) - 1
         query_states = states(question)

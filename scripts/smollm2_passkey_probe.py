@@ -154,7 +154,7 @@ def read_ranks(args, model, tokenizer) -> None:
         # token has no entry)
         ranks = (scores > scores[:, target : target + 1]).sum(-1).tolist()
         print(f"needles {example.get('num_needles', 1)}: rank of the right entry per head {ranks}", flush=True)
-        needles = [i - 1 for i in _key_starts(tokenizer, written)]  # every needle's entry of its first digit
+        needles = [i - 1 for i in key_starts(tokenizer, written)]  # every needle's entry of its first digit
         if len(needles) > 1:
             weights = torch.softmax(scores * block.log_scale.exp()[:, None], dim=-1)
             best += int((scores[:, needles].argmax(-1) == needles.index(target)).sum())
@@ -170,7 +170,7 @@ def read_ranks(args, model, tokenizer) -> None:
         )
 
 
-def _key_starts(tokenizer, document: list[int]) -> list[int]:
+def key_starts(tokenizer, document: list[int]) -> list[int]:
     """Positions of the first digit of every needle's key ("The pass key ... is 48213.") in `document`."""
     starts = []
     for position in range(1, len(document)):
