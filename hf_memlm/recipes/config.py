@@ -72,6 +72,8 @@ class ModelSection:
     trainable: Literal[TRAINABLE_MODES] = "full"  # full, memory_only (base frozen) or lora
     calibrate_tokens: int = 0  # with a base: fit the new memory's input projections to the base's hidden states
     # on this many tokens of the training examples before training (`calibrate_memory`); 0: off
+    memory_from: str | None = None  # a trained model's folder (or Hub id) whose memory weights start this one's:
+    # a second training stage (weights new here, e.g. per-token key projections, keep their initial values)
 
 
 @dataclass

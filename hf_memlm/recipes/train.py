@@ -88,6 +88,11 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     train_dataset, eval_dataset = _build_examples(
         data_cfg, tokenizer, model.config.segment_length, documents, config["seed"]
     )
+    if model_cfg["memory_from"]:
+        from hf_memlm.training.memory_start import load_memory_from
+
+        new = load_memory_from(model, model_cfg["memory_from"])
+        print(f"memory weights from {model_cfg['memory_from']}" + (f"; new here: {', '.join(new)}" if new else ""))
     if model_cfg["calibrate_tokens"]:
         _calibrate(model, train_dataset, model_cfg["calibrate_tokens"])
     lora = config["lora"] if model_cfg["trainable"] == "lora" else None
@@ -175,6 +180,11 @@ def check_training_config(config: dict) -> None:
             "model.calibrate_tokens fits a new memory to a pretrained base's hidden states, but model.base is "
             "null (a model trained from scratch): set model.base, or model.calibrate_tokens: 0."
         )
+    if calibrate and model_cfg["memory_from"]:
+        raise ValueError(
+            "model.calibrate_tokens fits a new memory's input projections, which would overwrite the trained ones "
+            "model.memory_from loads: set one of them (model.calibrate_tokens: 0 to continue a trained memory)."
+        )
     if model_cfg["base"] is not None:
         try:
             folder, base_kwargs = resolve_base(model_cfg["base"], model_cfg["base_kwargs"])
@@ -185,9 +195,13 @@ def check_training_config(config: dict) -> None:
         # the vocabulary comes from the tokenizer later; any size checks the rest of the architecture
         text_config = build_text_config(model_cfg["text_config"], vocab_size=_ANY_VOCAB_SIZE)
     try:
-        MemLMConfig(text_config=text_config, **model_cfg["memory"])
+        memory_config = MemLMConfig(text_config=text_config, **model_cfg["memory"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"model.memory: {error}") from error
+    if model_cfg["memory_from"]:
+        from hf_memlm.training.memory_start import check_memory_source
+
+        check_memory_source(model_cfg["memory_from"], memory_config)
     _training_arguments(config, Path(config["output_dir"]))
 
 

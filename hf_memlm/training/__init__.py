@@ -17,6 +17,7 @@ from .model_setup import (
     parameter_counts,
     save_trained_model,
 )
+from .memory_start import load_memory_from
 from .optim import parameter_groups
 from .trainer import MemLMTrainer, MemLMTrainingArguments
 
@@ -29,6 +30,7 @@ __all__ = [
     "calibrate_memory",
     "configure_trainable",
     "is_peft_model",
+    "load_memory_from",
     "lora_target_modules",
     "memory_block_names",
     "memory_weights",
