@@ -115,7 +115,10 @@ def main(argv=None) -> None:
     for row in results["rows"]:
         among = "" if row["needles"] == 1 else f" among {row['needles']} named needles"
         if row["needles"] > 1:
-            among += f" (another needle's key: {row['memory_other_needle']:.3f})"
+            among += (
+                f" (another needle's key: {row['memory_other_needle']:.3f}, "
+                f"one digit wrong: {row['memory_one_digit_off']:.3f})"
+            )
         print(
             f"key {row['distance']:,} tokens back{among}: exact match {row['memory']:.3f} ({row['examples']} examples)"
         )

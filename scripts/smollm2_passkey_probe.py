@@ -28,7 +28,7 @@ import torch
 from hf_memlm import MemLMForCausalLM
 from hf_memlm.data import make_chat_passkey_dataset, make_passkey_dataset
 from hf_memlm.integrations.gguf import load_base_tokenizer, resolve_base
-from hf_memlm.training import calibrate_memory
+from hf_memlm.training import calibrate_memory, load_memory_from
 from hf_memlm.training.collate import LabelledTailCollator
 
 BASE = "smollm2-135m-instruct"
@@ -62,6 +62,9 @@ def parse_args(argv=None):
         help="a trained folder of the same memory layer and heads: start from its memory weights (weights it lacks, "
         "such as per-token key projections, keep their initialisation: zero)",
     )
+    parser.add_argument(
+        "--train-new-only", action="store_true", help="with --init-from: train only the weights it lacks"
+    )
     parser.add_argument("--save", default=None, help="save the trained model and tokenizer here")
     parser.add_argument(
         "--calibrate", action="store_true", help="calibrate_memory on 4 training documents before anything else"
@@ -92,18 +95,12 @@ def build(args):
         memory_key_window=args.key_window,
         memory_key_projections=args.key_projections,
     )
+    new = []
     if args.init_from:
-        from safetensors.torch import load_file
-
-        trained = load_file(f"{args.init_from}/model.safetensors")
-        memory = {name: tensor for name, tensor in trained.items() if name.startswith("memory_blocks.")}
-        missing, unexpected = model.load_state_dict(memory, strict=False)
-        new = [name for name in missing if name.startswith("memory_blocks.")]
-        if unexpected:
-            raise ValueError(f"{args.init_from} holds memory weights this model has not: {unexpected}")
+        new = load_memory_from(model, args.init_from)
         print(f"memory weights from {args.init_from}; new here: {new}", flush=True)
     for name, param in model.named_parameters():
-        param.requires_grad = name.startswith("memory_blocks.")
+        param.requires_grad = name in new if args.train_new_only else name.startswith("memory_blocks.")
     return model
 
 

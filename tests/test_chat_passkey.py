@@ -153,16 +153,17 @@ def test_far_evaluation_scores_every_condition_and_writes_its_report(tokenizer, 
     assert "| 4 |" in markdown and "Environment: torch" in markdown and paths["plot"].stat().st_size > 1000
 
 
-def test_rows_count_the_answers_that_gave_another_needles_key():
+def test_rows_count_the_answers_that_gave_another_needles_key_or_one_digit_wrong():
     from hf_memlm.evaluation.chat_passkey import _rows
 
     answers = [
         {"distance": 512, "needles": 4, "distance_tokens": 600, "key": "11111", "other_keys": ["22222", "33333"]}
         | {"memory": f"The pass key of the red box is {given}.", "memory_correct": given == "11111"}
-        for given in ("11111", "22222", "33333", "44444")
+        for given in ("11111", "22222", "33333", "11211", "112111", "44444")
     ]
     (row,) = _rows(answers)
-    assert row["memory"] == 0.25 and row["memory_other_needle"] == 0.5
+    assert row["memory"] == 1 / 6 and row["memory_other_needle"] == 2 / 6
+    assert row["memory_one_digit_off"] == 1 / 6  # '11211'; '112111' has another length
 
 
 def test_first_number_scoring():

@@ -257,8 +257,14 @@ def _rows(answers: list[dict]) -> list[dict]:
             row[f"{condition}_examples"] = len(scored)
         # a miss among named needles that answers another needle's key: the read found a needle, not the one asked
         row["memory_other_needle"] = sum(first_number(a[MEMORY]) in a.get("other_keys", ()) for a in group) / len(group)
+        # a miss by one digit: the read found the key, then mixed in a digit from elsewhere
+        row["memory_one_digit_off"] = sum(_one_digit_off(first_number(a[MEMORY]), a["key"]) for a in group) / len(group)
         rows.append(row)
     return rows
+
+
+def _one_digit_off(answer: str | None, key: str) -> bool:
+    return answer is not None and len(answer) == len(key) and sum(a != b for a, b in zip(answer, key)) == 1
 
 
 def _inside_row(inside: list[dict], settings) -> dict:
@@ -298,7 +304,13 @@ def format_chat_passkey(results: dict) -> str:
             lines += [
                 "",
                 f"Among {row['needles']} named needles, {row['distance']:,} tokens back: the answer was another "
-                f"needle's key in {row['memory_other_needle']:.3f} of the examples.",
+                f"needle's key in {row['memory_other_needle']:.3f} of the examples"
+                + (
+                    f", the key with one digit wrong in {row['memory_one_digit_off']:.3f}"
+                    if "memory_one_digit_off" in row
+                    else ""
+                )
+                + ".",
             ]
     inside = results["base_inside_window"]
     if inside["examples"]:

@@ -5,6 +5,7 @@ Library-only code (not part of the Hub payload): it may import hf_memlm, peft an
 """
 
 from .calibration import calibrate_memory
+from .memory_start import load_memory_from
 from .model_setup import (
     ADAPTER_FOLDER,
     TRAINABLE_MODES,
@@ -17,7 +18,6 @@ from .model_setup import (
     parameter_counts,
     save_trained_model,
 )
-from .memory_start import load_memory_from
 from .optim import parameter_groups
 from .trainer import MemLMTrainer, MemLMTrainingArguments
 
