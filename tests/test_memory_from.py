@@ -120,6 +120,35 @@ def test_weights_new_in_the_second_stage_keep_their_zero_start_so_it_reads_as_th
         torch.testing.assert_close(prepared.model(ids).logits, first(ids).logits)
 
 
+def test_memory_new_trains_only_what_the_first_stage_lacked(tiny_base, tmp_path):
+    """model.trainable: memory_new: one step of the Trainer moves the new per-token projections and nothing else."""
+    from hf_memlm.recipes.train import run_training
+
+    saved = _first_stage(tiny_base, tmp_path / "stage1")
+    changes = {
+        "model.memory_from": str(saved),
+        "model.memory.memory_key_window": "3",
+        "model.memory.memory_key_projections": "per_token",
+        "model.trainable": "memory_new",
+        "training.max_steps": "1",
+        "training.learning_rate": "1e-2",
+        "training.memory_learning_rate": "1e-2",
+        "training.warmup_steps": "0",  # a learning rate from the first step
+    }
+    prepared = _prepared(tmp_path, tiny_base, **changes)
+    trainable = {name for name, param in prepared.model.named_parameters() if param.requires_grad}
+    assert trainable == {f"memory_blocks.1.mem_{side}_earlier.{i}.weight" for side in ("key", "query") for i in (0, 1)}
+    before = {name: value.clone() for name, value in prepared.model.state_dict().items()}
+    run_training(prepared)
+    after = prepared.model.state_dict()
+    moved = {name for name, value in before.items() if not torch.equal(value, after[name])}
+    assert moved and moved <= trainable
+    with pytest.raises(ValueError, match="lacks none here"):  # nothing new: nothing would train
+        _prepared(tmp_path / "same", tiny_base, **{"model.memory_from": str(saved), "model.trainable": "memory_new"})
+    with pytest.raises(ValueError, match=r"set model\.memory_from"):
+        _prepared(tmp_path / "alone", tiny_base, **{"model.trainable": "memory_new"})
+
+
 def test_a_second_stage_trains_end_to_end_from_the_cli_with_lora(tiny_base, tmp_path, capsys):
     saved = _first_stage(tiny_base, tmp_path / "stage1")
     out = tmp_path / "stage2"
@@ -183,7 +212,7 @@ def test_the_shipped_second_stage_continues_the_first_stages_memory():
     assert changed == {"memory_key_window": 4, "memory_key_projections": "per_token"}
     for section in ("tokenizer", "evaluation"):
         assert second[section] == first[section], section
-    assert (second["model"]["base"], second["model"]["trainable"]) == (first["model"]["base"], "memory_only")
+    assert (second["model"]["base"], second["model"]["trainable"]) == (first["model"]["base"], "memory_new")
     assert {k: v for k, v in second["data"].items() if k != "num_examples"} == {
         k: v for k, v in first["data"].items() if k != "num_examples"
     }

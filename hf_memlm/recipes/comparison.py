@@ -137,8 +137,10 @@ def compared_runs(config: dict) -> list[ComparedRun]:
         for seed in seeds:
             folder = output_dir / COMPARISON_FOLDER / name / f"seed-{seed}"
             variant = _variant(config, seed, folder)
-            if trainable != "full":  # built with the base frozen; its LoRA comes in prepare_baseline
-                variant["model"]["trainable"], variant["lora"] = "memory_only", {}
+            if trainable != "full":  # built with the base frozen (its memory's trainable share is the baseline's
+                # budget); its LoRA comes in prepare_baseline
+                variant["model"]["trainable"] = "memory_only" if trainable == "lora" else trainable
+                variant["lora"] = {}
             lora = dict(config["lora"]) if trainable == "lora" else None
             planned.append(ComparedRun(name, seed, folder, variant, window, trainable, lora))
     return planned

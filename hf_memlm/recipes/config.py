@@ -69,7 +69,8 @@ class ModelSection:
     base: str | None = None  # pretrained causal LM (Hub id or folder) to wrap; null: from scratch
     base_kwargs: dict[str, Any] = field(default_factory=dict)  # from_pretrained arguments for `base`
     text_config: dict[str, Any] = field(default_factory=dict)  # from scratch: model_type and its config fields
-    trainable: Literal[TRAINABLE_MODES] = "full"  # full, memory_only (base frozen) or lora
+    trainable: Literal[TRAINABLE_MODES] = "full"  # full, memory_only (base frozen), memory_new (with memory_from:
+    # only the memory weights its folder lacks) or lora
     calibrate_tokens: int = 0  # with a base: fit the new memory's input projections to the base's hidden states
     # on this many tokens of the training examples before training (`calibrate_memory`); 0: off
     memory_from: str | None = None  # a trained model's folder (or Hub id) whose memory weights start this one's:

@@ -118,6 +118,8 @@ def publish(config: dict, summary: dict, evaluation: dict | None, config_path: s
         "steps": summary["steps"],
         "trainable": config["model"]["trainable"],
     }
+    if config["model"].get("memory_from"):
+        facts["memory started from"] = config["model"]["memory_from"]
     comparison = config.get("comparison") or {}
     if comparison.get("baselines") or comparison.get("repeats", 1) > 1:
         seeds = ", ".join(str(config["seed"] + k) for k in range(comparison.get("repeats", 1)))

@@ -88,6 +88,7 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     train_dataset, eval_dataset = _build_examples(
         data_cfg, tokenizer, model.config.segment_length, documents, config["seed"]
     )
+    new = []
     if model_cfg["memory_from"]:
         from hf_memlm.training.memory_start import load_memory_from
 
@@ -98,7 +99,7 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     lora = config["lora"] if model_cfg["trainable"] == "lora" else None
     if config["lora"] and model_cfg["trainable"] != "lora":
         raise ValueError(f"lora settings are given but model.trainable={model_cfg['trainable']!r}; set it to lora.")
-    model = configure_trainable(model, model_cfg["trainable"], lora)
+    model = configure_trainable(model, model_cfg["trainable"], lora, new_memory=new)
 
     training_args = _training_arguments(config, output_dir)
     if training_args.eval_strategy != "no" and eval_dataset is None:
@@ -179,6 +180,11 @@ def check_training_config(config: dict) -> None:
         raise ValueError(
             "model.calibrate_tokens fits a new memory to a pretrained base's hidden states, but model.base is "
             "null (a model trained from scratch): set model.base, or model.calibrate_tokens: 0."
+        )
+    if model_cfg["trainable"] == "memory_new" and not model_cfg["memory_from"]:
+        raise ValueError(
+            "model.trainable=memory_new trains only the memory weights a first stage lacks: set model.memory_from "
+            "to that stage's folder, or model.trainable: memory_only."
         )
     if calibrate and model_cfg["memory_from"]:
         raise ValueError(

@@ -1,10 +1,13 @@
 """Build the model to train and choose what trains: everything, only the memory, or LoRA on the base
 plus the memory.
 
-The three modes (`TRAINABLE_MODES`):
+The four modes (`TRAINABLE_MODES`):
   * `full`         every parameter trains (training from scratch, or full fine-tuning);
   * `memory_only`  the base model is frozen, only the memory blocks train (the base keeps computing
                    exactly what it computed before; memory adds to it);
+  * `memory_new`   a second stage (`model.memory_from`): the base and the memory weights loaded from the first
+                   stage are frozen, only the memory weights the first stage lacked train (what the first
+                   stage learned to read stays as it was);
   * `lora`         PEFT LoRA adapters on the base's projections plus fully trainable memory blocks.
 
 PEFT has no default LoRA targets for `model_type="memlm"`, so they are derived from the base model's
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -30,7 +34,7 @@ from hf_memlm.modeling_memlm import MemLMForCausalLM
 
 logger = logging.getLogger(__name__)
 
-TRAINABLE_MODES = ("full", "memory_only", "lora")
+TRAINABLE_MODES = ("full", "memory_only", "memory_new", "lora")
 ADAPTER_FOLDER = "adapter"
 
 
@@ -126,8 +130,11 @@ def memory_parameter_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def configure_trainable(model: MemLMForCausalLM, mode: str, lora_settings: dict | None = None):
-    """Freeze according to `mode`; returns the model to train (a `PeftModel` for `lora`)."""
+def configure_trainable(
+    model: MemLMForCausalLM, mode: str, lora_settings: dict | None = None, new_memory: Iterable[str] = ()
+):
+    """Freeze according to `mode`; returns the model to train (a `PeftModel` for `lora`). `new_memory`: for
+    `memory_new`, the names of the memory weights that train (those `load_memory_from` found no saved value for)."""
     if mode not in TRAINABLE_MODES:
         raise ValueError(f"model.trainable={mode!r} is unknown; choose one of {TRAINABLE_MODES}.")
     if mode != "lora" and lora_settings:
@@ -138,6 +145,17 @@ def configure_trainable(model: MemLMForCausalLM, mode: str, lora_settings: dict 
     if mode == "memory_only":
         model.requires_grad_(False)
         model.memory_blocks.requires_grad_(True)
+        return model
+    if mode == "memory_new":
+        new_memory = set(new_memory)
+        if not new_memory:
+            raise ValueError(
+                "model.trainable=memory_new trains the memory weights that model.memory_from's folder lacks, and it "
+                "lacks none here: give this model weights the first stage has not (memory_key_projections: "
+                "per_token with a larger memory_key_window), or set model.trainable: memory_only."
+            )
+        for name, param in model.named_parameters():
+            param.requires_grad = name in new_memory
         return model
     return wrap_with_lora(model, lora_settings or {})
 
