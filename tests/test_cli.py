@@ -95,7 +95,7 @@ def test_overrides_are_parsed_as_yaml_with_numbers_and_plain_words():
         (["--data.num_segments", "2.5"], "data.num_segments='2.5' is not valid: expected an integer"),
         (
             ["--model.trainable", "partial"],
-            "model.trainable='partial' is not valid: expected one of full, memory_only, lora",
+            "model.trainable='partial' is not valid: expected one of full, memory_only, memory_new, lora",
         ),
         (["--training.output_dir", "x"], "training.output_dir cannot be set here: set the top-level output_dir."),
         (["--training.max_steps"], "--training.max_steps needs a value"),
