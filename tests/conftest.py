@@ -244,6 +244,21 @@ def run_python_json(code: str, args: list[str], tmp_path):
     return json.loads(done.stdout.strip().splitlines()[-1])  # the last line: a library may print before it
 
 
+@pytest.fixture(scope="module")
+def tiny_pretrained_base(tmp_path_factory):
+    """A pretrained-looking base: a small random Llama and a byte tokenizer, saved as a Hub-style folder."""
+    from transformers import LlamaForCausalLM
+
+    from hf_memlm.data import build_tokenizer
+    from hf_memlm.recipes.defaults import tiny_llama_config
+
+    folder = tmp_path_factory.mktemp("tiny_base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=260, hidden_size=32, max_positions=128)).save_pretrained(folder)
+    build_tokenizer("byte").save_pretrained(folder)
+    return folder
+
+
 def tiny_chat_kv_model(tokenizer, segment_length: int, memory_size: int, max_positions: int | None = None):
     """A tiny byte-vocabulary Llama with `kv` memory beside layer 0 (2 heads, top-4 exact reads) that stops at
     `tokenizer`'s end token: what the chat evaluations (pass key, long-context suite) run on in tests."""

@@ -13,7 +13,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_memlm.cli import main
-from hf_memlm.data import build_tokenizer
 from hf_memlm.recipes.comparison import compared_runs, held_out_rows, matched_lora_rank, prepare_baseline
 from hf_memlm.recipes.config import load_train_config
 from hf_memlm.recipes.defaults import tiny_llama_config
@@ -24,18 +23,6 @@ CONFIG = ROOT / "configs" / "smollm2_lm_books_cpu.yaml"
 BOOKS = ROOT / "data" / "books"
 SEGMENT = 16
 NUM_SEGMENTS = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A pretrained-looking base: a small random Llama and a byte tokenizer, saved as a Hub-style folder."""
-    from transformers import LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny_base")
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(vocab_size=260, hidden_size=32, max_positions=128)).save_pretrained(folder)
-    build_tokenizer("byte").save_pretrained(folder)
-    return folder
 
 
 def miniature(out: Path, base: Path, **changes) -> list[str]:
@@ -60,11 +47,11 @@ def miniature(out: Path, base: Path, **changes) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def mini_job(tiny_base, tmp_path_factory) -> Path:
+def mini_job(tiny_pretrained_base, tmp_path_factory) -> Path:
     """configs/smollm2_lm_books_cpu.yaml in miniature, end to end: memory model and no_memory baseline for two
     seeds, the untrained base and full-attention baselines, the report and the card."""
     out = tmp_path_factory.mktemp("smollm2_lm_books") / "run"
-    assert main(["train", str(CONFIG), *miniature(out, tiny_base)]) == 0
+    assert main(["train", str(CONFIG), *miniature(out, tiny_pretrained_base)]) == 0
     return out
 
 
@@ -86,14 +73,14 @@ def _nll_by_segment(model, rows, window) -> list[float]:
     return sums
 
 
-def test_pretrained_baselines_score_what_the_base_computes(mini_job, tiny_base):
+def test_pretrained_baselines_score_what_the_base_computes(mini_job, tiny_pretrained_base):
     results = json.loads((mini_job / "eval" / "perplexity.json").read_text())
     assert list(results["models"]) == ["memory", "no_memory", "base", "full_attention", "memory_disabled"]
-    config = load_train_config(CONFIG, miniature(mini_job, tiny_base))
+    config = load_train_config(CONFIG, miniature(mini_job, tiny_pretrained_base))
     from hf_memlm.integrations.gguf import load_base_tokenizer
 
-    rows, _ = held_out_rows(config["evaluation"], load_base_tokenizer(str(tiny_base)), SEGMENT)
-    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    rows, _ = held_out_rows(config["evaluation"], load_base_tokenizer(str(tiny_pretrained_base)), SEGMENT)
+    base = AutoModelForCausalLM.from_pretrained(tiny_pretrained_base).eval()
     counts = [SEGMENT * len(rows)] * (NUM_SEGMENTS - 1) + [(SEGMENT - 1) * len(rows)]
     for name, window in (("base", SEGMENT), ("full_attention", SEGMENT * NUM_SEGMENTS)):
         expected = [math.exp(s / c) for s, c in zip(_nll_by_segment(base, rows, window), counts)]
@@ -116,7 +103,9 @@ def test_pretrained_baselines_score_what_the_base_computes(mini_job, tiny_base):
     )
 
 
-def test_the_no_memory_baseline_of_a_memory_only_model_trains_a_lora_of_the_memorys_size(mini_job, tiny_base):
+def test_the_no_memory_baseline_of_a_memory_only_model_trains_a_lora_of_the_memorys_size(
+    mini_job, tiny_pretrained_base
+):
     summary = json.loads((mini_job / "comparison" / "no_memory" / "seed-0" / "train_summary.json").read_text())
     memory_summary = json.loads((mini_job / "train_summary.json").read_text())
     trained, budget = summary["parameters"]["trainable"], memory_summary["parameters"]["trainable_memory"]
@@ -124,7 +113,7 @@ def test_the_no_memory_baseline_of_a_memory_only_model_trains_a_lora_of_the_memo
     assert abs(trained - budget) <= per_rank  # the closest rank
     # merged into the base when saved: a plain Llama, its weights moved away from the shipped ones by training
     saved = AutoModelForCausalLM.from_pretrained(mini_job / "comparison" / "no_memory" / "seed-0")
-    shipped = AutoModelForCausalLM.from_pretrained(tiny_base)
+    shipped = AutoModelForCausalLM.from_pretrained(tiny_pretrained_base)
     assert saved.config.model_type == "llama"
     moved = [k for k, v in saved.state_dict().items() if not torch.equal(v, shipped.state_dict()[k])]
     assert moved and all("q_proj" in k or "v_proj" in k for k in moved)
@@ -142,19 +131,19 @@ def test_matched_lora_rank_comes_closest_to_the_budget():
         matched_lora_rank(base, ["c_attn"], 100)
 
 
-def test_lora_baseline_starts_from_the_shipped_base(tiny_base, tmp_path):
-    config = load_train_config(CONFIG, miniature(tmp_path / "run", tiny_base))
+def test_lora_baseline_starts_from_the_shipped_base(tiny_pretrained_base, tmp_path):
+    config = load_train_config(CONFIG, miniature(tmp_path / "run", tiny_pretrained_base))
     prepared = prepare_run(config)
     baseline = prepare_baseline(prepared, SEGMENT, "memory_only")
-    shipped = AutoModelForCausalLM.from_pretrained(tiny_base)
+    shipped = AutoModelForCausalLM.from_pretrained(tiny_pretrained_base)
     merged = baseline.model.merge_and_unload()  # LoRA's B starts at zero: merged, it is the shipped base
     for key, value in shipped.state_dict().items():
         assert torch.equal(merged.state_dict()[key], value), key
 
 
-def test_a_lora_memory_models_baseline_gets_the_same_lora(tiny_base, tmp_path):
+def test_a_lora_memory_models_baseline_gets_the_same_lora(tiny_pretrained_base, tmp_path):
     """model.trainable: lora: the no-memory baseline trains the memory model's LoRA (its settings, its targets)."""
-    overrides = miniature(tmp_path / "run", tiny_base, **{"model.trainable": "lora", "lora.r": "4"})
+    overrides = miniature(tmp_path / "run", tiny_pretrained_base, **{"model.trainable": "lora", "lora.r": "4"})
     config = load_train_config(CONFIG, overrides)
     run = next(r for r in compared_runs(config) if r.name == "no_memory")
     assert (run.trainable, run.lora["r"], run.config["model"]["trainable"]) == ("lora", 4, "memory_only")
@@ -164,10 +153,12 @@ def test_a_lora_memory_models_baseline_gets_the_same_lora(tiny_base, tmp_path):
     assert not any("memory" in name for name, _ in baseline.named_parameters())
 
 
-def test_model_calibrate_tokens_rescales_the_new_memory_before_training(tiny_base, tmp_path):
-    plain = prepare_run(load_train_config(CONFIG, miniature(tmp_path / "plain", tiny_base))).model
+def test_model_calibrate_tokens_rescales_the_new_memory_before_training(tiny_pretrained_base, tmp_path):
+    plain = prepare_run(load_train_config(CONFIG, miniature(tmp_path / "plain", tiny_pretrained_base))).model
     prepared = prepare_run(
-        load_train_config(CONFIG, miniature(tmp_path / "calibrated", tiny_base, **{"model.calibrate_tokens": "64"}))
+        load_train_config(
+            CONFIG, miniature(tmp_path / "calibrated", tiny_pretrained_base, **{"model.calibrate_tokens": "64"})
+        )
     )
     calibrated = prepared.model
     block, reference = calibrated.memory_blocks["1"], plain.memory_blocks["1"]
@@ -181,11 +172,13 @@ def test_model_calibrate_tokens_rescales_the_new_memory_before_training(tiny_bas
         torch.testing.assert_close(calibrated(ids).logits, plain(ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"model\.base is null"):
         scratch = load_train_config(
-            CONFIG, miniature(tmp_path / "scratch", tiny_base, **{"model.calibrate_tokens": "64"})
+            CONFIG, miniature(tmp_path / "scratch", tiny_pretrained_base, **{"model.calibrate_tokens": "64"})
         )
         scratch["model"]["base"] = None
         prepare_run(scratch)
     with pytest.raises(ValueError, match="non-negative integer"):
         prepare_run(
-            load_train_config(CONFIG, miniature(tmp_path / "bad", tiny_base, **{"model.calibrate_tokens": "-1"}))
+            load_train_config(
+                CONFIG, miniature(tmp_path / "bad", tiny_pretrained_base, **{"model.calibrate_tokens": "-1"})
+            )
         )
