@@ -67,19 +67,18 @@ def _saved_memory_files(folder: Path) -> dict[str, Path]:
     )
 
 
-def _saved_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
+def _read_memory(files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """The memory weights themselves (a few MB), each file opened once; the base's tensors are not read."""
+    loaded = {}
     for file in sorted(set(files.values())):
         with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if name in files:
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
+            loaded.update({name: handle.get_tensor(name) for name in handle.keys() if name in files})
+    return loaded
 
 
-def check_memory_source(source: str, config) -> tuple[Path, dict[str, Path]]:
+def check_memory_source(source: str, config) -> dict[str, Path]:
     """Check that the memory saved at `source` fits a model of `config` (a `MemLMConfig`), reading only the saved
-    config and the weights' headers. Returns the folder and where each memory weight is. Raises ValueError naming
+    config and the weights' headers. Returns where each memory weight is. Raises ValueError naming
     the setting that differs."""
     folder = resolve_memory_source(source)
     config_path = folder / "config.json"
@@ -106,7 +105,7 @@ def check_memory_source(source: str, config) -> tuple[Path, dict[str, Path]]:
     files = _saved_memory_files(folder)
     if not files:
         raise ValueError(f"model.memory_from: {str(folder)!r} holds no memory weights ({MEMORY_PREFIX}*).")
-    return folder, files
+    return files
 
 
 def load_memory_from(model, source: str) -> list[str]:
@@ -115,7 +114,8 @@ def load_memory_from(model, source: str) -> list[str]:
     Returns the names of the memory weights the folder did not hold, which keep their initial values. Raises
     ValueError, changing nothing, when a saved weight has no place in `model` or another shape.
     """
-    _, files = check_memory_source(source, model.config)
+    files = check_memory_source(source, model.config)
+    loaded = _read_memory(files)
     # the state dict: parameters and persistent buffers, sharing storage with the model
     params = {name: tensor for name, tensor in model.state_dict().items() if name.startswith(MEMORY_PREFIX)}
     unexpected = sorted(set(files) - set(params))
@@ -126,9 +126,9 @@ def load_memory_from(model, source: str) -> list[str]:
             "saved config.json, changing only what adds weights."
         )
     wrong = {
-        name: (shape, tuple(params[name].shape))
-        for name, shape in _saved_shapes(files).items()
-        if shape != tuple(params[name].shape)
+        name: (tuple(tensor.shape), tuple(params[name].shape))
+        for name, tensor in loaded.items()
+        if tensor.shape != params[name].shape
     }
     if wrong:
         described = "; ".join(f"{name}: saved {saved}, here {here}" for name, (saved, here) in sorted(wrong.items()))
@@ -136,12 +136,6 @@ def load_memory_from(model, source: str) -> list[str]:
             f"model.memory_from: saved memory weights have other shapes ({described}). The base's width or "
             "memory_heads / memory_head_dim differ: use the saved model's settings."
         )
-    loaded = {}
-    for file in sorted(set(files.values())):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if name in files:
-                    loaded[name] = handle.get_tensor(name)
     with torch.no_grad():
         for name, tensor in loaded.items():
             params[name].copy_(tensor.to(params[name].dtype))
