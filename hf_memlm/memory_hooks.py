@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,6 +26,8 @@ _ACTIVE_CONTEXTS: ContextVar[dict | None] = ContextVar("hf_memlm_active_contexts
 # Under torch.compile, which cannot trace a ContextVar (a graph break per segment), the contexts travel with the
 # base-model call instead, as this keyword, which transformers' models pass on to their decoder layers.
 CONTEXTS_KEYWORD = "memlm_contexts"
+# The reads of the calls running in this thread, recorded for a loss on what they pick (`record_reads`); None: off.
+_READ_RECORDS: ContextVar[list | None] = ContextVar("hf_memlm_read_records", default=None)
 
 
 class StopAfterCapture(Exception):
@@ -152,14 +155,57 @@ def active_contexts(contexts: dict[nn.Module, LayerContext]) -> Iterator[None]:
         _ACTIVE_CONTEXTS.reset(token)
 
 
+@dataclass
+class ReadRecord:
+    """One segment's memory reads, as `record_reads` keeps them.
+
+    blocks: each memory layer's block; layers: its state as the segment read it (before its own write); captured: each memory layer's
+    output for the segment (what its read made queries from); mask (B, W): the segment's real tokens; source (B, W):
+    the call's column of each segment column; starts[b]: row b's real tokens in the call before the segment."""
+
+    blocks: dict
+    layers: dict
+    captured: dict
+    mask: torch.Tensor
+    source: torch.Tensor
+    starts: list[int]
+
+
+@contextmanager
+def record_reads() -> Iterator[list[ReadRecord]]:
+    """Keep a `ReadRecord` of every segment that reads memory in the forward calls this thread makes inside the
+    block (not generation's). The records hold the tensors with their autograd history: a loss on what the reads
+    pick can train the memory (`hf_memlm.training.read_supervision`)."""
+    records: list[ReadRecord] = []
+    token = _READ_RECORDS.set(records)
+    try:
+        yield records
+    finally:
+        _READ_RECORDS.reset(token)
+
+
+def note_read(
+    blocks: nn.ModuleDict, layers: dict, captured: dict, mask: torch.Tensor, source: torch.Tensor, starts: list[int]
+) -> None:
+    """Record one segment's reads where `record_reads` is on (nothing is kept otherwise). `blocks`: the memory
+    blocks by layer number as a string (`MemLMForCausalLM.memory_blocks`)."""
+    records = _READ_RECORDS.get()
+    if records is not None:
+        used = {index: blocks[str(index)] for index in layers}
+        records.append(ReadRecord(used, dict(layers), dict(captured), mask, source, list(starts)))
+
+
 __all__ = [
     "CONTEXTS_KEYWORD",
     "LayerContext",
+    "ReadRecord",
     "StopAfterCapture",
     "active_contexts",
     "call_with_contexts",
     "find_decoder_layers",
     "has_memory_hook",
     "install_read_hooks",
+    "note_read",
     "passes_keywords",
+    "record_reads",
 ]

@@ -37,6 +37,7 @@ from .memory_hooks import (
     find_decoder_layers,
     has_memory_hook,
     install_read_hooks,
+    note_read,
     passes_keywords,
 )
 from .memory_kinds import MEMORY_KINDS
@@ -475,6 +476,8 @@ class MemLMForCausalLM(MemorySwitch, MemLMPreTrainedModel, GenerationMixin):
                 host_piece = torch.arange(piece.width)[None, :] < torch.tensor(piece.counts)[:, None]
                 host_window = torch.cat([host_window, host_piece], dim=1)
             else:
+                if not write_only:  # for a loss on what the reads pick (`record_reads`); off, it keeps nothing
+                    note_read(self.memory_blocks, state.layers, captured, piece_mask, source, piece.starts)
                 state = self._write(state, captured, piece_mask, written)
                 written = None if written is None else written + piece.width
                 if bptt is not None and (number + 1) % bptt == 0 and number + 1 < len(pieces):

@@ -22,7 +22,7 @@ EXAMPLES = """examples:
 sections: output_dir, overwrite_output_dir, seed, model (base, base_kwargs, text_config, memory.*, trainable),
 lora.* (PEFT LoraConfig), tokenizer.*, data.*, evaluation.*, comparison.*, card.* (license, datasets: the
 model card's Hub metadata), training.* (any transformers TrainingArguments field, plus memory_learning_rate,
-memory_weight_decay)
+memory_weight_decay, read_loss_weight)
 """
 
 

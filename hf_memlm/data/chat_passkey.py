@@ -13,7 +13,9 @@ starting with one of the key's digits, so that a digit of the key is not the onl
 
 Columns: input_ids, labels (the reply only), answer (the key), key_name ("" for a plain needle),
 needle_segment, question_start (first token of the question segment = (num_segments - 1) * segment_length),
-prompt_length (tokens of the question up to the reply), num_needles.
+prompt_length (tokens of the question up to the reply), num_needles, and read_targets: at the reply's token before
+each of the key's tokens, the column of that token in the asked needle (the memory entry a read there should bring
+back; -100 elsewhere), for `MemLMTrainer`'s read loss.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def make_chat_passkey_dataset(
         document = stream.draw(rng, document_length)
         taken = np.zeros(document_length, dtype=bool)
         segments = rng.permutation(num_segments - 1)
-        needle_segments = []
+        needle_segments, needle_starts = [], []
         for number, (key, name) in enumerate(zip(keys, names)):
             ids = encode(tokenizer, needle_text(key, name))
             segment = int(segments[number % len(segments)])
@@ -168,6 +170,7 @@ def make_chat_passkey_dataset(
             document[start : start + len(ids)] = ids
             taken[start : start + len(ids)] = True
             needle_segments.append(segment)
+            needle_starts.append(start)
         if not named:
             for _ in range(distractors):
                 _write_where_free(rng, document, taken, encode(tokenizer, f" {draw_key(rng, key_digits)}"))
@@ -175,9 +178,21 @@ def make_chat_passkey_dataset(
         for _ in range(numbers if number_counts is None else int(rng.choice(number_counts))):
             _write_where_free(rng, document, taken, encode(tokenizer, book_number(rng, keys[asked], key_digits)))
         exchange, prompt_length = chat_exchange_ids(tokenizer, keys[asked], names[asked])
+        columns = document_then_question(document, exchange, prompt_length, segment_length)
+        needle = encode(tokenizer, needle_text(keys[asked], names[asked]))
+        reply_start = len(document) + prompt_length
+        columns["read_targets"] = key_read_targets(
+            tokenizer,
+            keys[asked],
+            needle,
+            needle_starts[asked],
+            exchange[prompt_length:],
+            reply_start,
+            len(columns["input_ids"]),
+        )
         rows.append(
             {
-                **document_then_question(document, exchange, prompt_length, segment_length),
+                **columns,
                 "answer": keys[asked],
                 "key_name": names[asked],
                 "needle_segment": needle_segments[asked],
@@ -185,6 +200,42 @@ def make_chat_passkey_dataset(
             }
         )
     return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
+
+
+def key_read_targets(
+    tokenizer, key: str, needle, needle_start: int, reply, reply_start: int, length: int
+) -> np.ndarray:
+    """`read_targets` of one example of `length` tokens: at the reply's token before each token of `key`, the column
+    of that key token in the needle (the needle's tokens start at `needle_start`, the reply's at `reply_start`);
+    -100 elsewhere. All -100 where the key is not written with the same tokens in both (nothing to point at)."""
+    targets = np.full(length, IGNORE_INDEX, dtype=np.int64)
+    in_needle, in_reply = key_tokens(tokenizer, needle, key), key_tokens(tokenizer, reply, key)
+    if in_needle is None or in_reply is None:
+        return targets
+    (needle_first, needle_end), (reply_first, reply_end) = in_needle, in_reply
+    if list(needle[needle_first:needle_end]) != list(reply[reply_first:reply_end]) or reply_first == 0:
+        return targets
+    count = needle_end - needle_first
+    targets[reply_start + reply_first - 1 : reply_start + reply_first - 1 + count] = np.arange(count) + (
+        needle_start + needle_first
+    )
+    return targets
+
+
+def key_tokens(tokenizer, ids, key: str) -> tuple[int, int] | None:
+    """The first run of `ids` whose text is `key` (spaces around it aside), as (first, end), or None."""
+    pieces = [tokenizer.decode([int(token)]) for token in ids]
+    for first, piece in enumerate(pieces):
+        if not piece.strip() or not key.startswith(piece.strip()):
+            continue
+        text = ""
+        for end in range(first, len(pieces)):
+            text += pieces[end]
+            if text.strip() == key:
+                return first, end + 1
+            if not key.startswith(text.strip()):
+                break
+    return None
 
 
 def check_chat_segments(num_segments) -> None:

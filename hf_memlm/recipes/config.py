@@ -13,7 +13,7 @@ the classes that consume it, so the schema is those classes:
     tokenizer.*, data.*, evaluation.*,          `TokenizerSection`, `DataSection`, `EvaluationSection`,
     comparison.*, card.*                        `ComparisonSection`, `CardSection` below
     training.*                                  `MemLMTrainingArguments` (transformers `TrainingArguments` +
-                                                memory_learning_rate, memory_weight_decay)
+                                                memory_learning_rate, memory_weight_decay, read_loss_weight)
 
 What is ours: those section dataclasses, the keys that must not be set where a user might try
 (`EXCLUDED`), and a "Did you mean ...?" for unknown keys, which jsonargparse does not offer.

@@ -21,7 +21,8 @@ from hf_memlm.recipes.config import dump_config
 
 logger = logging.getLogger(__name__)
 
-MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
+# (read_targets: for the read loss, `training.read_loss_weight`; the Trainer drops it where that is 0)
+MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "read_targets")
 # Tasks whose examples vary in length and are labelled only at their end: padded per batch, and the document
 # before the labels runs only up to the memory (`LabelledTailCollator`).
 TAIL_LABELLED_TASKS = frozenset({"chat_passkey", "chat_suite"})

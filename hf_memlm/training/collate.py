@@ -3,7 +3,8 @@
 Examples may differ in length: they are padded on the right (`attention_mask` 0, labels ignored). The batch also
 says `logits_to_keep`: the columns from the one before the first label on, so the model computes logits only
 there and runs the document's segments before them only up to its last memory layer (see
-`MemLMForCausalLM.forward`). The loss and its gradients are those of a full forward.
+`MemLMForCausalLM.forward`). The loss and its gradients are those of a full forward. Examples that carry
+`read_targets` (a target column per column, for `MemLMTrainer`'s read loss) get them padded with -100 too.
 """
 
 from __future__ import annotations
@@ -27,21 +28,26 @@ class LabelledTailCollator:
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        targeted = "read_targets" in features[0]
+        read_targets = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long) if targeted else None
         for row, feature in enumerate(features):
             ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             input_ids[row, : len(ids)] = ids
             labels[row, : len(ids)] = torch.as_tensor(feature["labels"], dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
+            if targeted:
+                read_targets[row, : len(ids)] = torch.as_tensor(feature["read_targets"], dtype=torch.long)
         labelled = (labels != IGNORE_INDEX).any(0).nonzero()
         first = int(labelled[0]) if len(labelled) else 0
         # the logit of the column before a label predicts it
         logits_to_keep = length - max(first - 1, 0)
-        return {
+        batch_inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "logits_to_keep": logits_to_keep,
         }
+        return batch_inputs if read_targets is None else {**batch_inputs, "read_targets": read_targets}
 
 
 __all__ = ["LabelledTailCollator"]

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hf_memlm.memory_hooks import record_reads
+
 from .optim import parameter_groups
+from .read_supervision import read_accuracy, read_supervision_loss
 
 
 @dataclass
@@ -25,6 +28,13 @@ class MemLMTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Learning rate of the memory blocks (default: learning_rate)."}
     )
     memory_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the memory blocks."})
+    read_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the loss on what `kv` reads pick, where examples carry `read_targets` "
+            "(read_supervision.py); 0: the language-model loss alone."
+        },
+    )
 
     def __post_init__(self):
         if self.dataloader_pin_memory and not torch.cuda.is_available():
@@ -37,11 +47,59 @@ class MemLMTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name}={value} must be a finite number >= 0 (e.g. 1e-3).")
         if self.memory_weight_decay < 0:
             raise ValueError(f"memory_weight_decay={self.memory_weight_decay} must be >= 0.")
+        if not (math.isfinite(self.read_loss_weight) and self.read_loss_weight >= 0):
+            raise ValueError(f"read_loss_weight={self.read_loss_weight} must be a finite number >= 0 (e.g. 1.0).")
 
 
 class MemLMTrainer(Trainer):
     """A `Trainer` whose optimizer has three parameter groups: decay, no decay, memory (see `optim.py`), and
-    whose `push_to_hub` uploads hf_memlm's model card (code snippet, memory settings, training facts)."""
+    whose `push_to_hub` uploads hf_memlm's model card (code snippet, memory settings, training facts).
+
+    With `read_loss_weight > 0` and examples that carry `read_targets`, the loss adds that weight times the loss on
+    what the memory's reads pick (`read_supervision.py`); the logs then also show `read_loss` and `read_accuracy`
+    (the share of targeted reads whose best entry is the target), averaged since the last log."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._read_logs: dict[str, list[float]] = {"read_loss": [], "read_accuracy": []}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # `read_targets` is no argument of the model's forward: kept for `compute_loss`, which takes it out
+        super()._set_signature_columns_if_needed()
+        if getattr(self.args, "read_loss_weight", 0.0) > 0 and "read_targets" not in self._signature_columns:
+            self._signature_columns.append("read_targets")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        read_targets = inputs.pop("read_targets", None)
+        weight = getattr(self.args, "read_loss_weight", 0.0)
+        if weight == 0 or read_targets is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with record_reads() as records:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        read_loss = read_supervision_loss(records, read_targets, inputs.get("attention_mask"))
+        if read_loss is not None:
+            self._read_logs["read_loss"].append(float(read_loss.detach()))
+            accuracy = read_accuracy(records, read_targets, inputs.get("attention_mask"))
+            self._read_logs["read_accuracy"].append(accuracy)
+            if self._loss_scaled_for_accumulation(num_items_in_batch):
+                # the language-model loss is already a share of the accumulated batch's; the read loss is a mean
+                read_loss = read_loss / self.current_gradient_accumulation_steps
+            loss = loss + weight * read_loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether the Trainer takes the loss as already scaled for gradient accumulation (its own rule)."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log: add the read's figures since the last one
+            for name, values in self._read_logs.items():
+                if values:
+                    logs[name] = round(sum(values) / len(values), 4)
+                    values.clear()
+        super().log(logs, *args, **kwargs)
 
     def create_model_card(self, *args, **kwargs) -> None:
         # Trainer writes this card right before its final upload; TRL's trainers override it the same way
