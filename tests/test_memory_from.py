@@ -190,19 +190,3 @@ def test_a_source_that_holds_no_saved_memory_is_named(tiny_pretrained_base, tmp_
     with pytest.raises(ValueError, match="holds no safetensors weights"):
         _prepared(tmp_path, tiny_pretrained_base, **{"model.memory_from": str(no_weights)})
     assert not (tmp_path / "stage2").exists()
-
-
-def test_the_shipped_second_stage_continues_the_first_stages_memory():
-    """configs/smollm2_named_needles_cpu.yaml starts from what configs/smollm2_passkey_cpu.yaml writes, with the
-    same memory but for the key's window, on the same base, data and evaluation."""
-    first = load_train_config(ROOT / "configs" / "smollm2_passkey_cpu.yaml")
-    second = load_train_config(ROOT / "configs" / "smollm2_named_needles_cpu.yaml")
-    assert second["model"]["memory_from"] == first["output_dir"] != second["output_dir"]
-    changed = {key: value for key, value in second["model"]["memory"].items() if first["model"]["memory"][key] != value}
-    assert changed == {"memory_key_window": 4, "memory_key_projections": "per_token"}
-    for section in ("tokenizer", "evaluation"):
-        assert second[section] == first[section], section
-    assert (second["model"]["base"], second["model"]["trainable"]) == (first["model"]["base"], "memory_new")
-    assert {k: v for k, v in second["data"].items() if k != "num_examples"} == {
-        k: v for k, v in first["data"].items() if k != "num_examples"
-    }
