@@ -39,6 +39,8 @@ PASSKEY_MEMORY = dict(
     memory_topk=4,
     memory_value_shift=1,
     memory_search="exact",
+    memory_key_window=4,
+    memory_key_projections="per_token",
 )
 
 
