@@ -189,6 +189,10 @@ def note_read(
 ) -> None:
     """Record one segment's reads where `record_reads` is on (nothing is kept otherwise). `blocks`: the memory
     blocks by layer number as a string (`MemLMForCausalLM.memory_blocks`)."""
+    if torch.compiler.is_compiling() or not captured:
+        # a ContextVar would break the graph: a compiled model records nothing (MemLMTrainer says so); nor does a
+        # model whose memory is disabled (no layer output was captured)
+        return
     records = _READ_RECORDS.get()
     if records is not None:
         used = {index: blocks[str(index)] for index in layers}

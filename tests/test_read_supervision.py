@@ -51,14 +51,17 @@ def test_chat_passkey_targets_point_from_the_reply_to_the_asked_needles_key(toke
 def test_the_collator_pads_read_targets_with_ignored_columns(tokenizer):
     examples = make_chat_passkey_dataset(tokenizer, 3, SEGMENT, 3, seed=1, named_share=1.0, max_needles=2)
     features = [examples[i] for i in range(3)]
-    batch = LabelledTailCollator(pad_token_id=0)(features)
+    batch = LabelledTailCollator(pad_token_id=0, read_targets=True)(features)
     assert batch["read_targets"].shape == batch["input_ids"].shape
     for row, feature in enumerate(features):
         length = len(feature["input_ids"])
         assert batch["read_targets"][row, :length].tolist() == feature["read_targets"]
         assert (batch["read_targets"][row, length:] == -100).all()
-    plain = LabelledTailCollator(pad_token_id=0)([{k: f[k] for k in ("input_ids", "labels")} for f in features])
-    assert "read_targets" not in plain
+    # by default they are left out (the model's forward takes no such argument), and asked for, they must be there
+    assert "read_targets" not in LabelledTailCollator(pad_token_id=0)(features)
+    plain = [{k: f[k] for k in ("input_ids", "labels")} for f in features]
+    with pytest.raises(ValueError, match="needs examples with a read_targets column"):
+        LabelledTailCollator(pad_token_id=0, read_targets=True)(plain)
 
 
 def _kv_model(model_type: str, shift: int):
@@ -116,7 +119,7 @@ def test_the_read_loss_and_accuracy_cover_the_targets_and_reach_the_key_and_quer
     torch.manual_seed(0)
     model = tiny_chat_kv_model(tokenizer, SEGMENT, memory_size=4096).train()
     examples = make_chat_passkey_dataset(tokenizer, 2, SEGMENT, 3, seed=3, named_share=1.0, max_needles=3)
-    batch = LabelledTailCollator(pad_token_id=0)([examples[0], examples[1]])
+    batch = LabelledTailCollator(pad_token_id=0, read_targets=True)([examples[0], examples[1]])
     targets = batch.pop("read_targets")
     with record_reads() as records:
         model(**batch)
@@ -150,6 +153,39 @@ def test_the_read_loss_refuses_a_memory_without_entries():
         read_supervision_loss(records, targets)
 
 
+def test_a_compiled_model_or_a_disabled_memory_records_nothing_and_the_trainer_says_so(tokenizer, tmp_path):
+    from conftest import tiny_chat_kv_model
+
+    from hf_memlm.training import MemLMTrainer, MemLMTrainingArguments
+
+    model = tiny_chat_kv_model(tokenizer, SEGMENT, memory_size=4096)
+    examples = make_chat_passkey_dataset(tokenizer, 2, SEGMENT, 3, seed=3, named_share=1.0, max_needles=2)
+    batch = LabelledTailCollator(pad_token_id=0, read_targets=True)([examples[0], examples[1]])
+    inputs = {k: v for k, v in batch.items() if k != "read_targets"}
+    torch._dynamo.reset()
+    with record_reads() as records:
+        torch.compile(model, backend="eager")(**inputs)
+    assert records == []
+    args = MemLMTrainingArguments(output_dir=str(tmp_path), read_loss_weight=1.0, use_cpu=True, report_to="none")
+    trainer = MemLMTrainer(model=model.train(), args=args)
+    with model.disable_memory(), pytest.raises(ValueError, match="set torch_compile false, or read_loss_weight 0"):
+        trainer.compute_loss(model, dict(batch))
+
+
+def test_a_task_without_read_targets_refuses_the_read_loss_before_writing(tmp_path):
+    from pathlib import Path
+
+    from hf_memlm.recipes.config import load_train_config
+    from hf_memlm.recipes.train import prepare_run
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--training.read_loss_weight", "1.0"]
+    with pytest.raises(ValueError, match=r"data\.task 'text' gives none"):
+        prepare_run(load_train_config(config, args))
+    assert not out.exists()
+
+
 def test_recording_is_off_outside_the_block():
     model = _kv_model("llama", 1)
     with record_reads() as records:
@@ -168,7 +204,8 @@ def _train_one_step(tokenizer, tmp_path, examples, **arguments):
     settings = dict(max_steps=1, learning_rate=0.5, optim="sgd", logging_steps=1, save_strategy="no")
     settings.update(report_to="none", use_cpu=True, seed=0, per_device_train_batch_size=2)
     args = MemLMTrainingArguments(output_dir=str(tmp_path / "run"), **{**settings, **arguments})
-    trainer = MemLMTrainer(model=model, args=args, train_dataset=examples, data_collator=LabelledTailCollator(0))
+    collator = LabelledTailCollator(0, read_targets=args.read_loss_weight > 0)
+    trainer = MemLMTrainer(model=model, args=args, train_dataset=examples, data_collator=collator)
     trainer.train()
     logs = next(log for log in trainer.state.log_history if "loss" in log)
     return model.memory_blocks["0"].state_dict(), logs

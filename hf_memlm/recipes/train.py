@@ -108,12 +108,18 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
             f"training.eval_strategy={training_args.eval_strategy.value!r} needs evaluation data: "
             "set data.eval_fraction (e.g. 0.1)."
         )
+    if training_args.read_loss_weight > 0 and "read_targets" not in train_dataset.column_names:
+        raise ValueError(
+            f"training.read_loss_weight={training_args.read_loss_weight} needs examples that say what the memory's "
+            f"reads should pick (read_targets); data.task {data_cfg['task']!r} gives none (chat_passkey does). "
+            "Set it to 0."
+        )
     collator = None
     if data_cfg["task"] in TAIL_LABELLED_TASKS:
         from hf_memlm.training.collate import LabelledTailCollator
 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        collator = LabelledTailCollator(pad)
+        collator = LabelledTailCollator(pad, read_targets=training_args.read_loss_weight > 0)
     return PreparedRun(
         config,
         output_dir,

@@ -76,6 +76,11 @@ class MemLMTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with record_reads() as records:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if not records:
+            raise ValueError(
+                "training.read_loss_weight needs the model's memory reads recorded, which a compiled model does not "
+                "do (and a model without memory has none): set torch_compile false, or read_loss_weight 0."
+            )
         read_loss = read_supervision_loss(records, read_targets, inputs.get("attention_mask"))
         if read_loss is not None:
             self._read_logs["read_loss"].append(float(read_loss.detach()))
