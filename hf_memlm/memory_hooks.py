@@ -159,9 +159,10 @@ def active_contexts(contexts: dict[nn.Module, LayerContext]) -> Iterator[None]:
 class ReadRecord:
     """One segment's memory reads, as `record_reads` keeps them.
 
-    blocks: each memory layer's block; layers: its state as the segment read it (before its own write); captured: each memory layer's
-    output for the segment (what its read made queries from); mask (B, W): the segment's real tokens; source (B, W):
-    the call's column of each segment column; starts[b]: row b's real tokens in the call before the segment."""
+    blocks: each memory layer's block; layers: its state as the segment read it (before its own write); captured:
+    each memory layer's output for the segment (what its read made queries from); mask (B, W): the segment's real
+    tokens; source (B, W): the call's column of each segment column; starts[b]: row b's real tokens in the call
+    before the segment."""
 
     blocks: dict
     layers: dict
