@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BASES, base_config, memory_settings
+from test_chat_passkey import CHAT_TEMPLATE, SEGMENT  # byte tokens, a chat template of tags
 
 import hf_memlm
 from hf_memlm.data import build_tokenizer, make_chat_passkey_dataset
@@ -13,12 +14,6 @@ from hf_memlm.memory_base import split_heads
 from hf_memlm.memory_hooks import record_reads
 from hf_memlm.training.collate import LabelledTailCollator
 from hf_memlm.training.read_supervision import read_accuracy, read_supervision_loss, targeted_entries
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{{ eos_token }}{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-SEGMENT = 256  # byte tokens: a named needle takes 56
 
 
 @pytest.fixture(scope="module")
