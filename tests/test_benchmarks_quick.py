@@ -220,3 +220,18 @@ def test_the_flat_cost_compares_the_last_quarter_of_a_read_with_its_first_leavin
 def test_real_model_benchmark_rejects_a_non_positive_read():
     with pytest.raises(ValueError, match="--tokens and --chunk must be positive"):
         _benchmark("bench_real_model").main(["--quick", "--tokens", "0"])
+
+
+def test_memory_layer_benchmark_quick_times_each_layer_on_the_same_tokens(tmp_path):
+    output = tmp_path / "memory_layer.json"
+    argv = ["--quick", "--threads", "1", "--repeats", "1", "--layers", "0", "3", "--head-dims", "8", "16"]
+    _benchmark("bench_memory_layer").main([*argv, "--output", str(output)])
+    payload = json.loads(output.read_text())
+    speeds = payload["figures"]["memorize_tokens_per_s"]
+    assert set(speeds) == {"0 x 8", "0 x 16", "3 x 8", "3 x 16"} and all(speed > 0 for speed in speeds.values())
+    assert payload["setting"]["tokens"] == 1024 and "| 3 | 2 x 16 | 4 |" in payload["table"]
+
+
+def test_memory_layer_benchmark_rejects_a_layer_the_base_does_not_have():
+    with pytest.raises(ValueError, match=r"--layers within 0\.\.3"):
+        _benchmark("bench_memory_layer").main(["--quick", "--layers", "4"])
