@@ -278,3 +278,21 @@ def tiny_chat_kv_model(tokenizer, segment_length: int, memory_size: int, max_pos
         memory_search="exact",
     )
     return hf_memlm.MemLMForCausalLM(config).eval()
+
+
+def real_model_job(tmp_path_factory, finished_variable: str, config_name: str):
+    """The output folder of `hf-memlm train configs/<config_name>` for a slow test of a real-model job: trained here
+    (the base is the shipped GGUF, so gguf is needed), or, where the environment variable `finished_variable` names
+    a folder, that finished run, checked as it is."""
+    from pathlib import Path
+
+    from hf_memlm.cli import main
+
+    finished = os.environ.get(finished_variable)
+    if finished:
+        return Path(finished).resolve()
+    pytest.importorskip("gguf")
+    out = tmp_path_factory.mktemp(Path(config_name).stem) / "run"
+    config = Path(__file__).resolve().parents[1] / "configs" / config_name
+    assert main(["train", str(config), "--output_dir", str(out)]) == 0
+    return out

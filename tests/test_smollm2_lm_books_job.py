@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
-
-from hf_memlm.cli import main
+from conftest import real_model_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_GAIN_PERCENT = 5.0  # beyond the 4th segment, against the better of no_memory and base, with every seed
@@ -21,13 +19,7 @@ TARGET_GAIN_PERCENT = 5.0  # beyond the 4th segment, against the better of no_me
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> Path:
-    finished = os.environ.get("HF_MEMLM_SMOLLM2_LM_JOB")
-    if finished:
-        return Path(finished).resolve()
-    pytest.importorskip("gguf")
-    out = tmp_path_factory.mktemp("smollm2_lm_books") / "run"
-    assert main(["train", str(ROOT / "configs" / "smollm2_lm_books_cpu.yaml"), "--output_dir", str(out)]) == 0
-    return out
+    return real_model_job(tmp_path_factory, "HF_MEMLM_SMOLLM2_LM_JOB", "smollm2_lm_books_cpu.yaml")
 
 
 def _beyond_by_seed(results: dict, name: str) -> list[float]:

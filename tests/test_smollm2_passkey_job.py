@@ -7,12 +7,10 @@ tests/test_read_supervision.py, tests/test_gguf_base.py)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-
-from hf_memlm.cli import main
+from conftest import real_model_job
 
 ROOT = Path(__file__).resolve().parents[1]
 # exact match of the key by distance (single needle), and among 4 named needles at 64k: the issue's targets
@@ -23,13 +21,7 @@ MINIMUM_EXAMPLES = {16384: 100, 65536: 100, 262144: 50, 1048576: 20}
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> Path:
-    finished = os.environ.get("HF_MEMLM_SMOLLM2_PASSKEY_JOB")
-    if finished:
-        return Path(finished).resolve()
-    pytest.importorskip("gguf")
-    out = tmp_path_factory.mktemp("smollm2_passkey") / "run"
-    assert main(["train", str(ROOT / "configs" / "smollm2_passkey_cpu.yaml"), "--output_dir", str(out)]) == 0
-    return out
+    return real_model_job(tmp_path_factory, "HF_MEMLM_SMOLLM2_PASSKEY_JOB", "smollm2_passkey_cpu.yaml")
 
 
 def _rows(job: Path) -> dict[tuple[int, int], dict]:
