@@ -40,7 +40,9 @@ HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "books" / "held_out" /
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a saved memory model folder with its tokenizer")
-    parser.add_argument("--distances", type=int, nargs="+", required=True, help="haystack tokens after the needle")
+    parser.add_argument(
+        "--distances", type=int, nargs="*", default=[], help="haystack tokens after the needle (none: base model only)"
+    )
     parser.add_argument(
         "--examples", type=int, nargs="+", default=[30], help="examples per distance: one count, or one per distance"
     )
@@ -71,13 +73,22 @@ def main(argv=None) -> None:
         help="also these distances with the key among 3 other named needles, one asked (the config's multi-needle row)",
     )
     parser.add_argument("--needle-examples", type=int, default=30, help="examples per --needle-distances distance")
+    parser.add_argument(
+        "--base-inside-examples",
+        type=int,
+        default=0,
+        help="also the base model alone with a 4,096-token document inside its window: this many examples (they do "
+        "not depend on the memory; drawn after the memory's examples)",
+    )
     parser.add_argument("--output", help="also write the results (answers, timings, environment) to this JSON file")
     args = parser.parse_args(argv)
-    if len(args.examples) not in (1, len(args.distances)):
+    if not args.distances and not args.base_inside_examples:
+        parser.error("give --distances, --base-inside-examples or both.")
+    if len(args.examples) not in (1, len(args.distances)) and args.distances:
         parser.error(f"--examples takes one count or one per distance ({len(args.distances)}), got {args.examples}.")
     examples = args.examples * len(args.distances) if len(args.examples) == 1 else args.examples
     memory_size = (
-        max(args.distances + args.needle_distances) + 8192
+        max(args.distances + args.needle_distances, default=0) + 8192
     )  # the haystack, the example's own segments and the question
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
@@ -98,6 +109,7 @@ def main(argv=None) -> None:
         seed=args.seed,
         multi_needle_distances=args.needle_distances,
         multi_needle_examples=args.needle_examples,
+        base_inside_examples=args.base_inside_examples,
     )
     results = evaluate_chat_passkey(model, tokenizer, Path(args.text).read_text(encoding="utf-8"), settings, False)
     results.update(
@@ -121,6 +133,12 @@ def main(argv=None) -> None:
             )
         print(
             f"key {row['distance']:,} tokens back{among}: exact match {row['memory']:.3f} ({row['examples']} examples)"
+        )
+    inside = results["base_inside_window"]
+    if inside["examples"]:
+        print(
+            f"base model alone, {inside['tokens']:,}-token document inside its window: exact match "
+            f"{inside['base_model']:.3f} ({inside['examples']} examples)"
         )
     for answer in results["answers"]:
         if not answer["memory_correct"]:

@@ -285,3 +285,21 @@ def test_the_reading_dtype_auto_is_bfloat16_only_where_it_is_native(monkeypatch)
     assert reading_dtype("float16") == torch.float16
     with pytest.raises(ValueError, match="'int8' is not one of auto, float32"):
         chat_passkey_settings({"seed": 1, "options": {"dtype": "int8"}})
+
+
+def test_the_distances_script_runs_the_base_model_inside_its_window_alone(tokenizer, tmp_path, capsys):
+    # --base-inside-examples without --distances: the base model's own figure (it does not depend on the memory),
+    # with no haystack read; neither given is refused
+    _, chat_passkey_distances = _saved_model_and_script(tokenizer, tmp_path, "chat_passkey_distances")
+    output, book = tmp_path / "inside.json", str(tmp_path / "book.txt")
+    argv = [str(tmp_path / "model"), "--text", book, "--output", str(output)]
+    chat_passkey_distances.main([*argv, "--base-inside-examples", "2"])
+    report = json.loads(output.read_text())
+    assert report["answers"] == [] and report["rows"] == []
+    inside = report["base_inside_answers"]
+    assert len(inside) == 2 and report["base_inside_window"]["examples"] == 2
+    assert report["base_inside_window"]["base_model"] == sum(a["base_model_correct"] for a in inside) / 2
+    assert "inside its window: exact match" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        chat_passkey_distances.main(argv)
+    assert "give --distances, --base-inside-examples or both" in capsys.readouterr().err

@@ -84,12 +84,12 @@ def evaluate_chat_passkey(model, tokenizer, text: str, settings: ChatPasskeySett
     segment = model.config.segment_length
     rng = np.random.default_rng(settings.seed)
     distances = sorted({_whole_segments(d, segment) for d in [*settings.distances, *settings.multi_needle_distances]})
-    filler, haystack = held_out_haystack(tokenizer, text, rng, segment, max(distances))
-    longest = len(haystack)
+    filler, haystack = held_out_haystack(tokenizer, text, rng, segment, max(distances, default=0))
     say = _printer(progress)
     started = time.perf_counter()
-    say(f"reading the haystack: {longest:,} tokens into memory (once, shared by every example)")
-    shared = SharedHaystack(model, torch.from_numpy(haystack), HEAD_SEGMENTS, lengths=distances)
+    if distances:  # none when only the base model inside its window is asked for
+        say(f"reading the haystack: {len(haystack):,} tokens into memory (once, shared by every example)")
+        shared = SharedHaystack(model, torch.from_numpy(haystack), HEAD_SEGMENTS, lengths=distances)
     seconds = {"read_haystack": round(time.perf_counter() - started, 1)}
 
     answers, disabled_cache = [], {}
