@@ -108,3 +108,25 @@ def test_a_batch_trains_the_memory_on_the_replies_only(tokenizer, examples):
     loss.backward()
     memory = [p for n, p in model.named_parameters() if "memory" in n]
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in memory)
+
+
+def test_read_targets_point_from_the_reply_to_each_value_written_once_in_the_document(tokenizer, examples):
+    # at the reply's token before each token of an expected string, the document's column of that very token;
+    # only where the document writes it once (a needle's value), none where a read could rightly take another copy
+    for example in examples:
+        ids, targets = example["input_ids"], example["read_targets"]
+        assert len(targets) == len(ids)
+        targeted = [column for column, target in enumerate(targets) if target != -100]
+        reply_start = example["question_start"] + example["prompt_length"]
+        for column in targeted:
+            assert reply_start - 1 <= column < len(ids) - 1
+            assert 0 <= targets[column] < example["question_start"]
+            assert ids[targets[column]] == ids[column + 1]  # the token the reply writes next
+        document = tokenizer.decode(ids[: example["question_start"]])
+        once = [answer for answer in example["answers"] if document.count(answer) == 1]
+        assert len(targeted) == sum(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in once)
+        if example["task"].startswith("niah"):
+            assert once == example["answers"]  # every value of every needle task is targeted
+    # the collator pads them with the rest
+    batch = LabelledTailCollator(pad_token_id=0, read_targets=True)([examples[i] for i in range(3)])
+    assert batch["read_targets"].shape == batch["input_ids"].shape

@@ -231,3 +231,16 @@ def test_a_negative_read_loss_weight_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match=r"read_loss_weight=-1\.0 must be a finite number >= 0"):
         MemLMTrainingArguments(output_dir=str(tmp_path), read_loss_weight=-1.0, use_cpu=True, report_to="none")
+
+
+def test_the_suites_examples_train_with_the_read_loss(tokenizer, tmp_path):
+    # chat_suite's read_targets (RULER's values) feed the same loss: it is logged, and moves the key projection
+    from test_chat_suite import BOOK
+
+    from hf_memlm.data import make_chat_suite_dataset
+
+    examples = make_chat_suite_dataset(tokenizer, 2, SEGMENT, 3, seed=0, text=BOOK, tasks=["niah_multivalue"])
+    plain, _ = _train_one_step(tokenizer, tmp_path, examples)
+    read, logs = _train_one_step(tokenizer, tmp_path, examples, read_loss_weight=1.0)
+    assert logs["read_loss"] > 0 and 0 <= logs["read_accuracy"] <= 1
+    assert not torch.allclose(plain["mem_key.weight"], read["mem_key.weight"])

@@ -13,15 +13,18 @@ for bAbI, the book's sentences that name none of the story's people, places and 
 A document shorter than its segments by a few tokens (filler ends on a whole word) starts with newlines.
 
 Columns: input_ids, labels (the reply only), question_start ((num_segments - 1) * segment_length), prompt_length
-(tokens of the question up to the reply), task, answers.
+(tokens of the question up to the reply), task, answers, and read_targets (for `training.read_loss_weight`): at the
+reply's token before each token of an expected string, the column of that token in the document, where the string
+is written there exactly once with the same tokens (RULER's values; -100 elsewhere: a variable's name, or a bAbI
+place, is written more than once and the read may take any of them).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .chat_passkey import chat_turn_ids, check_chat_segments, document_then_question
-from .layout import check_positive_int, encode, to_dataset
+from .chat_passkey import chat_turn_ids, check_chat_segments, document_then_question, key_tokens
+from .layout import IGNORE_INDEX, check_positive_int, encode, to_dataset
 from .long_context import BABILONG_TASKS, Haystack, default_filler, draw_task, suite_tasks, task_haystack
 
 
@@ -74,8 +77,37 @@ def make_chat_suite_dataset(
             columns = document_then_question(ids, exchange, prompt_length, segment_length)
         except ValueError as error:
             raise ValueError(f"{task}: {error}") from None
+        reply_start = document_length + prompt_length
+        columns["read_targets"] = answer_read_targets(
+            tokenizer, ids, exchange[prompt_length:], reply_start, len(columns["input_ids"]), answers
+        )
         rows.append({**columns, "task": task, "answers": list(answers)})
     return to_dataset({name: [row[name] for row in rows] for name in rows[0]})
 
 
-__all__ = ["make_chat_suite_dataset", "reply_for"]
+def answer_read_targets(tokenizer, document, reply, reply_start: int, length: int, answers) -> np.ndarray:
+    """`read_targets` of one example of `length` tokens whose reply starts at `reply_start`: for each answer written
+    in the reply, at the reply's token before each of its tokens, the column of that token in `document` (which
+    starts at column 0), when the document holds the same tokens exactly once; -100 elsewhere."""
+    targets = np.full(length, IGNORE_INDEX, dtype=np.int64)
+    document = np.asarray(document)
+    for answer in answers:
+        in_reply = key_tokens(tokenizer, reply, answer)
+        if in_reply is None or in_reply[0] == 0:
+            continue
+        first, end = in_reply
+        starts = _occurrences(document, np.asarray(reply[first:end]))
+        if len(starts) == 1:
+            targets[reply_start + first - 1 : reply_start + end - 1] = starts[0] + np.arange(end - first)
+    return targets
+
+
+def _occurrences(ids: np.ndarray, run: np.ndarray) -> np.ndarray:
+    """The columns where `run` starts in `ids`."""
+    if len(run) == 0 or len(run) > len(ids):
+        return np.empty(0, dtype=np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(ids, len(run))
+    return np.flatnonzero((windows == run).all(axis=1))
+
+
+__all__ = ["answer_read_targets", "make_chat_suite_dataset", "reply_for"]

@@ -111,8 +111,8 @@ def prepare_run(config: dict, tokenizer=None) -> PreparedRun:
     if training_args.read_loss_weight > 0 and "read_targets" not in train_dataset.column_names:
         raise ValueError(
             f"training.read_loss_weight={training_args.read_loss_weight} needs examples that say what the memory's "
-            f"reads should pick (read_targets); data.task {data_cfg['task']!r} gives none (chat_passkey does). "
-            "Set it to 0."
+            f"reads should pick (read_targets); data.task {data_cfg['task']!r} gives none (chat_passkey and "
+            "chat_suite do). Set it to 0."
         )
     collator = None
     if data_cfg["task"] in TAIL_LABELLED_TASKS:

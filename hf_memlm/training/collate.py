@@ -33,7 +33,7 @@ class LabelledTailCollator:
         targeted = self.read_targets
         if targeted and "read_targets" not in features[0]:
             raise ValueError(
-                "LabelledTailCollator(read_targets=True) needs examples with a read_targets column (chat_passkey's); "
+                "LabelledTailCollator(read_targets=True) needs examples with a read_targets column (chat_passkey's, chat_suite's); "
                 "these have none. Leave training.read_loss_weight at 0 for this task."
             )
         read_targets = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long) if targeted else None
