@@ -328,3 +328,47 @@ def test_the_suite_command(chat_tokenizer, tmp_path, capsys):
     assert "length '4x' is not a positive number of tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", str(folder), "--suite", "ruler", "--task", "passkey", "--output-dir", str(tmp_path / "o")])
+
+
+def test_runs_at_separate_lengths_merge_into_the_report_of_one_run(chat_tokenizer, tmp_path, capsys):
+    # each length run on its own (its own count, baselines or not) and merged gives the rows, replies and averages
+    # of one run at every length: a task's examples at one length do not depend on the other lengths
+    import importlib.util
+    from pathlib import Path
+
+    from hf_memlm.evaluation.suite import merge_suite_results
+
+    model = tiny_model(chat_tokenizer)
+    tasks = ["niah_multikey", "qa2"]
+    both = evaluate_suite(
+        model, chat_tokenizer, SuiteSettings(suites=tasks, lengths=[512, 900], num_examples=2), progress=False
+    )
+    apart = [
+        evaluate_suite(
+            model, chat_tokenizer, SuiteSettings(suites=tasks, lengths=[length], num_examples=2), progress=False
+        )
+        for length in (900, 512)
+    ]
+    merged = merge_suite_results(apart)
+    assert merged["rows"] == both["rows"] and merged["averages"] == both["averages"]
+    key = lambda answer: (answer["task"], answer["length"], answer["answers"])  # noqa: E731
+    assert sorted(merged["answers"], key=key) == sorted(both["answers"], key=key)
+    # the script writes the merged report; a task at a length twice, or another model's report, is refused
+    for number, report in enumerate(apart):
+        (tmp_path / f"r{number}.json").write_text(json.dumps(report))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "merge_suite_reports.py"
+    spec = importlib.util.spec_from_file_location("merge_suite_reports", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main([str(tmp_path / "r0.json"), str(tmp_path / "r1.json"), "--output-dir", str(tmp_path / "merged")])
+    markdown = (tmp_path / "merged" / "suite.md").read_text()
+    assert "| niah_multikey | 512 | 2 |" in markdown and "| qa2 | 900 | 2 |" in markdown
+    assert (tmp_path / "merged" / "suite.png").is_file()
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "r0.json"), str(tmp_path / "r0.json"), "--output-dir", str(tmp_path / "x")])
+    assert "niah_multikey at 900 tokens is in two reports" in capsys.readouterr().err
+    other = {**apart[1], "model": {**apart[1]["model"], "segment_length": 7}}
+    with pytest.raises(ValueError, match="the reports differ in model"):
+        merge_suite_results([apart[0], other])
+    with pytest.raises(ValueError, match=r"suite\.json reports"):
+        merge_suite_results([])

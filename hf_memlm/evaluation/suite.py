@@ -279,3 +279,36 @@ __all__ = [
     "format_suite",
     "plot_suite",
 ]
+
+
+def merge_suite_results(reports: list[dict]) -> dict:
+    """One report from suite runs of one model at different lengths (each length run with its own example count or
+    baselines): their rows and replies side by side, each suite's average recomputed by length. Refused where the
+    reports are not suite runs, come from different models or base windows, or score a task at a length twice."""
+    if not reports or any(report.get("kind") != "suite" for report in reports):
+        raise ValueError("merge_suite_results takes the suite.json reports of `hf-memlm eval --suite` runs.")
+    first = reports[0]
+    for report in reports[1:]:
+        for key in ("model", "base_window"):
+            if report[key] != first[key]:
+                raise ValueError(f"the reports differ in {key}: {first[key]!r} and {report[key]!r}; merge one model's.")
+    seen = set()
+    for report in reports:
+        for row in report["rows"]:
+            cell = (row["task"], row["length"])
+            if cell in seen:
+                raise ValueError(f"{row['task']} at {row['length']:,} tokens is in two reports: keep one of them.")
+            seen.add(cell)
+    tasks = list(dict.fromkeys(row["task"] for report in reports for row in report["rows"]))
+    lengths = sorted({row["length"] for report in reports for row in report["rows"]})
+    order = {(task, length): (tasks.index(task), length) for task, length in seen}
+    rows = sorted((row for report in reports for row in report["rows"]), key=lambda r: order[r["task"], r["length"]])
+    settings = SuiteSettings(suites=tasks, lengths=lengths)
+    return {
+        **first,
+        "settings": {"tasks": tasks, "lengths": lengths, "runs": [report["settings"] for report in reports]},
+        "rows": rows,
+        "averages": _averages(rows, settings),
+        "seconds": [report["seconds"] for report in reports],
+        "answers": [answer for report in reports for answer in report["answers"]],
+    }
