@@ -16,6 +16,12 @@ the dtype that reads fastest, answer by answer beside the config's report:
         --distances 16384 65536 262144 1048576 --examples 100 100 50 20 --text data/books/test/persuasion.txt \
         --dtype bfloat16 --output bfloat16_curve.json
 
+`--base-inside-examples N` adds the base model alone with a 4,096-token document inside its window (N examples;
+the figure does not depend on the memory, and with no `--distances` nothing is read into memory):
+
+    PYTHONPATH=$PWD python scripts/chat_passkey_distances.py outputs/smollm2_passkey_cpu --base-inside-examples 100 \
+        --text data/books/test/persuasion.txt
+
 Reads are exact by default. `--search auto` reads through the approximate index (faiss IVF, `--probes` lists per
 query), as a user's read of a long document does: the examples share one haystack read (`SharedHaystack`), which
 builds the index once while it reads and keeps a copy at each distance; each example's head is added to it.
