@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,3 +373,32 @@ def test_runs_at_separate_lengths_merge_into_the_report_of_one_run(chat_tokenize
         merge_suite_results([apart[0], other])
     with pytest.raises(ValueError, match=r"suite\.json reports"):
         merge_suite_results([])
+
+
+def test_a_train_configs_evaluation_section_runs_the_suite_as_the_command_does(chat_tokenizer, tmp_path):
+    # evaluation.task: suite reloads the saved model and scores what `hf-memlm eval --suite` scores, filler from
+    # evaluation.source; bad options fail before training with the section named
+    from hf_memlm.recipes.final_eval import check_evaluation, run_final_evaluation
+
+    folder = tmp_path / "model"
+    model = tiny_model(chat_tokenizer)
+    model.save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
+    book = tmp_path / "book.txt"
+    book.write_text(default_text()[:30000])
+    options = {"suites": ["niah_multiquery", "qa1"], "lengths": ["600"], "num_examples": 2, "baselines": False}
+    section = {"task": "suite", "source": str(book), "seed": 3, "options": {**options, "dtype": "float32"}}
+    section.update(num_segments=[2], num_examples=100, batch_size=16)
+    config = {"evaluation": section, "output_dir": str(folder)}
+    check_evaluation(config)
+    outcome = run_final_evaluation(config, folder, chat_tokenizer)
+    command = evaluate_suite(model.eval(), chat_tokenizer, SuiteSettings(seed=3, **options), text=book.read_text())
+    assert outcome["results"]["answers"] == command["answers"] and outcome["results"]["rows"] == command["rows"]
+    assert outcome["results"]["filler_source"] == str(book)
+    assert sorted(Path(p).name for p in outcome["paths"].values()) == ["suite.json", "suite.md", "suite.png"]
+    for bad, message in (
+        ({"lenghts": ["600"]}, "evaluation.options for suite: .*lenghts"),
+        ({"dtype": "int8"}, "dtype for suite"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_evaluation({"evaluation": {**section, "options": bad}})

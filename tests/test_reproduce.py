@@ -51,7 +51,8 @@ def test_unknown_jobs_and_contradictory_folders_are_refused(reproduce, tmp_path,
         reproduce.parse_args(["--threads", "0"])
     assert "--threads must be at least 1" in capsys.readouterr().err
     assert reproduce.parse_args([]).jobs == [
-        *("main", "slot", "lm_books", "passkey_1m", "recall_capacity", "smollm2_passkey", "smollm2_lm_books")
+        *("main", "slot", "lm_books", "passkey_1m", "recall_capacity", "smollm2_passkey", "smollm2_suite"),
+        "smollm2_lm_books",
     ]
 
 
@@ -116,3 +117,22 @@ def test_the_real_model_jobs_read_their_chat_curve_and_perplexities(reproduce, t
     verdicts = [row["verdict"] for row in json.loads((tmp_path / "reproduce.json").read_text())["rows"]]
     assert verdicts == ["ok", "ok", "ok", "ok", "OUTSIDE", "ok", "ok"]
     assert "| smollm2_passkey | exact match in chat, 64k back among 4 needles |" in capsys.readouterr().out
+
+
+def test_the_suite_job_reads_its_figures_from_the_suite_report(reproduce, tmp_path, capsys):
+    # the committed report of the suite config's run gives every expected figure; a lower score falls outside
+    import shutil
+
+    report = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2_suite" / "read_loss" / "suite.json"
+    (tmp_path / "smollm2_suite" / "eval").mkdir(parents=True)
+    shutil.copy(report, tmp_path / "smollm2_suite" / "eval" / "suite.json")
+    assert reproduce.main(["--compare-only", str(tmp_path), "--jobs", "smollm2_suite"]) == 0
+    results = json.loads(report.read_text())
+    for row in results["rows"]:
+        if (row["task"], row["length"]) == ("niah_single_book", 16384):
+            row["memory"] -= 40.0
+    (tmp_path / "smollm2_suite" / "eval" / "suite.json").write_text(json.dumps(results))
+    assert reproduce.main(["--compare-only", str(tmp_path), "--jobs", "smollm2_suite"]) == 1
+    verdicts = [row["verdict"] for row in json.loads((tmp_path / "reproduce.json").read_text())["rows"]]
+    assert verdicts == ["ok", "OUTSIDE", "ok"]
+    capsys.readouterr()

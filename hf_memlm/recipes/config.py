@@ -37,7 +37,7 @@ from hf_memlm.training.model_setup import TRAINABLE_MODES
 TOKENIZER_KINDS = ("auto", "byte", "bpe", "pretrained")
 TRAIN_TASKS = ("text", *TASK_BUILDERS)  # documents packed into examples, or a synthetic task
 RETRIEVAL_TASKS = tuple(TASK_BUILDERS)  # tasks the evaluation section measures by retrieval accuracy
-EVALUATION_TASKS = (*RETRIEVAL_TASKS, "perplexity")
+EVALUATION_TASKS = (*RETRIEVAL_TASKS, "perplexity", "suite")  # suite: RULER and BABILong (hf-memlm eval --suite)
 # models trained beside the memory model for a comparison: name -> attention window in segments
 BASELINE_WINDOWS = {"no_memory": 1, "double_window": 2}
 # the pretrained base as shipped (model.base), scored beside them without training: name -> attention window in

@@ -2,7 +2,8 @@
 
 The trained model is reloaded from its output folder with `AutoModelForCausalLM`, so the numbers are
 those of what was saved; then retrieval accuracy by distance is measured with the no-memory baselines
-beside it (or the pass key asked in chat, `chat_passkey`), and written to `<output_dir>/eval/` as JSON,
+beside it (or the pass key asked in chat, `chat_passkey`, or the long-context suite, `suite`: the options of
+`SuiteSettings`, as `hf-memlm eval --suite` takes them), and written to `<output_dir>/eval/` as JSON,
 Markdown and a PNG. Perplexity by segment position is `comparison.evaluate_comparison`'s (it scores the
 models of the `comparison` section too); `pipeline.py` picks the one a config asks for.
 """
@@ -15,8 +16,8 @@ from hf_memlm.recipes.held_out import filler_text
 
 # Retrieval tasks whose natural filler can come from held-out text (`evaluation.source`): their generators
 # take the filler as `text`.
-FILLER_TASKS = frozenset({"passkey", "recall", "copy", "update", "chat_passkey"})
-# evaluation.options of chat_passkey that are settings of the reloaded model (a million entries, exact search, the
+FILLER_TASKS = frozenset({"passkey", "recall", "copy", "update", "chat_passkey", "suite"})
+# evaluation.options of chat_passkey and suite that are settings of the reloaded model (a million entries, exact search, the
 # dtype it computes in), not settings of the curve
 LOAD_SETTINGS = ("memory_size", "memory_dtype", "memory_value_dtype", "memory_search", "memory_topk", "dtype")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 where native (`reading_dtype`)
@@ -48,6 +49,8 @@ def check_evaluation(config: dict) -> None:
         filler_text(section["source"])  # a missing or empty source fails now, not after training
     if section["task"] == "chat_passkey":
         chat_passkey_settings(section)
+    if section["task"] == "suite":
+        suite_settings(section)
 
 
 def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = True) -> dict | None:
@@ -57,6 +60,8 @@ def run_final_evaluation(config: dict, output_dir, tokenizer, progress: bool = T
         return None
     if section["task"] == "chat_passkey":
         return _run_chat_passkey(section, Path(output_dir), tokenizer, progress)
+    if section["task"] == "suite":
+        return _run_suite(section, Path(output_dir), tokenizer, progress)
     if section["task"] == "perplexity":
         raise ValueError(
             "evaluation.task: perplexity is scored by hf_memlm.recipes.comparison.evaluate_comparison "
@@ -109,20 +114,38 @@ def chat_passkey_settings(section: dict):
     from hf_memlm.evaluation.chat_passkey import ChatPasskeySettings
 
     options = dict(section["options"])
+    load = _load_settings(options, "chat_passkey")
+    try:
+        return ChatPasskeySettings(seed=section["seed"], **options), load
+    except TypeError as error:
+        raise ValueError(f"evaluation.options for chat_passkey: {error}") from error
+
+
+def suite_settings(section: dict):
+    """(suite settings, load-time memory settings) of a suite evaluation section."""
+    from hf_memlm.evaluation.suite import SuiteSettings
+
+    options = dict(section["options"])
+    load = _load_settings(options, "suite")
+    try:
+        return SuiteSettings(seed=section["seed"], **options), load
+    except TypeError as error:
+        raise ValueError(f"evaluation.options for suite: {error}") from error
+
+
+def _load_settings(options: dict, task: str) -> dict:
+    """Take the reloaded model's settings out of `options` (what is left is the evaluation's own)."""
     load = {key: options.pop(key) for key in LOAD_SETTINGS if key in options}
     if "dtype" in load:
         if load["dtype"] not in LOAD_DTYPES:
             raise ValueError(
-                f"evaluation.options.dtype for chat_passkey: {load['dtype']!r} is not one of {', '.join(LOAD_DTYPES)} "
+                f"evaluation.options.dtype for {task}: {load['dtype']!r} is not one of {', '.join(LOAD_DTYPES)} "
                 "(the dtype the saved model is reloaded in for the evaluation)."
             )
         from hf_memlm.evaluation.report import reading_dtype
 
         load["dtype"] = reading_dtype(load["dtype"])
-    try:
-        return ChatPasskeySettings(seed=section["seed"], **options), load
-    except TypeError as error:
-        raise ValueError(f"evaluation.options for chat_passkey: {error}") from error
+    return load
 
 
 def _run_chat_passkey(section: dict, output_dir: Path, tokenizer, progress: bool) -> dict:
@@ -141,6 +164,24 @@ def _run_chat_passkey(section: dict, output_dir: Path, tokenizer, progress: bool
 
         text = default_text()
     results = evaluate_chat_passkey(model, tokenizer, text, settings, progress=progress)
+    if section["source"] is not None:
+        results["filler_source"] = str(section["source"])
+    paths = write_report(results, output_dir / "eval")
+    return {"results": results, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _run_suite(section: dict, output_dir: Path, tokenizer, progress: bool) -> dict:
+    """RULER and BABILong by task and length (`evaluation.suite`), the book filler from `evaluation.source`."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_memlm  # noqa: F401  (registers the memlm auto classes)
+    from hf_memlm.evaluation import write_report
+    from hf_memlm.evaluation.suite import evaluate_suite
+
+    settings, load = suite_settings(section)
+    model = AutoModelForCausalLM.from_pretrained(output_dir, **load).eval()
+    text = filler_text(section["source"]) if section["source"] is not None else None
+    results = evaluate_suite(model, tokenizer, settings, text=text, progress=progress)
     if section["source"] is not None:
         results["filler_source"] = str(section["source"])
     paths = write_report(results, output_dir / "eval")

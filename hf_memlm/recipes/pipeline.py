@@ -81,6 +81,13 @@ def evaluate(config: dict, tokenizer, compared: dict | None = None, log=print) -
             f"back, held-out text {section['source'] or 'the bundled excerpt'}, seed {section['seed']} ==",
             flush=True,
         )
+    elif section["task"] == "suite":
+        options, filler = section["options"], section["source"] or "the bundled excerpt"
+        log(
+            f"\n== evaluation: the long-context suite {options.get('suites', ['ruler', 'babilong'])} at "
+            f"{options.get('lengths', 'the default lengths')} tokens, filler {filler}, seed {section['seed']} ==",
+            flush=True,
+        )
     elif section["task"] == "perplexity":
         log(
             f"\n== evaluation: perplexity by segment on {section['source'] or 'the bundled excerpt'}, up to "
