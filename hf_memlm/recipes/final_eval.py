@@ -113,24 +113,23 @@ def chat_passkey_settings(section: dict):
     """(curve settings, load-time memory settings) of a chat_passkey evaluation section."""
     from hf_memlm.evaluation.chat_passkey import ChatPasskeySettings
 
-    options = dict(section["options"])
-    load = _load_settings(options, "chat_passkey")
-    try:
-        return ChatPasskeySettings(seed=section["seed"], **options), load
-    except TypeError as error:
-        raise ValueError(f"evaluation.options for chat_passkey: {error}") from error
+    return _task_settings(section, ChatPasskeySettings, "chat_passkey")
 
 
 def suite_settings(section: dict):
     """(suite settings, load-time memory settings) of a suite evaluation section."""
     from hf_memlm.evaluation.suite import SuiteSettings
 
+    return _task_settings(section, SuiteSettings, "suite")
+
+
+def _task_settings(section: dict, settings_class, task: str):
     options = dict(section["options"])
-    load = _load_settings(options, "suite")
+    load = _load_settings(options, task)
     try:
-        return SuiteSettings(seed=section["seed"], **options), load
+        return settings_class(seed=section["seed"], **options), load
     except TypeError as error:
-        raise ValueError(f"evaluation.options for suite: {error}") from error
+        raise ValueError(f"evaluation.options for {task}: {error}") from error
 
 
 def _load_settings(options: dict, task: str) -> dict:
