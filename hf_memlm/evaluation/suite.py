@@ -270,17 +270,6 @@ def plot_suite(results: dict, path):
     return path
 
 
-__all__ = [
-    "SuiteSettings",
-    "answer_from_memory",
-    "answer_without_memory",
-    "base_model_answer",
-    "evaluate_suite",
-    "format_suite",
-    "plot_suite",
-]
-
-
 def merge_suite_results(reports: list[dict]) -> dict:
     """One report from suite runs of one model at different lengths (each length run with its own example count or
     baselines): their rows and replies side by side, each suite's average recomputed by length. Refused where the
@@ -312,3 +301,15 @@ def merge_suite_results(reports: list[dict]) -> dict:
         "seconds": [report["seconds"] for report in reports],
         "answers": [answer for report in reports for answer in report["answers"]],
     }
+
+
+__all__ = [
+    "SuiteSettings",
+    "answer_from_memory",
+    "answer_without_memory",
+    "base_model_answer",
+    "evaluate_suite",
+    "format_suite",
+    "merge_suite_results",
+    "plot_suite",
+]
