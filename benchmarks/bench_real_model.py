@@ -8,7 +8,11 @@ Figures (medians of the repetitions, models timed interleaved in one process):
      peak RSS of the process up to the end of the read (ru_maxrss: the model, the state and what reading used);
   3. generation with the long read in memory: new tokens/s over the base model generating from its window alone;
   4. a forward (inference) and a training step (forward + backward) with memory over the base model running
-     each segment on its own.
+     each segment on its own; and the base model alone with one backward through all the segments (as a memory
+     model's step back-propagates) over the same base segment by segment.
+
+The process keeps freed memory for reuse (`hf_memlm.keep_freed_memory`, as `hf-memlm` and `MemLMTrainer` do);
+`--default-malloc` leaves glibc's `malloc` as it is.
 
     python benchmarks/bench_real_model.py                                   # the shipped model, 1M tokens
     python benchmarks/bench_real_model.py --model outputs/smollm2_passkey_cpu  # a trained folder instead
@@ -29,7 +33,7 @@ import torch
 import yaml
 from common import base_config, environment, interleaved, markdown_table, median, report
 
-from hf_memlm import MemLMForCausalLM, memory_kv_index
+from hf_memlm import MemLMForCausalLM, keep_freed_memory, memory_kv_index
 from hf_memlm.memory_settings import MEMORY_DTYPES
 
 PASSKEY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_passkey_cpu.yaml"
@@ -195,8 +199,14 @@ def main(argv=None) -> dict:
         choices=["QT_8bit", "QT_6bit", "QT_4bit"],
         help="with --search auto: the index lists' scalar quantizer instead of the library's (8-bit)",
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is instead of keeping freed memory for reuse (hf_memlm.keep_freed_memory)",
+    )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/real_model[_quick].json)")
     args = parser.parse_args(argv)
+    kept_freed_memory = False if args.default_malloc else keep_freed_memory()
     if args.list_codes:
         memory_kv_index._LIST_CODES = args.list_codes
     torch.set_num_threads(args.threads)
@@ -263,10 +273,16 @@ def main(argv=None) -> dict:
         for piece in segments:
             fast.language_model(input_ids=piece, labels=piece).loss.backward()
 
+    def train_base_one_backward():
+        sum(fast.language_model(input_ids=piece, labels=piece).loss for piece in segments).backward()
+
     wall, _ = interleaved({"base": infer_base, "memory": infer_memory}, repeats)
     inference_ratio = median(wall["base"]) / median(wall["memory"])
-    wall, _ = interleaved({"base": train_base, "memory": train_memory}, repeats)
+    wall, _ = interleaved(
+        {"base": train_base, "memory": train_memory, "base_one_backward": train_base_one_backward}, repeats
+    )
     training_ratio = median(wall["base"]) / median(wall["memory"])
+    one_backward_ratio = median(wall["base"]) / median(wall["base_one_backward"])
     fast.zero_grad(set_to_none=True)
 
     # 1. reading by dtype, side by side on one chunk
@@ -286,6 +302,7 @@ def main(argv=None) -> dict:
         "generation_by_probes": generation_by_probes if reads_use_index else None,
         "inference_ratio_vs_segmented_base": inference_ratio,
         "training_step_ratio_vs_segmented_base": training_ratio,
+        "base_one_backward_ratio_vs_segmented_base": one_backward_ratio,
     }
     setting = {
         "model": args.model
@@ -303,6 +320,7 @@ def main(argv=None) -> dict:
         "repeats": repeats,
         "new_tokens": args.new_tokens,
         "text": args.text,
+        "keeps_freed_memory": kept_freed_memory,
     }
     rows = [[f"`memorize` tokens/s, {name}", f"{value:,.0f}"] for name, value in sorted(reading.items(), reverse=True)]
     rows += [
@@ -322,6 +340,10 @@ def main(argv=None) -> dict:
         ),
         ["forward tokens/s, memory / segmented base", f"{inference_ratio:.3f}"],
         ["training step tokens/s, memory / segmented base", f"{training_ratio:.3f}"],
+        [
+            "training step tokens/s, base with one backward through the segments / segmented base",
+            f"{one_backward_ratio:.3f}",
+        ],
     ]
     table = markdown_table(["figure", "value"], rows)
     payload = {"setting": setting, "environment": environment(), "figures": figures}

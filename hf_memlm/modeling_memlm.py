@@ -47,6 +47,7 @@ from .memory_segments import (
     locate_outputs,
     logits_to_compute,
     plan_pieces,
+    sequence_loss,
     to_caller_columns,
     unpadded_kept,
 )
@@ -343,7 +344,7 @@ class MemLMForCausalLM(MemorySwitch, MemLMPreTrainedModel, GenerationMixin):
             # With `logits_to_keep` the loss covers the kept columns (a label before them has no logit to score it).
             labels = labels[:, labels.shape[1] - logits.shape[1] :]
             loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
+            loss = sequence_loss(self.loss_function, logits, labels, self.config.segment_length, **loss_kwargs)
         output = MemLMCausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, memory_state=state)
         return output if return_dict else output.to_tuple()
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hf_memlm.cpu_allocator import keep_freed_memory
 from hf_memlm.memory_hooks import record_reads
 
 from .optim import parameter_groups
@@ -61,6 +62,9 @@ class MemLMTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # each step back-propagates through all segments of a call: glibc would unmap their activations and
+        # page-fault them in again every step (`cpu_allocator.py`)
+        keep_freed_memory()
         self._read_logs: dict[str, list[float]] = {"read_loss": [], "read_accuracy": []}
 
     def _set_signature_columns_if_needed(self) -> None:
