@@ -91,6 +91,12 @@ class MemoryBlock(nn.Module):
         raise NotImplementedError
 
     @staticmethod
+    def settle(state: LayerState, started_from: LayerState) -> None:
+        """`state` is what a write-only read (`memorize`) made from `started_from`: a kind that keeps an index may
+        now make it the fastest for the reads to come (the `kv` index takes in the entries it left to exact
+        scoring). Nothing to do by default."""
+
+    @staticmethod
     def follow_rows(state: LayerState, selected: LayerState, rows: list[int]) -> None:
         """`selected` is one layer's `state` with rows `rows` (in that order; `MemoryState.select` and
         `repeat_interleave`, e.g. beam search): a kind that keeps an index built from a state's contents

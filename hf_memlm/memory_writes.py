@@ -41,7 +41,15 @@ def capture_for_write(model, ids: torch.Tensor, piece_mask: torch.Tensor, state)
 
 
 def write_only_pass(model, input_ids: torch.Tensor, mask: torch.Tensor, state):
-    """The memory state after `model` reads `input_ids` (`mask`: real tokens) on from `state`."""
+    """The memory state after `model` reads `input_ids` (`mask`: real tokens) on from `state`, each memory block's
+    layer settled for the reads to come (`MemoryBlock.settle`)."""
+    read = _write_pieces(model, input_ids, mask, state)
+    for layer in model.config.memory_layers:
+        model.memory_blocks[str(layer)].settle(read.layers[layer], state.layers[layer])
+    return read
+
+
+def _write_pieces(model, input_ids: torch.Tensor, mask: torch.Tensor, state):
     segment = model.config.segment_length
     ids, packed_mask, segments = pack_segments(input_ids, mask, segment)
     batch = ids.shape[0]

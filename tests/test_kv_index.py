@@ -530,3 +530,31 @@ def test_a_state_loaded_from_a_file_builds_its_index_once_for_several_questions(
         again = model.generate(tokens[:, 384:400], memory_state=state, **options)
     assert len(builds) == 1, builds
     assert torch.equal(again, first)
+
+
+def test_memorize_leaves_its_state_reading_through_the_index_alone_and_a_short_one_keeps_the_earlier_index(
+    monkeypatch,
+):
+    # memorize writes a long document in pieces; a last piece of at most `_APPENDED_EXACTLY` entries would leave the
+    # state scoring those entries one by one at every later read (every token of a generation). Nothing else holds
+    # the index by then, so memorize settles it: the state reads through its index alone, without a build, and
+    # picks what exact search picks (all lists probed). A short memorize after a document keeps the document's index.
+    pytest.importorskip("faiss")
+    import hf_memlm.memory_writes as memory_writes
+
+    monkeypatch.setattr(kv_index, "_APPENDED_EXACTLY", 48)
+    monkeypatch.setattr(memory_writes, "TOKENS_PER_CALL", 64)  # writes of 4 segments: 64, ..., 64, then 16 tokens
+    model, exact = _indexed_model("auto"), _indexed_model("exact")
+    tokens = torch.randint(0, 97, (1, 420), generator=torch.Generator().manual_seed(24))
+    queries = torch.randn(1, 8, KV_HIDDEN, generator=torch.Generator().manual_seed(25))
+    with torch.no_grad():
+        document = model.memorize(tokens[:, :400])
+        builds = _record_builds(monkeypatch)
+        assert type(document.layers[0].index).__name__ == "_SearchIndex"
+        assert _same_picks(model.memory_blocks["0"], exact.memory_blocks["0"], queries, document.layers[0])
+        question = model.memorize(tokens[:, 400:420], memory_state=document)
+        assert type(question.layers[0].index).__name__ == "_AppendedIndex"
+        assert kv_index._fitting_index(document.layers[0]) is question.layers[0].index.base
+        for state in (document, question):
+            assert _same_picks(model.memory_blocks["0"], exact.memory_blocks["0"], queries, state.layers[0])
+    assert builds == [], builds
