@@ -11,7 +11,7 @@ Figures (medians of the repetitions, models timed interleaved in one process):
      each segment on its own; and the base model alone with one backward through all the segments (as a memory
      model's step back-propagates) over the same base segment by segment.
 
-The process keeps freed memory for reuse (`hf_memlm.keep_freed_memory`, as `hf-memlm` and `MemLMTrainer` do);
+The process keeps freed memory for reuse (`hf_memlm.training.keep_freed_memory`, as `hf-memlm` and `MemLMTrainer` do);
 `--default-malloc` leaves glibc's `malloc` as it is.
 
     python benchmarks/bench_real_model.py                                   # the shipped model, 1M tokens
@@ -33,8 +33,9 @@ import torch
 import yaml
 from common import base_config, environment, interleaved, markdown_table, median, report
 
-from hf_memlm import MemLMForCausalLM, keep_freed_memory, memory_kv_index
+from hf_memlm import MemLMForCausalLM, memory_kv_index
 from hf_memlm.memory_settings import MEMORY_DTYPES
+from hf_memlm.training import keep_freed_memory
 
 PASSKEY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_passkey_cpu.yaml"
 
@@ -202,7 +203,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--default-malloc",
         action="store_true",
-        help="leave glibc's malloc as it is instead of keeping freed memory for reuse (hf_memlm.keep_freed_memory)",
+        help="leave glibc's malloc as it is instead of keeping freed memory for reuse (hf_memlm.training.keep_freed_memory)",
     )
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/real_model[_quick].json)")
     args = parser.parse_args(argv)

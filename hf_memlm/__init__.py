@@ -9,7 +9,6 @@ import sys
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_memlm import MemLMConfig
-from .cpu_allocator import keep_freed_memory
 from .integrations.lora import lora_target_modules
 from .memory_state import MemoryState
 from .modeling_memlm import MemLMCache, MemLMCausalLMOutput, MemLMForCausalLM
@@ -38,6 +37,5 @@ __all__ = [
     "MemLMForCausalLM",
     "MemoryState",
     "__version__",
-    "keep_freed_memory",
     "lora_target_modules",
 ]

@@ -9,8 +9,6 @@ import argparse
 import importlib
 import sys
 
-from hf_memlm.cpu_allocator import keep_freed_memory
-
 # name -> module; each module defines add_parser(subparsers) and run(args) -> int
 COMMANDS = {
     "demo": "hf_memlm.cli.demo",
@@ -31,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from hf_memlm.training.cpu_allocator import keep_freed_memory
+
     keep_freed_memory()  # training and long reads reuse freed memory instead of page-faulting it in again
     module = importlib.import_module(COMMANDS[args.command])
     return int(module.run(args) or 0)

@@ -5,6 +5,7 @@ Library-only code (not part of the Hub payload): it may import hf_memlm, peft an
 """
 
 from .calibration import calibrate_memory
+from .cpu_allocator import keep_freed_memory
 from .memory_start import load_memory_from
 from .model_setup import (
     ADAPTER_FOLDER,
@@ -30,6 +31,7 @@ __all__ = [
     "calibrate_memory",
     "configure_trainable",
     "is_peft_model",
+    "keep_freed_memory",
     "load_memory_from",
     "lora_target_modules",
     "memory_block_names",

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_memlm.cpu_allocator import keep_freed_memory
 from hf_memlm.memory_hooks import record_reads
 
+from .cpu_allocator import keep_freed_memory
 from .optim import parameter_groups
 from .read_supervision import read_accuracy, read_supervision_loss
 
