@@ -7,8 +7,8 @@ call then page-faults all of it in again, zero-filled. A memory model's training
 segment of a call at once (later segments' reads reach earlier segments' writes), so it holds and then frees
 several segments' activations together, where the base model trained segment by segment reuses one segment's.
 On SmolLM2-135M in float32 on 2 cores, the base model alone with one backward through 4 segments of 256 tokens ran
-at 0.74-0.88x the speed of four per-segment backwards, and at 1.00x with freed memory kept (benchmarks/README.md,
-"Freed memory kept for reuse").
+at 0.74-0.77x the speed of four per-segment backwards, and at 0.98-1.00x with freed memory kept; a memory model's
+step went from 0.67x to 0.95x the base's (benchmarks/README.md, "Training steps and generation at the base's pace").
 
 `keep_freed_memory()` turns both off for the process (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THRESHOLD, max)`),
 as the caching allocators PyTorch recommends for CPUs (jemalloc, tcmalloc) do: large blocks come from the heap and
