@@ -65,11 +65,13 @@ def test_the_models_loss_is_the_causal_lm_loss_of_its_logits(arch_kind):
     ids = torch.randint(1, VOCAB, (2, 2 * model.config.segment_length + 5), generator=torch.Generator().manual_seed(2))
     labels = ids.clone()
     labels[1, :7] = -100
-    out = model(ids, labels=labels)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding of 7 tokens, not a multiple of the segment
+    out = model(ids, attention_mask=mask, labels=labels)
     expected = ForCausalLMLoss(logits=out.logits, labels=labels, vocab_size=out.logits.shape[-1])
     torch.testing.assert_close(out.loss, expected)
     model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum() * 0  # a user's own loss
-    assert model(ids, labels=labels).loss.item() == 0
+    assert model(ids, attention_mask=mask, labels=labels).loss.item() == 0
 
 
 _REUSE_PROBE = """
