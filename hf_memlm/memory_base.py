@@ -174,25 +174,41 @@ def key_window_states(
     hidden), or None. mask: real tokens of the window, (batch, earlier + tokens) (extra leading columns are
     ignored), or None (all real). Padding is never one of a real token's earlier tokens, wherever it sits.
     """
-    states = hidden if recent is None else torch.cat([recent.to(hidden.dtype), hidden], dim=1)
-    batch, total, width = states.shape
+    earlier_count = 0 if recent is None else recent.shape[1]
+    batch, tokens = hidden.shape[:2]
+    total = earlier_count + tokens
     if mask is None:
-        real = torch.ones(batch, total, dtype=torch.bool, device=states.device)
+        real = torch.ones(batch, total, dtype=torch.bool, device=hidden.device)
     else:
-        real = mask[:, mask.shape[1] - total :].to(device=states.device, dtype=torch.bool)
-    positions = torch.arange(total, device=states.device).expand(batch, total)
+        real = mask[:, mask.shape[1] - total :].to(device=hidden.device, dtype=torch.bool)
+    positions = torch.arange(total, device=hidden.device).expand(batch, total)
     last_real = torch.where(real, positions, torch.full_like(positions, -1)).cummax(-1).values
     previous = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)  # strictly before
-    tail = slice(total - hidden.shape[1], None)
-    found_all = torch.ones(batch, hidden.shape[1], 1, dtype=torch.bool, device=states.device)
-    pairs, current = [(hidden, found_all)], previous
+    # Only `hidden`'s tokens are followed back, never the whole window: one generated token's earlier tokens cost
+    # the same at the window's end as at its start (gathering for every window position took 1.8 ms per token
+    # with 512 tokens in the window, 0.24 with 96).
+    current = previous[:, earlier_count:]
+    found_all = torch.ones(batch, tokens, 1, dtype=torch.bool, device=hidden.device)
+    pairs = [(hidden, found_all)]
     for _ in range(window - 1):
         found = (current >= 0)[..., None]
         index = current.clamp(min=0)
-        earlier = states.gather(1, index[..., None].expand(-1, -1, width)) * found
-        pairs.append((earlier[:, tail], found[:, tail]))
+        pairs.append((_states_at(hidden, recent, index) * found, found))
         current = torch.where(found[..., 0], previous.gather(1, index), current)
     return pairs
+
+
+def _states_at(hidden: torch.Tensor, recent: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    """The states (batch, tokens, hidden) at window positions `index` (batch, tokens): `recent`'s first, then
+    `hidden`'s, without joining them into one tensor (a copy of the whole window per generated token)."""
+    width = hidden.shape[2]
+    if recent is None or not recent.shape[1]:
+        return hidden.gather(1, index[..., None].expand(-1, -1, width))
+    earlier_count = recent.shape[1]
+    in_recent = (index < earlier_count)[..., None]
+    from_recent = recent.gather(1, index.clamp(max=max(earlier_count - 1, 0))[..., None].expand(-1, -1, width))
+    from_hidden = hidden.gather(1, (index - earlier_count).clamp(min=0)[..., None].expand(-1, -1, width))
+    return torch.where(in_recent, from_recent.to(hidden.dtype), from_hidden)
 
 
 def key_window_mean(

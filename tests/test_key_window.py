@@ -142,6 +142,24 @@ def test_key_window_states_skip_padding_and_continue_from_recent_states():
         assert torch.equal(part_found, whole_found[:, 4:])
 
 
+@pytest.mark.parametrize("earlier", [0, 1, 5, 6])
+def test_key_window_states_of_the_last_tokens_equal_the_whole_windows(earlier):
+    """A generated token's earlier tokens found from the window's other states (`recent`, in another dtype) equal
+    those found over the whole window at once, with left padding and padding between real tokens."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 1], [1, 1, 0, 1, 0, 0, 1]], dtype=torch.bool)
+    whole = key_window_states(hidden, 4, mask)
+    recent = hidden[:, :earlier].to(torch.bfloat16) if earlier else None
+    tail = hidden[:, earlier:]
+    # the part kept in bfloat16 is compared at that precision
+    reference = key_window_states(torch.cat([hidden[:, :earlier].to(torch.bfloat16).float(), tail], 1), 4, mask)
+    for (part, part_found), (full, full_found) in zip(key_window_states(tail, 4, mask, recent), reference, strict=True):
+        torch.testing.assert_close(part, full[:, earlier:])
+        assert torch.equal(part_found, full_found[:, earlier:])
+    assert whole[3][1][2, -1, 0] and not whole[3][1][1, -1, 0]  # row 2 has three real tokens before its last, row 1 two
+
+
 def _per_token(**overrides):
     settings = conftest.memory_settings("kv", memory_key_window=WINDOW, memory_key_projections="per_token")
     return MemLMConfig(text_config=conftest.base_config("llama"), **(settings | overrides))
