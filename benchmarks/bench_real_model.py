@@ -182,7 +182,14 @@ def main(argv=None) -> dict:
         help="figure 1's dtypes, beside --long-dtype (float32 alone where bfloat16 arithmetic is slow: AVX2 CPUs)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5; quick 2)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (at least 2)")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="prompt lengths, one generation figure each (default 64: a question; longer ones fill the window)",
+    )
     parser.add_argument(
         "--search", default="exact", choices=["exact", "auto"], help="memory_search: the config's exact read, or auto"
     )
@@ -216,12 +223,22 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (2 if args.quick else 5)
     if long_tokens <= 0 or chunk <= 0:
         raise ValueError(f"--tokens and --chunk must be positive, got {long_tokens} and {chunk}.")
+    if args.new_tokens < 2 or any(length <= 0 for length in args.prompt_tokens or []):
+        raise ValueError(
+            f"--new-tokens must be at least 2 (a new token's time is that of the tokens after the first) and "
+            f"--prompt-tokens positive, got {args.new_tokens} and {args.prompt_tokens}."
+        )
 
     model, tokenizer = load_model(args, memory_size=long_tokens + 4096)
     fast = model.to(getattr(torch, args.long_dtype))
     tokens = book_tokens(tokenizer, long_tokens + 1024, args.text)
-    prompt_length = min(64, model.config.segment_length // 2)  # the prompt and the new tokens fit one segment
-    document, prompt = tokens[:, :long_tokens], tokens[:, long_tokens : long_tokens + prompt_length]
+    document = tokens[:, :long_tokens]
+
+    def prompt_of(length: int) -> torch.Tensor:
+        return tokens[:, long_tokens : long_tokens + length]
+
+    # the first prompt and the new tokens fit one segment (the quick model's segments are short)
+    prompt_lengths = args.prompt_tokens or [min(64, model.config.segment_length // 2)]
 
     # 2. the long read first: the process's peak RSS is then that of reading it
     long = read_long(fast, document, chunk)
@@ -230,27 +247,16 @@ def main(argv=None) -> dict:
     reads_use_index = bool(fast.memory_blocks[str(layer)].uses_index(state.layers[layer]))
 
     # 3. generation with the long read in memory vs the base from its window
-    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-
-    def generate_memory():
-        with torch.no_grad():
-            fast.generate(prompt, memory_state=state, **options)
-
-    def generate_base():
-        with torch.no_grad():
-            fast.language_model.generate(prompt, **options)
-
     block = fast.memory_blocks[str(layer)]
     generation_by_probes = {}
     for probes in args.probes or [block.search_probes]:
         block.search_probes = probes  # the next reads search this many lists per query (the index is kept)
-        wall, _ = interleaved({"base": generate_base, "memory": generate_memory}, repeats)
-        generation_by_probes[probes] = {
-            "new_tokens_per_s": {name: args.new_tokens / median(times) for name, times in wall.items()},
-            "ratio_vs_base": median(wall["base"]) / median(wall["memory"]),
-            "wall_s": wall,
-        }
+        generation_by_probes[probes] = generation_figure(fast, state, prompt_of(prompt_lengths[0]), args, repeats)
     generation = next(iter(generation_by_probes.values()))
+    block.search_probes = next(iter(generation_by_probes))
+    generation_by_prompt = {prompt_lengths[0]: generation}
+    for length in prompt_lengths[1:]:
+        generation_by_prompt[length] = generation_figure(fast, state, prompt_of(length), args, repeats)
     state = None  # frees the long read's entries before the next figures
 
     # 4. a forward and a training step on 4 segments, memory vs the base per segment
@@ -301,6 +307,7 @@ def main(argv=None) -> dict:
         "long_read": long,
         "generation": generation,
         "generation_by_probes": generation_by_probes if reads_use_index else None,
+        "generation_by_prompt_tokens": generation_by_prompt,
         "inference_ratio_vs_segmented_base": inference_ratio,
         "training_step_ratio_vs_segmented_base": training_ratio,
         "base_one_backward_ratio_vs_segmented_base": one_backward_ratio,
@@ -320,6 +327,7 @@ def main(argv=None) -> dict:
         "chunk_tokens": chunk,
         "repeats": repeats,
         "new_tokens": args.new_tokens,
+        "prompt_tokens": prompt_lengths,
         "text": args.text,
         "keeps_freed_memory": kept_freed_memory,
     }
@@ -331,13 +339,27 @@ def main(argv=None) -> dict:
         *(
             [
                 [
-                    f"generation with the read in memory / base from its window, {probes} lists",
-                    f"{g['ratio_vs_base']:.3f}",
+                    f"generation with the read in memory / base from its window, {probes} lists, new tokens "
+                    f"(prompt and new tokens)",
+                    f"{g['new_token_ratio_vs_base']:.3f} ({g['ratio_vs_base']:.3f})",
                 ]
                 for probes, g in generation_by_probes.items()
             ]
             if reads_use_index
-            else [["generation with the read in memory / base from its window", f"{generation['ratio_vs_base']:.3f}"]]
+            else [
+                [
+                    "generation with the read in memory / base from its window, new tokens (prompt and new tokens)",
+                    f"{generation['new_token_ratio_vs_base']:.3f} ({generation['ratio_vs_base']:.3f})",
+                ]
+            ]
+        ),
+        *(
+            [
+                f"generation after a {length}-token prompt, new tokens (prompt and new tokens); prompt alone, "
+                "memory / base time",
+                f"{g['new_token_ratio_vs_base']:.3f} ({g['ratio_vs_base']:.3f}); {g['prompt_time_ratio']:.2f}",
+            ]
+            for length, g in generation_by_prompt.items()
         ),
         ["forward tokens/s, memory / segmented base", f"{inference_ratio:.3f}"],
         ["training step tokens/s, memory / segmented base", f"{training_ratio:.3f}"],
@@ -349,6 +371,44 @@ def main(argv=None) -> dict:
     table = markdown_table(["figure", "value"], rows)
     payload = {"setting": setting, "environment": environment(), "figures": figures}
     return report("real_model", payload, table, args)
+
+
+def generation_figure(model, state, prompt: torch.Tensor, args, repeats: int) -> dict:
+    """Greedy generation of `args.new_tokens` after `prompt`, the memory model with `state` against the base from its
+    window, side by side. New tokens/s leaves the prompt out: each is also timed making one token (the prompt's pass),
+    and a new token costs (whole call - that) / (new tokens - 1)."""
+    options = dict(do_sample=False, pad_token_id=0)
+    many = dict(options, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    one = dict(options, max_new_tokens=1, min_new_tokens=1)
+
+    def run(generate, **kwargs):
+        def call():
+            with torch.no_grad():
+                generate(prompt, **kwargs)
+
+        return call
+
+    wall, _ = interleaved(
+        {
+            "base": run(model.language_model.generate, **many),
+            "memory": run(model.generate, memory_state=state, **many),
+            "base_prompt": run(model.language_model.generate, **one),
+            "memory_prompt": run(model.generate, memory_state=state, **one),
+        },
+        repeats,
+    )
+    per_new_token = {
+        name: (median(wall[name]) - median(wall[f"{name}_prompt"])) / (args.new_tokens - 1)
+        for name in ("base", "memory")
+    }
+    return {
+        "prompt_tokens": prompt.shape[1],
+        "new_tokens_per_s": {name: 1 / seconds for name, seconds in per_new_token.items()},
+        "new_token_ratio_vs_base": per_new_token["base"] / per_new_token["memory"],
+        "ratio_vs_base": median(wall["base"]) / median(wall["memory"]),  # the whole call, prompt included
+        "prompt_time_ratio": median(wall["memory_prompt"]) / median(wall["base_prompt"]),
+        "wall_s": wall,
+    }
 
 
 def _ratio(value) -> str:

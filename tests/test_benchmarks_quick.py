@@ -183,6 +183,9 @@ def test_real_model_benchmark_quick_reads_a_book_in_chunks_and_times_every_figur
         "3000",
         "--chunk",
         "1024",
+        "--prompt-tokens",
+        "16",
+        "40",
         "--output",
         str(output),
     ]
@@ -193,7 +196,13 @@ def test_real_model_benchmark_quick_reads_a_book_in_chunks_and_times_every_figur
     assert figures["long_read"]["tokens"] == 3000 and figures["long_read"]["peak_rss_bytes"] > 0
     assert figures["long_read"]["cost_ratio_last_vs_first_quarter"] > 0
     assert set(figures["memorize_tokens_per_s_by_dtype"]) == {"float32", "bfloat16"}
-    assert figures["generation"]["ratio_vs_base"] > 0
+    by_prompt = figures["generation_by_prompt_tokens"]
+    assert set(by_prompt) == {"16", "40"}  # 40 tokens: more than the quick model's 32-token segment
+    assert figures["generation"] == by_prompt["16"]  # the first prompt is the headline figure
+    for length, generation in by_prompt.items():
+        assert generation["prompt_tokens"] == int(length)
+        assert generation["new_token_ratio_vs_base"] > 0 and generation["ratio_vs_base"] > 0
+        assert generation["prompt_time_ratio"] > 0 and generation["new_tokens_per_s"]["memory"] > 0
     assert figures["inference_ratio_vs_segmented_base"] > 0 and figures["training_step_ratio_vs_segmented_base"] > 0
     assert payload["setting"]["memory"]["memory_topk"] == 4  # the real-model pass-key config's read
 
@@ -208,6 +217,14 @@ def test_real_model_benchmark_times_generation_for_each_number_of_lists_searched
     by_probes = payload["figures"]["generation_by_probes"]
     assert set(by_probes) == {"1", "8"} and all(g["ratio_vs_base"] > 0 for g in by_probes.values())
     assert payload["figures"]["generation"] == by_probes["1"]  # the first setting is the headline figure
+
+
+def test_real_model_benchmark_refuses_a_new_token_figure_it_cannot_measure(tmp_path):
+    output = tmp_path / "real_model.json"
+    for bad in (["--new-tokens", "1"], ["--prompt-tokens", "0"]):
+        with pytest.raises(ValueError, match="--new-tokens must be at least 2"):
+            _benchmark("bench_real_model").main(["--quick", *bad, "--output", str(output)])
+    assert not output.exists()
 
 
 def test_the_flat_cost_compares_the_last_quarter_of_a_read_with_its_first_leaving_out_the_first_chunk():
