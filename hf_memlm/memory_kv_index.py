@@ -60,6 +60,17 @@ _OUTLIER_SHARE = 0.01
 # (`scripts/index_recall_on_reads.py`, docs/results/smollm2_passkey.md).
 _CANDIDATES_PER_PICK = 4
 _MIN_CANDIDATES = 16
+# Once every head holds more than `_EXACT_OUTLIERS` outlying entries (a share of builds of about 400k entries and
+# more), scoring them all is a large part of a generated token's read at a million entries (4 heads of about 10,500
+# float32 keys, read from memory for every token): they get float32 IVF lists of their own, `_OUTLIERS_PER_LIST` each,
+# of which a search scans one in `_OUTLIER_PROBE_FRACTION`. On the trained real-model pass key's keys of a million
+# tokens of book text, a search with the caches cold took 1.53 ms instead of 1.94, recall@4 of its 16 candidates
+# 0.898 in both (`scripts/outlier_lists.py`). With the key a million tokens back, the needle's entry is found in all
+# 239 reads where it is the best, recall@4 0.855 against 0.858 (one list in 8 scanned: 0.987 of them;
+# `scripts/index_recall_on_reads.py --exact-outliers / --outlier-probe-fraction`, 10 examples).
+_EXACT_OUTLIERS = 4096
+_OUTLIERS_PER_LIST = 64
+_OUTLIER_PROBE_FRACTION = 4
 # faiss's name of the lists' scalar quantizer (`faiss.ScalarQuantizer.QT_8bit`: 8 bits per feature).
 _LIST_CODES = "QT_8bit"
 
@@ -144,12 +155,16 @@ class _Outliers:
     """The entries of one row's heads that its lists do not hold, scored exactly by every search: all heads' in one
     (heads, capacity, d) float32 buffer, so that one batched product scores them for every head at once (a search
     per head cost four times as much at a million entries). Slot `i` of head `h` is used where `ids[h, i] >= 0`;
-    each head's used slots come first, in the order they were added."""
+    each head's used slots come first, in the order they were added.
 
-    def __init__(self, heads: int, dim: int):
+    Once every head holds more than `_EXACT_OUTLIERS`, each head's also go to float32 IVF lists of their own
+    (`lists`), which searches scan instead of the buffer; they are placed anew each time the smallest head doubles."""
+
+    def __init__(self, heads: int, dim: int, faiss=None):
         self.data = torch.zeros(heads, 0, dim)
         self.ids = torch.full((heads, 0), -1, dtype=torch.int64)
         self.sizes = [0] * heads
+        self.faiss, self.lists, self.listed = faiss, None, 0
 
     def add(self, head: int, data: torch.Tensor, ids: torch.Tensor) -> None:
         size, count = self.sizes[head], len(ids)
@@ -162,6 +177,33 @@ class _Outliers:
         self.data[head, size : size + count] = data
         self.ids[head, size : size + count] = ids
         self.sizes[head] = size + count
+        if self.lists is not None and count:
+            self.lists[head].add_with_ids(data.contiguous().numpy(), ids.contiguous().numpy())
+
+    def refresh(self) -> None:
+        """Give the heads lists of their own once they all hold more than `_EXACT_OUTLIERS` (anew when the smallest
+        doubled since the last placement); drop them below."""
+        smallest = min(self.sizes)
+        if self.faiss is None or smallest <= _EXACT_OUTLIERS:
+            self.lists, self.listed = None, 0
+            return
+        if self.lists is not None and smallest < 2 * self.listed:
+            return
+        faiss, dim = self.faiss, self.data.shape[2]
+        self.lists = []
+        for head, size in enumerate(self.sizes):
+            data, ids = self.data[head, :size].contiguous().numpy(), self.ids[head, :size].contiguous().numpy()
+            quantizer = faiss.IndexFlatIP(dim)
+            lists = max(1, size // _OUTLIERS_PER_LIST)
+            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+            index.own_fields = True  # as `_RowIndex`'s lists: the index frees its quantizer
+            quantizer.this.disown()
+            index.cp.niter = _KMEANS_ITERATIONS
+            index.cp.min_points_per_centroid = 1  # no warning for lists of few entries
+            index.train(data)
+            index.add_with_ids(data, ids)
+            self.lists.append(index)
+        self.listed = smallest
 
     def remove_range(self, first: int, end: int) -> None:
         for head, size in enumerate(self.sizes):
@@ -172,22 +214,44 @@ class _Outliers:
                 self.ids[head, :remaining] = self.ids[head, :size][kept]
                 self.ids[head, remaining:size] = -1
                 self.sizes[head] = remaining
+        if self.lists is not None:
+            selector = self.faiss.IDSelectorRange(first, end)
+            for index in self.lists:
+                index.remove_ids(selector)
+            if min(self.sizes) <= _EXACT_OUTLIERS:
+                self.lists, self.listed = None, 0
 
     def search(self, queries: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Scores and ids (heads, n, k) of each head's best outliers for its queries (heads, n, d); -inf and -1
-        where a head holds fewer than k. None when no head holds any."""
+        """Scores and ids (heads, n, k) of each head's best outliers for its queries (heads, n, d); -inf (or faiss's
+        lowest float) and -1 where a head holds fewer than k. None when no head holds any."""
         width = max(self.sizes)
         if not width:
             return None
+        if self.lists is not None:
+            return self._search_lists(queries, topk)
         scores = torch.bmm(queries, self.data[:, :width].transpose(1, 2))
         ids = self.ids[:, None, :width]
         scores = scores.masked_fill(ids < 0, -math.inf)
         best, picked = scores.topk(min(topk, width), dim=-1)
         return best, ids.expand_as(scores).gather(-1, picked)
 
+    def _search_lists(self, queries: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = queries.contiguous().numpy()
+        parallel_mode = 1 if data.shape[1] < self.faiss.omp_get_max_threads() else 0
+        scores, ids = [], []
+        for head, index in enumerate(self.lists):
+            index.nprobe = max(1, index.nlist // _OUTLIER_PROBE_FRACTION)
+            index.parallel_mode = parallel_mode
+            head_scores, head_ids = index.search(data[head], topk)
+            scores.append(torch.from_numpy(head_scores))
+            ids.append(torch.from_numpy(head_ids))
+        return torch.stack(scores), torch.stack(ids)
+
     def clone(self) -> _Outliers:
         copy = object.__new__(_Outliers)
         copy.data, copy.ids, copy.sizes = self.data.clone(), self.ids.clone(), list(self.sizes)
+        copy.faiss, copy.listed = self.faiss, self.listed
+        copy.lists = None if self.lists is None else [self.faiss.clone_index(index) for index in self.lists]
         return copy
 
 
@@ -206,7 +270,7 @@ class _RowIndex:
             data = head_data(head)
             dim = data.shape[1]
             if self.outliers is None:
-                self.outliers = _Outliers(heads, dim)
+                self.outliers = _Outliers(heads, dim, faiss)
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFScalarQuantizer(
                 quantizer, dim, lists, getattr(faiss.ScalarQuantizer, _LIST_CODES), faiss.METRIC_INNER_PRODUCT
@@ -225,12 +289,14 @@ class _RowIndex:
             threshold = float(similarity.kthvalue(outlying).values) if lists > 1 and outlying else -math.inf
             self.thresholds.append(threshold)
             self._add_assigned(head, data, ids, similarity, assigned[:, 0])
+        self.outliers.refresh()
 
     def add(self, data, ids) -> None:
         """Add entries `data` (heads, n, d) (float32 numpy) under `ids` (n,)."""
         for head, index in enumerate(self.lists):
             similarity, assigned = index.quantizer.search(data[head], 1)
             self._add_assigned(head, data[head], ids, torch.from_numpy(similarity[:, 0]), assigned[:, 0])
+        self.outliers.refresh()
 
     def _add_assigned(self, head: int, data, ids, similarity: torch.Tensor, assigned) -> None:
         """Add head `head`'s entries (numpy `data` (n, d), `ids` (n,)) whose nearest lists are `assigned`: those

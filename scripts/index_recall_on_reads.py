@@ -45,10 +45,27 @@ def main(argv=None) -> dict:
         help="the lists' scalar quantizer instead of the library's (memory_kv_index._LIST_CODES)",
     )
     parser.add_argument("--candidates", type=int, default=None, help="candidates re-scored per query (default 16)")
+    parser.add_argument(
+        "--exact-outliers",
+        type=int,
+        default=None,
+        help="outlying entries per head scored one by one before they get lists of their own (default "
+        f"{memory_kv_index._EXACT_OUTLIERS:,}; a large number: always one by one)",
+    )
     parser.add_argument("--output", help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--outlier-probe-fraction",
+        type=int,
+        default=None,
+        help=f"scan one of this many of the outlying entries' lists (default {memory_kv_index._OUTLIER_PROBE_FRACTION})",
+    )
     args = parser.parse_args(argv)
     if args.list_codes:
         memory_kv_index._LIST_CODES = args.list_codes
+    if args.exact_outliers is not None:
+        memory_kv_index._EXACT_OUTLIERS = args.exact_outliers
+    if args.outlier_probe_fraction is not None:
+        memory_kv_index._OUTLIER_PROBE_FRACTION = args.outlier_probe_fraction
     if args.candidates:
         memory_kv_index._MIN_CANDIDATES = args.candidates
         memory_kv_index._CANDIDATES_PER_PICK = max(1, args.candidates // args.topk)

@@ -51,12 +51,20 @@ def test_an_index_holds_its_keys_in_a_quarter_of_float32s_bytes():
     assert index.search(keys[None, :4], 1)[0, :, 0].tolist() == [0, 1, 2, 3]  # and finds each entry itself
 
 
-def test_a_row_index_with_every_list_searched_is_the_exact_top_k_through_adds_removals_and_copies(monkeypatch):
-    # The outlying entries of all heads are scored in one batched product over a padded buffer: heads holding
-    # different numbers of them, entries evicted from the middle of that buffer's order, and a copy written apart
-    # from its source must each still give every head its own exact top-k.
+@pytest.mark.parametrize("outlier_lists", [False, True])
+def test_a_row_index_with_every_list_searched_is_the_exact_top_k_through_adds_removals_and_copies(
+    monkeypatch, outlier_lists
+):
+    # The outlying entries of all heads are scored in one batched product over a padded buffer, or once they are
+    # many, searched in lists of their own: heads holding different numbers of them, entries evicted from the middle
+    # of that buffer's order, and a copy written apart from its source must each still give every head its own
+    # exact top-k.
     faiss = pytest.importorskip("faiss")
     monkeypatch.setattr(kv_index, "_OUTLIER_SHARE", 0.05)
+    if outlier_lists:  # lists of 8 from 40 outliers on, every one searched
+        monkeypatch.setattr(kv_index, "_EXACT_OUTLIERS", 40)
+        monkeypatch.setattr(kv_index, "_OUTLIERS_PER_LIST", 8)
+        monkeypatch.setattr(kv_index, "_OUTLIER_PROBE_FRACTION", 1)
     generator = torch.Generator().manual_seed(1)
     heads, dim = 3, 16
 
@@ -70,6 +78,7 @@ def test_a_row_index_with_every_list_searched_is_the_exact_top_k_through_adds_re
     more = entries(512, 0.5)  # further from the first entries' lists than the tightest head's outliers were
     index.add(more.contiguous().numpy(), torch.arange(1024, 1536).numpy())
     assert len(set(index.outliers.sizes)) == heads
+    assert (index.outliers.lists is not None) == outlier_lists
     keys = torch.cat([keys, more], 1)
     index.remove_range(0, 300)
     copy = index.clone()
@@ -84,5 +93,78 @@ def test_a_row_index_with_every_list_searched_is_the_exact_top_k_through_adds_re
         candidates = row_index.search(queries.numpy(), 20)[None]
         return kv_index.rescore(keys[None], queries[None], candidates.clamp(min=0), candidates >= 0, 5)[0][0]
 
+    assert min(copy.outliers.sizes) > 40  # (the copy's searches still go through its outliers' lists)
     assert torch.equal(searched(index), exact(300))
     assert torch.equal(searched(copy), exact(700))
+
+
+def test_outlying_entries_get_lists_of_their_own_while_many_placed_anew_as_they_double(monkeypatch):
+    # Scoring every outlying entry cost a generated token 1.1 ms at a million entries: past `_EXACT_OUTLIERS` per head
+    # they are searched through IVF lists of their own, placed again once the smallest head doubles, and dropped
+    # when eviction leaves few. Every list searched, the picks are those of scoring them one by one throughout.
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setattr(kv_index, "_OUTLIER_SHARE", 0.05)
+    monkeypatch.setattr(kv_index, "_OUTLIERS_PER_LIST", 8)
+    monkeypatch.setattr(kv_index, "_OUTLIER_PROBE_FRACTION", 1)
+    generator = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(8, 16, generator=generator), dim=-1)
+    near = F.normalize(centres.repeat(128, 1) + 0.05 * torch.randn(1024, 16, generator=generator), dim=-1)
+    far = F.normalize(torch.randn(1, 256, 16, generator=generator), dim=-1)  # unlike every list: mostly outlying
+    keys = torch.cat([near, far[0]])
+    queries = F.normalize(far[0, :12] + 0.1 * torch.randn(12, 16, generator=generator), dim=-1)
+
+    def build(exact_outliers: int):
+        monkeypatch.setattr(kv_index, "_EXACT_OUTLIERS", exact_outliers)
+        index = kv_index._RowIndex(faiss, 1, lambda head: near.numpy(), torch.arange(1024).numpy(), 8, 8)
+        assert index.outliers.sizes == [51] and (index.outliers.listed == 51) == (exact_outliers < 51)
+        index.add(far.numpy(), torch.arange(1024, 1280).numpy())
+        return index
+
+    def picks(index) -> torch.Tensor:
+        candidates = index.search(queries[None].numpy(), 24)[None]
+        return kv_index.rescore(keys[None, None], queries[None, None], candidates.clamp(min=0), candidates >= 0, 4)[0]
+
+    listed, one_by_one = build(40), build(1 << 30)
+    (size,) = listed.outliers.sizes
+    assert size > 2 * 51 and listed.outliers.listed == size  # doubled: placed anew
+    lists = listed.outliers.lists[0]
+    assert lists.nlist == size // 8 and sum(lists.invlists.list_size(i) for i in range(lists.nlist)) == size
+    assert one_by_one.outliers.lists is None and torch.equal(picks(listed), picks(one_by_one))
+    for index in (listed, one_by_one):
+        index.remove_range(0, 1200)  # 80 entries left, few of them outlying: scored one by one again
+    assert listed.outliers.lists is None and listed.outliers.sizes == one_by_one.outliers.sizes
+    assert torch.equal(picks(listed), picks(one_by_one))
+
+
+def test_the_outlier_lists_script_times_and_counts_both_settings(monkeypatch, tmp_path):
+    # scripts/outlier_lists.py: a saved model reads a text, its generated tokens' queries search one row's index built
+    # with the outlying entries scored one by one, then in lists of their own
+    pytest.importorskip("faiss")
+    import importlib
+    import json
+    from pathlib import Path
+
+    import conftest
+
+    from hf_memlm.data import build_tokenizer
+    from hf_memlm.data.bundled import default_text
+
+    tokenizer = build_tokenizer("byte")
+    torch.manual_seed(0)
+    model = conftest.tiny_chat_kv_model(tokenizer, segment_length=64, memory_size=8192)
+    conftest.randomize_memory(model)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "book.txt").write_text(default_text()[:20000], encoding="utf-8")
+    monkeypatch.setattr(kv_index, "_OUTLIER_SHARE", 0.05)
+    monkeypatch.setattr(kv_index, "_EXACT_OUTLIERS", 8)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    script = importlib.import_module("outlier_lists")
+    argv = [str(tmp_path / "model"), "--tokens", "3000", "--text", str(tmp_path / "book.txt"), "--prompts", "2"]
+    results = script.main([*argv, "--repeats", "1", "--threads", "1", "--output", str(tmp_path / "out.json")])
+    assert results["queries"] == 2 * 15 and results["entries"] == 2999  # 15 reads of one new token per prompt
+    one_by_one, listed = results["figures"]["one by one"], results["figures"]["in lists of their own"]
+    assert one_by_one["outlier_lists_per_head"] is None and len(listed["outlier_lists_per_head"]) == 2
+    assert one_by_one["outliers_per_head"] == listed["outliers_per_head"] and min(listed["outliers_per_head"]) > 8
+    assert all(0 < figure["recall_at_k"] <= 1 and figure["search_ms"] > 0 for figure in (one_by_one, listed))
+    assert json.loads((tmp_path / "out.json").read_text())["figures"]["one by one"] == one_by_one
