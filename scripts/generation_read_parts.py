@@ -5,8 +5,10 @@ against the base and against the same model with memory disabled, with the read'
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python scripts/generation_read_parts.py --tokens 1048576 \
         --memory-dtype float8_e4m3fn
 
-Prints each repetition, the medians, and per part of the read (`KVMemory.read`, the index's list search, its
-outlying entries, the exact re-scoring) the milliseconds per generation and per call.
+Prints each repetition, the medians (each run is also timed making one token, so that a new token's cost leaves the
+prompt's pass out), and per part of the read (`KVMemory.read`, the index's list search, its outlying entries, the
+exact re-scoring) the milliseconds per generation and per call. `--no-search` gives every read the first 16 entries
+as its candidates instead of searching: what a token costs with a search that costs nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--text", default="data/books/held_out/moby_dick.txt")
+    parser.add_argument("--no-search", action="store_true", help="the first entries as candidates, no search")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        raise ValueError("--new-tokens must be at least 2 (a new token's cost is that of those after the first).")
     torch.set_num_threads(args.threads)
     model, tokenizer = bench_real_model.shipped_model_with_index(
         args.tokens + 4096, args.memory_dtype, args.memory_value_dtype
@@ -57,18 +62,21 @@ def main(argv=None) -> None:
     state = bench_real_model.read_long(model, document, 65536)["state"]
     print(f"read {args.tokens:,} tokens in {time.perf_counter() - started:.1f} s", flush=True)
 
+    if args.no_search:
+        memory_kv_index._SearchIndex.search = _first_entries
     spent, calls = collections.defaultdict(float), collections.Counter()
     for owner, name, label in PARTS:
         setattr(owner, name, _timed(getattr(owner, name), label, spent, calls))
-    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    many = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    one = dict(many, max_new_tokens=1, min_new_tokens=1)
 
-    def memory():
+    def memory(options):
         model.generate(prompt, memory_state=state, **options)
 
-    def base():
+    def base(options):
         model.language_model.generate(prompt, **options)
 
-    def disabled():
+    def disabled(options):
         with model.memory_disabled():
             model.generate(prompt, memory_state=state, **options)
 
@@ -76,27 +84,48 @@ def main(argv=None) -> None:
     with torch.no_grad():
         for _ in range(2):  # warm-up
             for run in runs.values():
-                run()
-        spent.clear(), calls.clear()
+                run(many)
         times = {name: [] for name in runs}
+        first = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, run in runs.items():
                 started = time.perf_counter()
-                run()
+                run(one)
+                first[name].append(time.perf_counter() - started)
+        spent.clear(), calls.clear()  # the parts are timed over the whole generations below
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run(many)
                 times[name].append(time.perf_counter() - started)
             print("  ".join(f"{name} {values[-1]:.3f} s" for name, values in times.items()), flush=True)
     median = {name: statistics.median(values) for name, values in times.items()}
+    per_new = {name: (median[name] - statistics.median(first[name])) / (args.new_tokens - 1) * 1000 for name in runs}
     per_token = 1000 / args.new_tokens
     print(
         f"medians: base {median['base'] * per_token:.1f} ms per token; more per token: memory "
         f"{(median['memory'] - median['base']) * per_token:.1f} ms, memory disabled "
         f"{(median['memory disabled'] - median['base']) * per_token:.1f} ms"
     )
+    print(
+        f"new tokens alone (the prompt's pass left out): base {per_new['base']:.1f} ms per token; more per token: "
+        f"memory {per_new['memory'] - per_new['base']:.2f} ms, memory disabled "
+        f"{per_new['memory disabled'] - per_new['base']:.2f} ms; memory / base speed "
+        f"{per_new['base'] / per_new['memory']:.3f}"
+    )
     for label, seconds in spent.items():
         print(
             f"{label}: {seconds / args.repeats * 1000:.1f} ms per generation, "
             f"{calls[label] / args.repeats:.0f} calls, {seconds / calls[label] * 1000:.3f} ms per call"
         )
+
+
+def _first_entries(index, queries, topk):
+    """`_SearchIndex.search` without the search: the row's first entries as candidates, re-scored as usual."""
+    batch, heads, tokens, _ = queries.shape
+    first = torch.arange(memory_kv_index.candidates_for(topk), device=queries.device)
+    candidates = first.expand(batch, heads, tokens, -1)
+    return memory_kv_index.rescore(index.keys, queries, candidates, torch.ones_like(candidates, dtype=torch.bool), topk)
 
 
 def _timed(fn, label, spent, calls):
