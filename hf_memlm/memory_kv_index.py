@@ -151,6 +151,23 @@ def rescore(keys, queries, candidates, real, topk: int) -> tuple[torch.Tensor, t
     return candidates.gather(-1, best), real.gather(-1, best)
 
 
+def _inner_product_lists(faiss, dim: int, lists: int, codes: str | None = None):
+    """An untrained faiss IVF index (inner product) of `lists` lists, holding float32 keys or, with `codes` (a
+    `faiss.ScalarQuantizer` name), codes; k-means on `_KMEANS_ITERATIONS` iterations. It owns its flat quantizer:
+    freed with it, copied by `clone_index` (a quantizer owned by its Python object too would be freed twice)."""
+    quantizer = faiss.IndexFlatIP(dim)
+    if codes is None:
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+    else:
+        code = getattr(faiss.ScalarQuantizer, codes)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, code, faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    index.cp.niter = _KMEANS_ITERATIONS
+    index.cp.min_points_per_centroid = 1  # no warning when there are few entries per list
+    return index
+
+
 class _Outliers:
     """The entries of one row's heads that its lists do not hold, scored exactly by every search: all heads' in one
     (heads, capacity, d) float32 buffer, so that one batched product scores them for every head at once (a search
@@ -193,13 +210,7 @@ class _Outliers:
         self.lists = []
         for head, size in enumerate(self.sizes):
             data, ids = self.data[head, :size].contiguous().numpy(), self.ids[head, :size].contiguous().numpy()
-            quantizer = faiss.IndexFlatIP(dim)
-            lists = max(1, size // _OUTLIERS_PER_LIST)
-            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-            index.own_fields = True  # as `_RowIndex`'s lists: the index frees its quantizer
-            quantizer.this.disown()
-            index.cp.niter = _KMEANS_ITERATIONS
-            index.cp.min_points_per_centroid = 1  # no warning for lists of few entries
+            index = _inner_product_lists(faiss, dim, max(1, size // _OUTLIERS_PER_LIST))
             index.train(data)
             index.add_with_ids(data, ids)
             self.lists.append(index)
@@ -271,18 +282,11 @@ class _RowIndex:
             dim = data.shape[1]
             if self.outliers is None:
                 self.outliers = _Outliers(heads, dim, faiss)
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFScalarQuantizer(
-                quantizer, dim, lists, getattr(faiss.ScalarQuantizer, _LIST_CODES), faiss.METRIC_INNER_PRODUCT
-            )
-            index.own_fields = True  # the IVF index frees its quantizer (and `clone_index` copies it)
-            quantizer.this.disown()
-            index.cp.niter = _KMEANS_ITERATIONS
+            index = _inner_product_lists(faiss, dim, lists, _LIST_CODES)
             index.cp.max_points_per_centroid = max(1, min(_TRAINING_POINTS_PER_LIST, _MAX_TRAINING_POINTS // lists))
-            index.cp.min_points_per_centroid = 1  # no warning when a row has few entries per list
             index.train(data)
             self.lists.append(index)
-            similarity, assigned = quantizer.search(data, 1)
+            similarity, assigned = index.quantizer.search(data, 1)
             similarity = torch.from_numpy(similarity[:, 0])
             outlying = int(_OUTLIER_SHARE * len(similarity))
             # with one list every search scans every entry: nothing to score apart
