@@ -373,6 +373,12 @@ def main(argv=None) -> dict:
     return report("real_model", payload, table, args)
 
 
+def new_token_seconds(whole: list[float], first: list[float], new_tokens: int) -> float:
+    """A new token's time, the prompt's pass left out: (median whole call - median call making one token) over the
+    tokens after the first."""
+    return (median(whole) - median(first)) / (new_tokens - 1)
+
+
 def generation_figure(model, state, prompt: torch.Tensor, args, repeats: int) -> dict:
     """Greedy generation of `args.new_tokens` after `prompt`, the memory model with `state` against the base from its
     window, side by side. New tokens/s leaves the prompt out: each is also timed making one token (the prompt's pass),
@@ -398,8 +404,7 @@ def generation_figure(model, state, prompt: torch.Tensor, args, repeats: int) ->
         repeats,
     )
     per_new_token = {
-        name: (median(wall[name]) - median(wall[f"{name}_prompt"])) / (args.new_tokens - 1)
-        for name in ("base", "memory")
+        name: new_token_seconds(wall[name], wall[f"{name}_prompt"], args.new_tokens) for name in ("base", "memory")
     }
     return {
         "prompt_tokens": prompt.shape[1],

@@ -100,7 +100,9 @@ def main(argv=None) -> None:
                 times[name].append(time.perf_counter() - started)
             print("  ".join(f"{name} {values[-1]:.3f} s" for name, values in times.items()), flush=True)
     median = {name: statistics.median(values) for name, values in times.items()}
-    per_new = {name: (median[name] - statistics.median(first[name])) / (args.new_tokens - 1) * 1000 for name in runs}
+    per_new = {
+        name: 1000 * bench_real_model.new_token_seconds(times[name], first[name], args.new_tokens) for name in runs
+    }
     per_token = 1000 / args.new_tokens
     print(
         f"medians: base {median['base'] * per_token:.1f} ms per token; more per token: memory "
